@@ -1,0 +1,217 @@
+"""The Python API: ``Captioner.load(path).caption(images)``.
+
+>>> cap = Captioner.load()                      # the shipped default model
+>>> result = cap.caption("dog.jpg", beam_size=3)
+>>> result.text, result.tokens, result.attention.shape   # (T, H, W)
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .decoder import AttentionDecoder, DecoderConfig
+from .encoder import Encoder, EncoderConfig
+from .images import DEFAULT_MAX_PIXELS, ImageSource, load_image, preprocess
+from .search import Hypothesis, beam_search, greedy_search
+from .vocab import Vocabulary
+
+DEFAULT_MODEL_NAME = "flickr8k-lite2"
+#: Upper bounds enforced for every caller (service, CLI, API).
+MAX_BEAM_SIZE = 10
+MAX_LENGTH_LIMIT = 60
+
+
+def default_model_path() -> Path:
+    """``$CAPTIONER_MODEL``, else the model shipped in the repository's ``models/`` folder."""
+    env = os.environ.get("CAPTIONER_MODEL")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "models" / DEFAULT_MODEL_NAME
+
+
+@dataclass
+class Caption:
+    """A generated caption with per-word log-probabilities and attention grids."""
+
+    text: str
+    tokens: list[str]
+    logprobs: list[float]
+    attention: np.ndarray  # (T, H, W): one grid per token, each summing to 1
+    score: float
+    finished: bool = True
+    alternatives: list["Caption"] = field(default_factory=list)
+
+    def to_dict(self, attention: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "caption": self.text,
+            "score": round(self.score, 4),
+            "tokens": [
+                {"word": w, "logprob": round(lp, 4)}
+                | ({"attention": np.round(a, 5).tolist()} if attention else {})
+                for w, lp, a in zip(self.tokens, self.logprobs, self.attention)
+            ],
+        }
+        if self.alternatives:
+            out["alternatives"] = [{"caption": a.text, "score": round(a.score, 4)} for a in self.alternatives]
+        return out
+
+
+class Captioner:
+    """Encoder + decoder + vocabulary, ready to caption images on CPU or GPU."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        decoder: AttentionDecoder,
+        vocab: Vocabulary,
+        config: dict,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.encoder = encoder.to(self.device).eval()
+        self.decoder = decoder.to(self.device).eval()
+        self.vocab = vocab
+        self.config = config
+        self.encoder_cfg: EncoderConfig = encoder.config
+        self.defaults: dict[str, Any] = {"beam_size": 3, "max_length": 30, "length_alpha": 0.0, "block_repeats": True}
+        self.defaults.update(config.get("inference", {}))
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, device: str | torch.device | None = None) -> "Captioner":
+        """Load a checkpoint folder (safetensors + JSON; never unpickles). ``device`` defaults to CUDA if present."""
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        folder = checkpoint.resolve(path or default_model_path())
+        config = checkpoint.read_config(folder)
+        vocab = Vocabulary.load(folder / checkpoint.VOCAB)
+        weights = checkpoint.read_weights(folder)
+        enc_cfg = EncoderConfig(**config["encoder"])
+        dec_cfg = DecoderConfig(**config["decoder"])
+        if dec_cfg.vocab_size != len(vocab):
+            raise checkpoint.CheckpointError(
+                f"vocabulary has {len(vocab)} words but the decoder expects {dec_cfg.vocab_size}"
+            )
+        encoder = Encoder(enc_cfg, pretrained=True)
+        decoder = AttentionDecoder(dec_cfg)
+        load_state(decoder, weights, "decoder.", config.get("tied_weights", {}))
+        enc_weights = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
+        if enc_weights:  # fine-tuned encoder blocks override the packaged ImageNet weights
+            encoder.load_state_dict(enc_weights, strict=False)
+        return cls(encoder, decoder, vocab, config, device)
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("name", "captioner"))
+
+    @property
+    def version(self) -> str:
+        return str(self.config.get("version", "0"))
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.encoder_cfg.grid
+
+    # ---------------------------------------------------------------- stages
+    def preprocess(self, source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Any image source -> (tensor (3, S, S), original (width, height)). Raises ImageError."""
+        img = load_image(source, max_pixels=max_pixels, draft_size=self.encoder_cfg.image_size)
+        return preprocess(img, self.encoder_cfg.image_size, self.encoder_cfg.norm), img.info.get("original_size", img.size)
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, S, S) -> annotations (B, L, D)."""
+        return self.encoder(images.to(self.device))
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        annotations: torch.Tensor,
+        beam_size: int | None = None,
+        max_length: int | None = None,
+        n_best: int = 1,
+        length_alpha: float | None = None,
+    ) -> list[Caption]:
+        """annotations (B, L, D) -> one Caption per image (``n_best - 1`` alternatives attached)."""
+        beam_size = int(self.defaults["beam_size"] if beam_size is None else beam_size)
+        max_length = int(self.defaults["max_length"] if max_length is None else max_length)
+        alpha = self.defaults["length_alpha"] if length_alpha is None else length_alpha
+        check_limits(beam_size, max_length, n_best)
+        v = self.vocab
+        common = dict(start_id=v.start_id, end_id=v.end_id, pad_id=v.pad_id, max_length=max_length,
+                      block_repeats=bool(self.defaults["block_repeats"]))
+        annotations = annotations.to(self.device)
+        if beam_size == 1 and n_best == 1:
+            hyps = [[h] for h in greedy_search(self.decoder, annotations, **common)]
+        else:
+            hyps = beam_search(self.decoder, annotations, beam_size=max(beam_size, n_best),
+                               length_alpha=alpha, n_best=n_best, **common)
+        return [self._to_caption(h) for h in hyps]
+
+    def _to_caption(self, hyps: list[Hypothesis]) -> Caption:
+        H, W = self.grid
+        caps = []
+        for h in hyps:
+            words = [self.vocab.itos[i] for i in h.ids]
+            attn = h.alphas.reshape(len(words), H, W).numpy().astype(np.float32)  # (T, H, W)
+            caps.append(Caption(" ".join(words), words, h.logprobs, attn, h.score, h.finished))
+        best = caps[0]
+        best.alternatives = caps[1:]
+        return best
+
+    # ---------------------------------------------------------------- one call
+    @overload
+    def caption(self, images: ImageSource, **kwargs: Any) -> Caption: ...
+    @overload
+    def caption(self, images: Sequence[ImageSource], **kwargs: Any) -> list[Caption]: ...
+
+    def caption(
+        self,
+        images: ImageSource | Sequence[ImageSource],
+        beam_size: int | None = None,
+        max_length: int | None = None,
+        n_best: int = 1,
+        length_alpha: float | None = None,
+        batch_size: int = 16,
+    ) -> Caption | list[Caption]:
+        """Caption one image (path, bytes, file object or PIL image) or a list of them.
+
+        Lists are processed in batches of ``batch_size``: one encoder pass and one
+        batched beam search per batch. Raises ImageError for an unreadable image.
+        """
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        out: list[Caption] = []
+        for i in range(0, len(items), batch_size):
+            batch = torch.stack([self.preprocess(x)[0] for x in items[i : i + batch_size]])  # (b, 3, S, S)
+            out += self.decode(self.encode(batch), beam_size, max_length, n_best, length_alpha)
+        return out[0] if single else out
+
+
+def check_limits(beam_size: int, max_length: int, n_best: int) -> None:
+    """Reject decoding settings outside the documented bounds (ValueError)."""
+    if not 1 <= beam_size <= MAX_BEAM_SIZE:
+        raise ValueError(f"beam_size must be between 1 and {MAX_BEAM_SIZE}")
+    if not 1 <= max_length <= MAX_LENGTH_LIMIT:
+        raise ValueError(f"max_length must be between 1 and {MAX_LENGTH_LIMIT}")
+    if not 1 <= n_best <= MAX_BEAM_SIZE:
+        raise ValueError(f"n_best must be between 1 and {MAX_BEAM_SIZE}")
+
+
+def load_state(module: torch.nn.Module, weights: dict[str, torch.Tensor], prefix: str, tied: dict[str, str]) -> None:
+    """Load ``prefix``-ed weights into ``module``, strictly except for tied copies stored once."""
+    state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    tied_here = {k[len(prefix):] for k in tied if k.startswith(prefix)}
+    missing = [k for k in missing if k not in tied_here]
+    if missing or unexpected:
+        raise checkpoint.CheckpointError(
+            f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )

@@ -1,0 +1,169 @@
+"""``captioner`` command line: argument parsing only; the work lives in the library modules."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .datasets import DATASETS, SPLITS, DatasetError
+from .encoder import BACKBONES, STAGES
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_data_args(p: argparse.ArgumentParser, split: bool = False) -> None:
+    p.add_argument("--dataset", choices=DATASETS, default="flickr8k", help="dataset layout (default: flickr8k)")
+    p.add_argument("--data-dir", required=True, help="folder holding the dataset's captions and images")
+    p.add_argument("--annotations", help="caption file if not found automatically (token file, Karpathy/COCO JSON, CSV/JSONL)")
+    p.add_argument("--limit", type=_positive_int, help="use only the first N images of each split (quick runs)")
+    p.add_argument("--cache-dir", help="feature cache folder (default: $CAPTIONER_CACHE or .cache/captioner)")
+    if split:
+        p.add_argument("--split", choices=[s for s in SPLITS if s != "all"] + ["val"], default="test")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captioner", description="Show, Attend and Tell image captioning")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    # ---- train
+    t = sub.add_parser("train", help="train a captioning model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_data_args(t)
+    t.add_argument("--output", required=True, help="run folder: best/, last/, metrics.jsonl")
+    t.add_argument("--epochs", type=_positive_int, default=20)
+    t.add_argument("--resume", action="store_true", help="continue from OUTPUT/last exactly where it stopped")
+    t.add_argument("--val-limit", type=_positive_int, help="dev images used for validation (default: --limit)")
+    t.add_argument("--encoder", choices=BACKBONES, default="efficientnet-lite2")
+    t.add_argument("--image-size", type=_positive_int, default=260)
+    t.add_argument("--stage", choices=STAGES, default="head")
+    t.add_argument("--encoder-weights", help="local weights file for torchvision ResNets")
+    t.add_argument("--finetune-blocks", type=int, default=0, help="train the last N encoder blocks (reads images, slow)")
+    t.add_argument("--encoder-lr", type=float, default=1e-4)
+    t.add_argument("--min-count", type=_positive_int, default=5, help="vocabulary: minimum word count")
+    t.add_argument("--max-words", type=_positive_int, default=30, help="training captions are cut to this many words")
+    t.add_argument("--embed-dim", type=_positive_int, default=512)
+    t.add_argument("--hidden-dim", type=_positive_int, default=512)
+    t.add_argument("--attention-dim", type=_positive_int, default=512)
+    t.add_argument("--proj-dim", type=int, default=512, help="annotation projection size (0 = none)")
+    t.add_argument("--dropout", type=float, default=0.5)
+    t.add_argument("--no-tie", action="store_true", help="do not tie output and embedding weights")
+    t.add_argument("--batch-size", type=_positive_int, default=32, help="images per batch, each with all its captions")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--warmup-steps", type=int, default=500)
+    t.add_argument("--grad-clip", type=float, default=5.0)
+    t.add_argument("--label-smoothing", type=float, default=0.1)
+    t.add_argument("--alpha-c", type=float, default=1.0, help="doubly stochastic attention weight lambda")
+    t.add_argument("--monitor", choices=["bleu4", "cider"], default="cider", help="dev metric for best/early stopping")
+    t.add_argument("--patience", type=_positive_int, default=4, help="epochs without dev improvement before stopping")
+    t.add_argument("--val-beam-size", type=_positive_int, default=1, help="beam used for per-epoch validation")
+    t.add_argument("--beam-size", type=_positive_int, default=3, help="default beam stored in the checkpoint")
+    t.add_argument("--length-alpha", type=float, default=0.0, help="length penalty exponent stored in the checkpoint")
+    t.add_argument("--max-length", type=_positive_int, default=30)
+    t.add_argument("--encode-batch-size", type=_positive_int, default=32)
+    t.add_argument("--workers", type=int, default=1, help="image-decoding worker processes")
+    t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    t.add_argument("--seed", type=int, default=1234)
+    t.add_argument("--name", default="captioner", help="model name stored in the checkpoint")
+    t.add_argument("--model-version", default="1.0")
+    t.add_argument("--manifest", help="dataset manifest from 'captioner data verify' to record")
+    t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    t.set_defaults(func=cmd_train)
+
+    # ---- evaluate
+    e = sub.add_parser("evaluate", help="score a checkpoint on a dataset split")
+    add_data_args(e, split=True)
+    e.add_argument("--checkpoint", help="checkpoint folder (default: the shipped model)")
+    e.add_argument("--beam-size", type=_positive_int, default=3)
+    e.add_argument("--max-length", type=_positive_int)
+    e.add_argument("--length-alpha", type=float)
+    e.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java)")
+    e.add_argument("--output", help="metrics JSON path (default: next to the checkpoint)")
+    e.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    e.set_defaults(func=cmd_evaluate)
+
+    from . import batch  # the batch captioning command has its own module
+
+    batch.add_parser(sub)
+    try:
+        from . import data_tools
+    except ImportError:  # pragma: no cover - optional until the data tools land
+        data_tools = None
+    if data_tools is not None:
+        data_tools.add_parser(sub)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    summary = train(args)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import checkpoint
+    from .api import Captioner, default_model_path
+    from .datasets import load_records
+    from .train import cached_features, default_cache_dir, evaluate_split
+
+    ckpt = checkpoint.resolve(args.checkpoint or default_model_path())
+    cap = Captioner.load(ckpt, device=args.device)
+    records = load_records(args.dataset, args.data_dir, args.split, args.limit, args.annotations)
+    if not records:
+        raise DatasetError(f"no images with captions in split {args.split!r} of {args.data_dir}")
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    if cap.config.get("encoder_finetuned"):
+        feats = torch.cat([cap.encode(cap.preprocess(r.path)[0][None]).cpu() for r in records])
+        rows = {os.path.abspath(r.path): i for i, r in enumerate(records)}
+    else:
+        feats, rows = cached_features(records, cap.encoder_cfg, cache_dir, cap.device, encoder=cap.encoder)
+    beam = args.beam_size
+    max_len = args.max_length or cap.defaults["max_length"]
+    alpha = cap.defaults["length_alpha"] if args.length_alpha is None else args.length_alpha
+    metrics, hyps = evaluate_split(cap.decoder, feats, rows, records, cap.vocab, beam, max_len, alpha, cap.device,
+                                   meteor=not args.no_meteor, block_repeats=cap.defaults["block_repeats"], progress=True)
+    result = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in metrics.items()}
+    result |= {"split": args.split, "dataset": args.dataset, "beam_size": beam, "length_alpha": alpha,
+               "checkpoint": str(ckpt), "model": cap.name}
+    print(json.dumps(result))
+    tag = f"{args.dataset}-{args.split}{f'-limit{args.limit}' if args.limit else ''}-beam{beam}"
+    target = Path(args.output) if args.output else ckpt / f"eval-{tag}.json"
+    try:
+        target.write_text(json.dumps(result | {"captions": hyps}, indent=1) + "\n")
+    except OSError as exc:
+        print(f"warning: could not write {target}: {exc}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from .checkpoint import CheckpointError
+    from .images import ImageError
+
+    try:
+        return int(args.func(args) or 0)
+    except (DatasetError, CheckpointError, ImageError, FileNotFoundError) as exc:
+        print(f"captioner {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Feature cache: run the frozen encoder once per image and keep the grids on disk.
+
+A cache is a folder with ``features.npy`` (float16, (N, L, D), memory-mapped),
+``index.json`` (image paths in row order, the encoder config, rows done) so that
+an interrupted extraction resumes where it stopped and a cache built for another
+encoder is never reused by mistake.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ..encoder import Encoder, EncoderConfig
+from ..images import ImageError, load_and_preprocess
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, paths: list[str], cfg: EncoderConfig) -> None:
+        self.paths, self.cfg = paths, cfg
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
+        try:
+            x, _ = load_and_preprocess(self.paths[i], self.cfg.image_size, self.cfg.norm)
+            return x, True
+        except ImageError:
+            s = self.cfg.image_size
+            return torch.zeros(3, s, s), False
+
+
+def _single_thread(_: int) -> None:
+    """Image-decoding workers need no intra-op threads; they would fight the encoder for cores."""
+    torch.set_num_threads(1)
+
+
+def cache_key(paths: list[str], cfg: EncoderConfig) -> str:
+    """Short hash naming a cache for this encoder and this image set."""
+    h = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    for p in paths:
+        h.update(os.path.abspath(p).encode())
+    return h.hexdigest()[:12]
+
+
+class FeatureCache:
+    """Row-per-image store of encoder grids, float16, memory-mapped."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.index_path = self.folder / "index.json"
+        self.array_path = self.folder / "features.npy"
+
+    @property
+    def index(self) -> dict:
+        return json.loads(self.index_path.read_text()) if self.index_path.exists() else {}
+
+    def complete(self) -> bool:
+        idx = self.index
+        return bool(idx) and idx.get("done", 0) >= len(idx.get("paths", [])) and self.array_path.exists()
+
+    def build(
+        self,
+        paths: list[str],
+        encoder: Encoder,
+        batch_size: int = 32,
+        num_workers: int = 1,
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+    ) -> None:
+        """Encode ``paths`` (resuming a partial cache with the same paths and encoder)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        cfg = encoder.config
+        H, W = cfg.grid
+        shape = (len(paths), H * W, cfg.feature_dim)
+        idx = self.index
+        resumable = (
+            idx.get("paths") == [os.path.abspath(p) for p in paths]
+            and idx.get("encoder") == cfg.to_dict()
+            and self.array_path.exists()
+        )
+        if resumable:
+            arr = np.load(self.array_path, mmap_mode="r+")
+            start = int(idx.get("done", 0))
+        else:
+            arr = np.lib.format.open_memmap(self.array_path, mode="w+", dtype=np.float16, shape=shape)
+            start = 0
+            idx = {"paths": [os.path.abspath(p) for p in paths], "encoder": cfg.to_dict(), "done": 0,
+                   "shape": list(shape), "failed": []}
+            self._write_index(idx)
+        if start >= len(paths):
+            return
+        encoder = encoder.to(device).eval()
+        loader = DataLoader(_ImageFiles(paths[start:], cfg), batch_size=batch_size, num_workers=num_workers,
+                            worker_init_fn=_single_thread)
+        row = start
+        bar = tqdm(total=len(paths), initial=start, desc="encoding images", unit="img", disable=not progress)
+        with torch.inference_mode():
+            for images, ok in loader:
+                feats = encoder(images.to(device)).float().cpu().numpy()  # (b, L, D)
+                if feats.shape[1:] != shape[1:]:
+                    raise RuntimeError(f"encoder produced {feats.shape[1:]}, cache expects {shape[1:]}")
+                arr[row : row + len(feats)] = feats.astype(np.float16)
+                idx["failed"] += [paths[row + i] for i in range(len(ok)) if not ok[i]]
+                row += len(feats)
+                arr.flush()
+                idx["done"] = row
+                self._write_index(idx)
+                bar.update(len(feats))
+        bar.close()
+        del arr
+
+    def load(self) -> tuple[torch.Tensor, dict[str, int]]:
+        """All features as a float16 tensor (N, L, D) in RAM, and path -> row."""
+        if not self.complete():
+            raise RuntimeError(f"feature cache {self.folder} is incomplete; build it first")
+        arr = np.load(self.array_path)
+        rows = {p: i for i, p in enumerate(self.index["paths"])}
+        return torch.from_numpy(arr), rows
+
+    def _write_index(self, idx: dict) -> None:
+        tmp = self.index_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(idx))
+        os.replace(tmp, self.index_path)

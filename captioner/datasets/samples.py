@@ -1,0 +1,96 @@
+"""Torch datasets of (image, caption) pairs for teacher-forced training."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ..encoder import EncoderConfig
+from ..images import load_and_preprocess
+from ..vocab import Vocabulary
+from .records import CaptionRecord
+
+
+class CaptionPairs(Dataset):
+    """One item per reference caption.
+
+    With ``rows`` (image path -> feature-cache row) an item is ``(row, ids)``; without,
+    it is ``(image tensor (3, S, S), ids)`` read through the shared preprocessing
+    (used when the encoder is fine-tuned).
+    """
+
+    def __init__(
+        self,
+        records: list[CaptionRecord],
+        vocab: Vocabulary,
+        max_words: int = 30,
+        rows: dict[str, int] | None = None,
+        encoder_cfg: EncoderConfig | None = None,
+    ) -> None:
+        self.items: list[tuple[str, list[int]]] = []
+        for r in records:
+            for c in r.captions:
+                ids = vocab.encode(c, max_len=max_words)
+                if len(ids) > 2:
+                    self.items.append((os.path.abspath(r.path), ids))
+        self.rows = rows
+        self.encoder_cfg = encoder_cfg
+        if rows is None and encoder_cfg is None:
+            raise ValueError("need a feature-cache row map or an encoder config")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[object, torch.Tensor]:
+        path, ids = self.items[i]
+        caption = torch.tensor(ids, dtype=torch.long)
+        if self.rows is not None:
+            return self.rows[path], caption
+        cfg = self.encoder_cfg
+        image, _ = load_and_preprocess(path, cfg.image_size, cfg.norm)
+        return image, caption
+
+
+class ImageGroupedBatches(Sampler[list[int]]):
+    """Batches of whole images: ``images_per_batch`` random images with all their captions.
+
+    The encoder grid of an image is then projected once per batch instead of once per
+    caption (five times fewer of the most expensive operations on Flickr/COCO).
+    """
+
+    def __init__(self, pairs: "CaptionPairs", images_per_batch: int, generator: torch.Generator | None = None,
+                 rank: int = 0, world: int = 1) -> None:
+        by_image: dict[str, list[int]] = {}
+        for i, (path, _) in enumerate(pairs.items):
+            by_image.setdefault(path, []).append(i)
+        self.groups = list(by_image.values())
+        self.images_per_batch = images_per_batch
+        self.generator = generator
+        self.rank, self.world = rank, world
+
+    def _batches(self) -> list[list[int]]:
+        order = torch.randperm(len(self.groups), generator=self.generator).tolist()
+        order = order[self.rank :: self.world]
+        return [
+            [i for g in order[k : k + self.images_per_batch] for i in self.groups[g]]
+            for k in range(0, len(order), self.images_per_batch)
+        ]
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        n = len(range(self.rank, len(self.groups), self.world))
+        return -(-n // self.images_per_batch)
+
+
+def collate_pairs(batch: list[tuple[object, torch.Tensor]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> sources (B,) rows or (B, 3, S, S) images, captions (B, T) padded, lengths (B,)."""
+    sources, caps = zip(*batch)
+    lengths = torch.tensor([len(c) for c in caps], dtype=torch.long)
+    padded = torch.full((len(caps), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, c in enumerate(caps):
+        padded[i, : len(c)] = c
+    src = torch.stack(sources) if isinstance(sources[0], torch.Tensor) else torch.tensor(sources, dtype=torch.long)
+    return src, padded, lengths

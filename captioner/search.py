@@ -1,0 +1,167 @@
+"""Greedy and batched beam search over a batch of images.
+
+Both run all images of a batch together (beam search: B images x K beams as one
+(B*K) batch through the decoder), compute the attention projection of each
+image's grid once, stop as soon as every hypothesis has emitted ``<end>``, and
+always stop after ``max_length`` words even if ``<end>`` never comes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .decoder import AttentionDecoder
+
+
+@dataclass
+class Hypothesis:
+    """One decoded word sequence (without ``<start>``/``<end>``)."""
+
+    ids: list[int]
+    logprobs: list[float]  # per word: log p(word | previous words, image)
+    alphas: torch.Tensor  # (T, L) attention weights, one row per word
+    score: float  # length-normalised total log-probability (``<end>`` included)
+    finished: bool  # False when max_length was reached before <end>
+
+
+def length_penalty(length: torch.Tensor, alpha: float) -> torch.Tensor:
+    """GNMT length normalisation ((5 + len) / 6) ** alpha; alpha = 0 ranks by total log-prob."""
+    return ((5.0 + length.float()) / 6.0) ** alpha
+
+
+def _mask_logprobs(logp: torch.Tensor, prev: torch.Tensor, step: int, end_id: int, pad_id: int, start_id: int, block_repeats: bool) -> torch.Tensor:
+    """Forbid impossible or degenerate words: <pad>, <start>, an empty caption, and immediate repeats."""
+    logp[:, pad_id] = float("-inf")
+    logp[:, start_id] = float("-inf")
+    if step == 0:
+        logp[:, end_id] = float("-inf")
+    if block_repeats and step > 0:
+        logp.scatter_(1, prev.unsqueeze(1), float("-inf"))
+    return logp
+
+
+@torch.inference_mode()
+def greedy_search(
+    decoder: AttentionDecoder,
+    annotations: torch.Tensor,
+    start_id: int,
+    end_id: int,
+    pad_id: int = 0,
+    max_length: int = 30,
+    block_repeats: bool = True,
+) -> list[Hypothesis]:
+    """Arg-max decoding. annotations (B, L, D) -> one hypothesis per image."""
+    B = annotations.shape[0]
+    memory, state = decoder.prepare(annotations)
+    prev = torch.full((B,), start_id, dtype=torch.long, device=annotations.device)
+    done = torch.zeros(B, dtype=torch.bool, device=annotations.device)
+    ids, lps, alphas = [], [], []
+    for t in range(max_length):
+        logits, state, alpha = decoder.step(prev, state, memory)
+        logp = _mask_logprobs(torch.log_softmax(logits.float(), dim=-1), prev, t, end_id, pad_id, start_id, block_repeats)
+        lp, word = logp.max(dim=-1)  # (B,)
+        word = torch.where(done, torch.full_like(word, pad_id), word)
+        lp = torch.where(done, torch.zeros_like(lp), lp)
+        ids.append(word)
+        lps.append(lp)
+        alphas.append(alpha)
+        done = done | (word == end_id)
+        prev = word
+        if bool(done.all()):
+            break
+    ids_t = torch.stack(ids, 1).cpu()  # (B, T)
+    lps_t = torch.stack(lps, 1).float().cpu()  # (B, T)
+    alphas_t = torch.stack(alphas, 1).float().cpu()  # (B, T, L)
+    return [_finish(ids_t[b], lps_t[b], alphas_t[b], end_id, pad_id, None) for b in range(B)]
+
+
+@torch.inference_mode()
+def beam_search(
+    decoder: AttentionDecoder,
+    annotations: torch.Tensor,
+    start_id: int,
+    end_id: int,
+    pad_id: int = 0,
+    beam_size: int = 3,
+    max_length: int = 30,
+    length_alpha: float = 0.0,
+    n_best: int = 1,
+    block_repeats: bool = True,
+) -> list[list[Hypothesis]]:
+    """Batched beam search. annotations (B, L, D) -> for each image its ``n_best`` hypotheses, best first.
+
+    Finished beams stay in the beam and are extended only by ``<pad>`` at no cost,
+    so the whole search is a handful of tensor operations per step for all images.
+    Hypotheses are ranked by total log-probability divided by ``length_penalty``.
+    """
+    K = beam_size
+    n_best = max(1, min(n_best, K))
+    B = annotations.shape[0]
+    device = annotations.device
+    memory, state = decoder.prepare(annotations)
+    # every image's memory is computed once and then shared by its K beams
+    expand = torch.arange(B, device=device).repeat_interleave(K)  # (B*K,)
+    memory, state = memory.index_select(expand), state.index_select(expand)
+
+    scores = torch.full((B, K), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical: keep only one alive at t = 0
+    prev = torch.full((B * K,), start_id, dtype=torch.long, device=device)
+    done = torch.zeros(B * K, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B * K, dtype=torch.long, device=device)
+    hist_ids = torch.zeros(B * K, 0, dtype=torch.long, device=device)
+    hist_lp = torch.zeros(B * K, 0, device=device)
+    hist_alpha = torch.zeros(B * K, 0, memory.feats.shape[1], device=device)
+    base = (torch.arange(B, device=device) * K).unsqueeze(1)  # (B, 1)
+
+    for t in range(max_length):
+        logits, state, alpha = decoder.step(prev, state, memory)  # (B*K, V), ..., (B*K, L)
+        V = logits.shape[-1]
+        logp = _mask_logprobs(torch.log_softmax(logits.float(), dim=-1), prev, t, end_id, pad_id, start_id, block_repeats)
+        # a finished beam can only continue with <pad>, at log-prob 0
+        logp[done] = float("-inf")
+        logp[done, pad_id] = 0.0
+        cand = (scores.view(B * K, 1) + logp).view(B, K * V)  # (B, K*V)
+        scores, flat = cand.topk(K, dim=1)  # (B, K)
+        origin = (flat // V + base).view(-1)  # (B*K,) row each new beam comes from
+        word = (flat % V).view(-1)  # (B*K,)
+        word_lp = logp[origin, word]  # (B*K,)
+
+        state = state.index_select(origin)
+        was_done = done.index_select(0, origin)
+        lengths = lengths.index_select(0, origin) + (~was_done).long()
+        hist_ids = torch.cat([hist_ids.index_select(0, origin), word.unsqueeze(1)], 1)
+        hist_lp = torch.cat([hist_lp.index_select(0, origin), word_lp.unsqueeze(1)], 1)
+        hist_alpha = torch.cat([hist_alpha.index_select(0, origin), alpha.index_select(0, origin).unsqueeze(1)], 1)
+        done = was_done | (word == end_id)
+        prev = word
+        if bool(done.all()):
+            break
+
+    final = scores.view(-1) / length_penalty(lengths, length_alpha)  # (B*K,)
+    final = torch.where(torch.isfinite(final), final, torch.full_like(final, float("-inf")))
+    order = final.view(B, K).argsort(dim=1, descending=True)[:, :n_best]  # (B, n_best)
+    ids_c, lp_c, al_c, fin_c = hist_ids.cpu(), hist_lp.float().cpu(), hist_alpha.float().cpu(), final.cpu()
+    results = []
+    for b in range(B):
+        hyps = []
+        for k in order[b].tolist():
+            row = b * K + k
+            hyps.append(_finish(ids_c[row], lp_c[row], al_c[row], end_id, pad_id, float(fin_c[row])))
+        results.append(hyps)
+    return results
+
+
+def _finish(ids: torch.Tensor, lps: torch.Tensor, alphas: torch.Tensor, end_id: int, pad_id: int, score: float | None) -> Hypothesis:
+    """Cut a padded history row at ``<end>`` into a Hypothesis (words only); score None = total log-prob."""
+    id_list = ids.tolist()
+    finished = end_id in id_list
+    n = id_list.index(end_id) if finished else len([i for i in id_list if i != pad_id])
+    total = float(lps[: n + 1 if finished else n].sum())
+    return Hypothesis(
+        ids=id_list[:n],
+        logprobs=lps[:n].tolist(),
+        alphas=alphas[:n],
+        score=total if score is None else score,
+        finished=finished,
+    )

@@ -1,0 +1,388 @@
+"""Training: teacher-forced cross-entropy + doubly stochastic attention, validated by decoding.
+
+``train(args)`` is what ``captioner train`` runs. With a frozen encoder the images are
+encoded once into a feature cache and the decoder trains from it; ``--finetune-blocks N``
+reads images and trains the last N encoder blocks too. Each epoch ends with a real
+decode of the dev split (BLEU-4 / CIDEr-D), a metrics-log line, an atomic ``last``
+checkpoint (with optimiser/scheduler/RNG state for ``--resume``) and, when the
+validation score improves, an atomic ``best`` checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from . import checkpoint
+from .datasets import CaptionPairs, CaptionRecord, FeatureCache, ImageGroupedBatches, cache_key, collate_pairs, load_records
+from .decoder import AttentionDecoder, DecoderConfig
+from .encoder import Encoder, EncoderConfig
+from .metrics import score as score_metrics
+from .search import beam_search, greedy_search
+from .vocab import Vocabulary
+
+log = logging.getLogger("captioner.train")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CAPTIONER_CACHE", ".cache/captioner"))
+
+
+# ------------------------------------------------------------------ features
+def cached_features(
+    records: list[CaptionRecord], enc_cfg: EncoderConfig, cache_dir: Path, device: torch.device,
+    batch_size: int = 32, num_workers: int = 1, encoder: Encoder | None = None,
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """Encode ``records``' images once (resumable) and return (features (N, L, D) fp16, path -> row)."""
+    paths = sorted({os.path.abspath(r.path) for r in records})
+    cache = FeatureCache(cache_dir / f"features-{cache_key(paths, enc_cfg)}")
+    if not cache.complete():
+        encoder = encoder or Encoder(enc_cfg)
+        cache.build(paths, encoder, batch_size=batch_size, num_workers=num_workers, device=device)
+    return cache.load()
+
+
+# ------------------------------------------------------------------ decoding for validation/evaluation
+@torch.inference_mode()
+def generate(
+    decoder: AttentionDecoder, feats: torch.Tensor, vocab: Vocabulary, beam_size: int = 1,
+    max_length: int = 30, length_alpha: float = 0.0, batch_size: int = 100, device: torch.device | str = "cpu",
+    block_repeats: bool = True, progress: bool = False,
+) -> list[str]:
+    """Captions for annotation grids feats (N, L, D), decoded in batches."""
+    decoder.eval()
+    texts: list[str] = []
+    common = dict(start_id=vocab.start_id, end_id=vocab.end_id, pad_id=vocab.pad_id,
+                  max_length=max_length, block_repeats=block_repeats)
+    for i in tqdm(range(0, len(feats), batch_size), desc="decoding", disable=not progress, unit="batch"):
+        batch = feats[i : i + batch_size].to(device).float()  # (b, L, D)
+        if beam_size == 1:
+            hyps = greedy_search(decoder, batch, **common)
+        else:
+            hyps = [h[0] for h in beam_search(decoder, batch, beam_size=beam_size, length_alpha=length_alpha, **common)]
+        texts += [" ".join(vocab.itos[j] for j in h.ids) for h in hyps]
+    return texts
+
+
+def evaluate_split(
+    decoder: AttentionDecoder, feats: torch.Tensor, rows: dict[str, int], records: list[CaptionRecord],
+    vocab: Vocabulary, beam_size: int, max_length: int = 30, length_alpha: float = 0.0,
+    device: torch.device | str = "cpu", meteor: bool = False, block_repeats: bool = True, progress: bool = False,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Decode every record's image and score against its references. Returns (metrics, id -> caption)."""
+    index = torch.tensor([rows[os.path.abspath(r.path)] for r in records])
+    texts = generate(decoder, feats[index], vocab, beam_size, max_length, length_alpha, device=device,
+                     block_repeats=block_repeats, progress=progress)
+    hyps = {r.image_id: t for r, t in zip(records, texts)}
+    refs = {r.image_id: r.captions for r in records}
+    metrics = score_metrics(hyps, refs, meteor=meteor)
+    metrics["distinct_captions"] = len(set(texts))
+    metrics["images"] = len(texts)
+    return metrics, hyps
+
+
+# ------------------------------------------------------------------ loss
+def caption_loss(
+    logits: torch.Tensor, alphas: torch.Tensor, captions: torch.Tensor, pad_id: int,
+    label_smoothing: float, alpha_c: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, T-1, V), alphas (B, T-1, L), captions (B, T) -> (total loss, cross-entropy).
+
+    Padded steps are masked out of the cross-entropy; their alphas are zero so they add
+    nothing to the doubly stochastic term lambda * mean_i (1 - sum_t alpha_ti)^2.
+    """
+    targets = captions[:, 1:]  # (B, T-1)
+    mask = targets != pad_id
+    ce = F.cross_entropy(logits[mask], targets[mask], label_smoothing=label_smoothing)
+    reg = ((1.0 - alphas.sum(dim=1)) ** 2).mean()  # (B, L) -> scalar
+    return ce + alpha_c * reg, ce
+
+
+# ------------------------------------------------------------------ schedule / state
+def lr_factor(step: int, warmup: int, total: int, floor: float = 0.05) -> float:
+    """Linear warm-up, then cosine decay to ``floor`` x the peak rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(tuple(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------ distributed
+def setup_distributed() -> tuple[int, int, torch.device | None]:
+    """(rank, world_size, device) under torchrun; (0, 1, None) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    rank = dist.get_rank()
+    device = None
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    return rank, world, device
+
+
+# ------------------------------------------------------------------ training
+def train_one_epoch(
+    model: torch.nn.Module, encoder: Encoder | None, loader: DataLoader, feats: torch.Tensor | None,
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, args: argparse.Namespace,
+    device: torch.device, epoch: int, show: bool,
+) -> dict[str, float]:
+    """One pass over the caption pairs. Returns mean loss, mean CE, tokens/s."""
+    model.train()
+    use_amp = device.type == "cuda"
+    total, total_ce, n_batches, tokens = 0.0, 0.0, 0, 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not show, unit="batch", leave=False)
+    for sources, captions, lengths in bar:
+        captions, lengths = captions.to(device), lengths.to(device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            if encoder is None:
+                rows, image_index = sources.unique(return_inverse=True)
+                annotations = feats[rows].to(device).float()  # (N, L, D) from the cache, one per image
+                image_index = image_index.to(device)  # (B,) caption -> image
+            else:
+                annotations = encoder(sources.to(device))  # (B, L, D), fine-tuned blocks train
+                image_index = None
+            logits, alphas = model(annotations, captions, lengths, image_index)
+            loss, ce = caption_loss(logits.float(), alphas.float(), captions, 0, args.label_smoothing, args.alpha_c)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        total += loss.item()
+        total_ce += ce.item()
+        n_batches += 1
+        tokens += int((lengths - 1).sum())
+        if show:
+            bar.set_postfix(loss=f"{total / n_batches:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+    secs = time.perf_counter() - start
+    return {"loss": total / max(1, n_batches), "ce": total_ce / max(1, n_batches),
+            "tokens_per_s": tokens / max(secs, 1e-9), "epoch_seconds": secs}
+
+
+def model_config(args: argparse.Namespace, enc_cfg: EncoderConfig, dec_cfg: DecoderConfig, extra: dict | None = None) -> dict:
+    return {
+        "name": args.name,
+        "version": args.model_version,
+        "encoder": enc_cfg.to_dict(),
+        "encoder_finetuned": bool(args.finetune_blocks),
+        "decoder": dec_cfg.to_dict(),
+        "inference": {"beam_size": args.beam_size, "max_length": args.max_length,
+                      "length_alpha": args.length_alpha, "block_repeats": True},
+        "training": {"dataset": args.dataset, "min_count": args.min_count, **(extra or {})},
+    }
+
+
+def weights_to_save(decoder: AttentionDecoder, encoder: Encoder | None) -> dict[str, torch.Tensor]:
+    state = {f"decoder.{k}": v for k, v in decoder.state_dict(keep_vars=False).items()}
+    if encoder is not None:
+        state |= {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    return state
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Run training as configured by ``captioner train``'s arguments. Returns the best metrics."""
+    rank, world, dist_device = setup_distributed()
+    main_proc = rank == 0
+    device = dist_device or torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(args.output)
+    if main_proc:
+        out.mkdir(parents=True, exist_ok=True)
+    seed_everything(args.seed)
+
+    resume_state = None
+    if args.resume:
+        try:
+            resume_state = checkpoint.load_trainer_state(out / "last")
+        except checkpoint.CheckpointError:
+            resume_state = None
+        if resume_state is None:
+            log.warning("no resumable checkpoint in %s; starting from scratch", out)
+
+    train_recs = load_records(args.dataset, args.data_dir, "train", args.limit, args.annotations)
+    dev_recs = load_records(args.dataset, args.data_dir, "dev", args.val_limit or args.limit, args.annotations)
+    if not train_recs:
+        raise SystemExit("no training images found (check --data-dir / --dataset)")
+    if resume_state is not None:
+        vocab = Vocabulary.load(checkpoint.resolve(out / "last") / checkpoint.VOCAB)
+        config = checkpoint.read_config(out / "last")
+        enc_cfg, dec_cfg = EncoderConfig(**config["encoder"]), DecoderConfig(**config["decoder"])
+    else:
+        vocab = Vocabulary.build((c for r in train_recs for c in r.captions), min_count=args.min_count)
+        enc_cfg = EncoderConfig(args.encoder, args.image_size, args.stage, args.encoder_weights)
+        dec_cfg = DecoderConfig(len(vocab), enc_cfg.feature_dim, args.embed_dim, args.hidden_dim,
+                                args.attention_dim, args.proj_dim, args.dropout, not args.no_tie)
+    if main_proc:
+        log.info("%d train / %d dev images, vocabulary %d words, grid %s x %d-d",
+                 len(train_recs), len(dev_recs), len(vocab), enc_cfg.grid, enc_cfg.feature_dim)
+
+    encoder: Encoder | None = Encoder(enc_cfg)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    feats = rows = None
+    if not args.finetune_blocks:  # frozen encoder: train and validate from the feature cache
+        feats, rows = cached_features(train_recs + dev_recs, enc_cfg, cache_dir, device,
+                                      args.encode_batch_size, args.workers, encoder)
+        encoder = None
+    seed_everything(args.seed)  # initial weights must not depend on whether the cache had to be built
+    decoder = AttentionDecoder(dec_cfg).to(device)
+    params = [{"params": [p for p in decoder.parameters()], "lr": args.lr}]
+    if encoder is not None:
+        encoder = encoder.to(device)
+        enc_params = encoder.unfreeze_last(args.finetune_blocks)
+        encoder.train()
+        params.append({"params": enc_params, "lr": args.encoder_lr})
+    model: torch.nn.Module = decoder
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(decoder, device_ids=[device.index] if device.type == "cuda" else None)
+
+    pairs = CaptionPairs(train_recs, vocab, args.max_words, rows=rows, encoder_cfg=enc_cfg)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    n_images = len({path for path, _ in pairs.items})
+    steps_per_epoch = math.ceil(n_images / (args.batch_size * world))
+    total_steps = steps_per_epoch * args.epochs
+    warmup = min(args.warmup_steps, max(1, total_steps // 10))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps))
+
+    start_epoch, best, bad_epochs, history = 1, float("-inf"), 0, []
+    if resume_state is not None:
+        weights = checkpoint.read_weights(out / "last", device=device)
+        from .api import load_state
+
+        load_state(decoder, weights, "decoder.", checkpoint.read_config(out / "last").get("tied_weights", {}))
+        if encoder is not None:
+            encoder.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("encoder.")}, strict=False)
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        set_rng_state(resume_state["rng"])
+        start_epoch = int(resume_state["epoch"]) + 1
+        best, bad_epochs = float(resume_state["best"]), int(resume_state["bad_epochs"])
+        history = list(resume_state.get("history", []))
+        if main_proc:
+            log.info("resumed from epoch %d (best %s %.2f)", start_epoch - 1, args.monitor, best)
+
+    metrics_log = out / "metrics.jsonl"
+    stopped_early = False
+    for epoch in range(start_epoch, args.epochs + 1):
+        if bad_epochs >= args.patience:
+            stopped_early = True
+            break
+        # each epoch's shuffling and dropout derive from (seed, epoch): a resumed run repeats them exactly
+        torch.manual_seed(args.seed * 1000 + epoch)
+        gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        batches = ImageGroupedBatches(pairs, args.batch_size, gen, rank, world)
+        loader = DataLoader(pairs, batch_sampler=batches, collate_fn=collate_pairs,
+                            num_workers=args.workers if encoder is not None else 0)
+        stats = train_one_epoch(model, encoder, loader, feats, optimizer, scheduler, args, device, epoch,
+                                show=main_proc and not args.quiet)
+        record: dict[str, Any] = {"epoch": epoch, **stats, "lr": scheduler.get_last_lr()[0]}
+        if main_proc:
+            t0 = time.perf_counter()
+            if dev_recs:
+                if encoder is not None:  # fine-tuned encoder: its features change every epoch
+                    val_feats, val_rows = _encode_records(encoder, dev_recs, enc_cfg, device)
+                else:
+                    val_feats, val_rows = feats, rows
+                val, _ = evaluate_split(decoder, val_feats, val_rows, dev_recs, vocab, args.val_beam_size,
+                                        args.max_length, args.length_alpha, device)
+                record |= {f"dev_{k}": v for k, v in val.items()}
+                score = float(val[args.monitor])
+            else:
+                score = -stats["loss"]
+            record["val_seconds"] = time.perf_counter() - t0
+            improved = score > best
+            if improved:
+                best, bad_epochs = score, 0
+            else:
+                bad_epochs += 1
+            record["best"] = best
+            history.append(record)
+            extra = {"epochs_trained": epoch, "best_" + args.monitor: best, "train_images": len(train_recs),
+                     "manifest": _manifest(args)}
+            cfg = model_config(args, enc_cfg, dec_cfg, extra)
+            weights = weights_to_save(decoder, encoder)
+            if improved:
+                checkpoint.save(out / "best", weights, dict(cfg), vocab.to_json())
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                     "epoch": epoch, "best": best, "bad_epochs": bad_epochs, "history": history,
+                     "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}}
+            checkpoint.save(out / "last", weights, dict(cfg), vocab.to_json(), trainer_state=state)
+            with metrics_log.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            if not args.quiet:
+                shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in record.items()}
+                print(json.dumps(shown), flush=True)
+        if world > 1:
+            flag = torch.tensor([bad_epochs], device=device)
+            dist.broadcast(flag, 0)
+            bad_epochs = int(flag)
+    if world > 1:
+        dist.destroy_process_group()
+    summary = {"best_" + args.monitor: best, "epochs": len(history), "stopped_early": stopped_early,
+               "output": str(out)}
+    return summary
+
+
+def _encode_records(encoder: Encoder, records: list[CaptionRecord], cfg: EncoderConfig, device: torch.device) -> tuple[torch.Tensor, dict[str, int]]:
+    """Encode images with the (fine-tuned) encoder in memory, for validation."""
+    from .images import load_and_preprocess
+
+    encoder.eval()
+    paths = [os.path.abspath(r.path) for r in records]
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(paths), 32):
+            x = torch.stack([load_and_preprocess(p, cfg.image_size, cfg.norm)[0] for p in paths[i : i + 32]])
+            out.append(encoder(x.to(device)).cpu().half())
+    encoder.train()
+    return torch.cat(out), {p: i for i, p in enumerate(paths)}
+
+
+def _manifest(args: argparse.Namespace) -> dict | None:
+    """The dataset manifest written by ``captioner data verify`` (``--manifest``, or manifest.json in the data folder)."""
+    path = Path(args.manifest) if getattr(args, "manifest", None) else Path(args.data_dir) / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny generated images, captions and checkpoints (no ../shared data, no network)."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+WORDS = ["a", "dog", "cat", "runs", "sits", "on", "the", "grass", "red", "ball", "with", "blue", "sky", "man"]
+TINY_CAPTIONS = [
+    "a dog runs on the grass",
+    "a cat sits on the red ball",
+    "a man with a blue ball",
+    "the dog sits",
+]
+
+
+def make_image(seed: int = 0, size: tuple[int, int] = (96, 72), mode: str = "RGB") -> Image.Image:
+    """A deterministic, non-trivial picture (smooth gradients plus a coloured square)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([(xx * 255 // max(1, w - 1)), (yy * 255 // max(1, h - 1)), np.full_like(xx, (seed * 53) % 256)], -1)
+    x0, y0 = rng.integers(0, max(1, w // 2)), rng.integers(0, max(1, h // 2))
+    base[y0 : y0 + h // 3, x0 : x0 + w // 3] = rng.integers(0, 256, 3)
+    img = Image.fromarray(base.astype(np.uint8), "RGB")
+    return img if mode == "RGB" else img.convert(mode)
+
+
+def image_bytes(img: Image.Image, fmt: str = "JPEG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def images_dir(tmp_path: Path) -> Path:
+    """A folder with four small JPEG photos named img0.jpg .. img3.jpg."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        make_image(i).save(folder / f"img{i}.jpg", quality=90)
+    return folder
+
+
+def build_tiny_checkpoint(folder: Path, image_size: int = 64, seed: int = 0) -> Path:
+    """A real checkpoint with the packaged Lite0 encoder at a small input size and a tiny, untrained decoder."""
+    from captioner import checkpoint
+    from captioner.decoder import AttentionDecoder, DecoderConfig
+    from captioner.encoder import EncoderConfig
+    from captioner.vocab import Vocabulary
+
+    torch.manual_seed(seed)
+    vocab = Vocabulary.build(TINY_CAPTIONS, min_count=1)
+    enc = EncoderConfig("efficientnet-lite0", image_size, "head")
+    dec = DecoderConfig(len(vocab), enc.feature_dim, 32, 32, 32, 32, 0.0)
+    decoder = AttentionDecoder(dec)
+    config = {"name": "tiny-test", "version": "0.0", "encoder": enc.to_dict(), "decoder": dec.to_dict(),
+              "inference": {"beam_size": 3, "max_length": 12, "length_alpha": 0.0, "block_repeats": True}}
+    weights = {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
+    return checkpoint.save(folder, weights, config, vocab.to_json())
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
