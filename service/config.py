@@ -1,0 +1,128 @@
+"""Service settings: environment variables, overridable by ``create_app(config)``.
+
+Every setting has one name, used both as the environment variable and as the key
+of the ``config`` mapping given to :func:`service.app.create_app` (which wins).
+docs/service.md has the table; :data:`ENV_VARS` is its source of truth.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from captioner.api import MAX_BEAM_SIZE, default_model_path
+from captioner.images import DEFAULT_MAX_PIXELS
+
+
+class ConfigError(ValueError):
+    """An environment variable or config value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_path: Path
+    device: str | None  # None: CUDA when available, else CPU
+    max_upload_mb: float
+    max_pixels: int
+    max_batch: int
+    batch_wait_ms: float
+    queue_size: int
+    request_timeout_s: float
+    default_beam_size: int
+    overlay_max_side: int
+    torch_threads: int  # 0: leave PyTorch's default
+    load_in_background: bool
+    warmup: bool
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+#: name -> (Settings field, parser, default, description). Defaults are strings, parsed like env values.
+ENV_VARS: dict[str, tuple[str, str, str, str]] = {
+    "CAPTIONER_MODEL": ("model_path", "path", "", "Checkpoint folder to serve (default: the shipped model, `models/flickr8k-lite2`)."),
+    "CAPTIONER_DEVICE": ("device", "str", "", "`cpu`, `cuda`, `cuda:1`, ... (default: CUDA when available, else CPU)."),
+    "CAPTIONER_MAX_UPLOAD_MB": ("max_upload_mb", "float", "20", "Largest request body in MiB; larger bodies get 413 before they are read."),
+    "CAPTIONER_MAX_PIXELS": ("max_pixels", "int", str(DEFAULT_MAX_PIXELS), "Largest image (width x height, from the header) decoded; larger gets 413 `too_large`."),
+    "CAPTIONER_MAX_BATCH": ("max_batch", "int", "8", "Most images the micro-batcher runs through the model at once."),
+    "CAPTIONER_BATCH_WAIT_MS": ("batch_wait_ms", "float", "10", "How long the batcher waits for more requests after the first one of a batch."),
+    "CAPTIONER_QUEUE_SIZE": ("queue_size", "int", "16", "Requests waiting for the model per worker (besides the batch running); beyond it: 503 + `Retry-After`."),
+    "CAPTIONER_REQUEST_TIMEOUT_S": ("request_timeout_s", "float", "30", "Longest wait for a caption (queue + inference); then 504 `timeout`."),
+    "CAPTIONER_BEAM_SIZE": ("default_beam_size", "int", "3", "Beam size when the request gives none (1-10)."),
+    "CAPTIONER_OVERLAY_MAX_SIDE": ("overlay_max_side", "int", "320", "Longest side of the PNG overlays returned with `attention=overlay`."),
+    "CAPTIONER_TORCH_THREADS": ("torch_threads", "int", "0", "`torch.set_num_threads` per worker (0: PyTorch's default, all cores)."),
+    "CAPTIONER_LOAD_IN_BACKGROUND": ("load_in_background", "bool", "1", "Load + warm the model in a background thread (`/readyz` says when done) instead of inside `create_app`."),
+    "CAPTIONER_WARMUP": ("warmup", "bool", "1", "Run one inference on a blank image before reporting ready."),
+}
+
+#: Settings read by service/gunicorn_conf.py only (documented in the same table).
+GUNICORN_ENV_VARS: dict[str, tuple[str, str]] = {
+    "HOST": ("127.0.0.1", "Address to bind (`0.0.0.0` or `::` for all interfaces)."),
+    "PORT": ("8000", "Port to bind."),
+    "CAPTIONER_WORKERS": ("1", "gunicorn worker processes; each loads its own model copy."),
+    "CAPTIONER_THREADS": ("32", "Request threads per worker (gthread); they feed that worker's micro-batcher. Keep it above MAX_BATCH + QUEUE_SIZE so overload reaches the app and gets a quick 503."),
+    "CAPTIONER_WORKER_TIMEOUT": ("120", "Seconds a silent worker may take before gunicorn restarts it."),
+    "CAPTIONER_GRACEFUL_TIMEOUT": ("30", "Seconds to finish in-flight requests on shutdown/reload."),
+    "CAPTIONER_KEEPALIVE": ("5", "Seconds to keep idle HTTP connections open."),
+    "CAPTIONER_LOG_LEVEL": ("info", "gunicorn and service log level."),
+    "CAPTIONER_CONTROL_SOCKET": ("", "Path for gunicorn's control socket (`gunicornc`); off by default so instances never share one."),
+    "PROMETHEUS_MULTIPROC_DIR": ("", "Optional: a writable, empty folder; `/metrics` then aggregates all workers (see Metrics)."),
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _parse(name: str, kind: str, raw: Any) -> Any:
+    if kind == "path":
+        return Path(raw) if raw not in (None, "") else default_model_path()
+    if kind == "str":
+        return str(raw) if raw not in (None, "") else None
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ConfigError(f"{name} must be a boolean (1/0, true/false), got {raw!r}")
+    try:
+        return int(raw) if kind == "int" else float(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be {'an integer' if kind == 'int' else 'a number'}, got {raw!r}") from None
+
+
+def load_settings(config: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from ``environ`` (default ``os.environ``), with ``config`` keys taking precedence."""
+    environ = os.environ if environ is None else environ
+    config = config or {}
+    values: dict[str, Any] = {}
+    for name, (field, kind, default, _) in ENV_VARS.items():
+        raw = config[name] if name in config else environ.get(name, default)
+        values[field] = _parse(name, kind, raw)
+    settings = Settings(**values)
+    _check(settings)
+    return settings
+
+
+def _check(s: Settings) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(s.max_upload_mb > 0, "CAPTIONER_MAX_UPLOAD_MB must be > 0")
+    need(s.max_pixels > 0, "CAPTIONER_MAX_PIXELS must be > 0")
+    need(1 <= s.max_batch <= 1024, "CAPTIONER_MAX_BATCH must be between 1 and 1024")
+    need(0 <= s.batch_wait_ms <= 10_000, "CAPTIONER_BATCH_WAIT_MS must be between 0 and 10000")
+    need(1 <= s.queue_size <= 100_000, "CAPTIONER_QUEUE_SIZE must be between 1 and 100000")
+    need(s.request_timeout_s > 0, "CAPTIONER_REQUEST_TIMEOUT_S must be > 0")
+    need(1 <= s.default_beam_size <= MAX_BEAM_SIZE, f"CAPTIONER_BEAM_SIZE must be between 1 and {MAX_BEAM_SIZE}")
+    need(16 <= s.overlay_max_side <= 4096, "CAPTIONER_OVERLAY_MAX_SIDE must be between 16 and 4096")
+    need(s.torch_threads >= 0, "CAPTIONER_TORCH_THREADS must be >= 0")
+
+
+__all__ = ["ConfigError", "ENV_VARS", "GUNICORN_ENV_VARS", "Settings", "load_settings"]
