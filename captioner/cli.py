@@ -90,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     e.set_defaults(func=cmd_evaluate)
 
+    # ---- export
+    x = sub.add_parser("export", help="copy a checkpoint for shipping: fp16 weights, tuned decoding defaults, no trainer state")
+    x.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/NAME/best")
+    x.add_argument("--output", required=True, help="destination folder, e.g. models/NAME")
+    x.add_argument("--fp32", action="store_true", help="keep float32 weights (default: float16 storage)")
+    x.add_argument("--beam-size", type=_positive_int, help="default beam size to store")
+    x.add_argument("--length-alpha", type=float, help="default length penalty exponent to store")
+    x.add_argument("--max-length", type=_positive_int, help="default maximum caption length to store")
+    x.add_argument("--name", help="model name to store")
+    x.add_argument("--model-version", help="model version to store")
+    x.set_defaults(func=cmd_export)
+
     from . import batch  # the batch captioning command has its own module
 
     batch.add_parser(sub)
@@ -144,6 +156,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         target.write_text(json.dumps(result | {"captions": hyps}, indent=1) + "\n")
     except OSError as exc:
         print(f"warning: could not write {target}: {exc}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import checkpoint
+
+    src = checkpoint.resolve(args.checkpoint)
+    config = checkpoint.read_config(src)
+    config.pop("format_version", None)
+    tied = config.pop("tied_weights", {})
+    weights = checkpoint.read_weights(src)
+    for name, target in tied.items():  # re-create the shared entries so save() can detect the ties
+        weights[name] = weights[target]
+    inference = config.setdefault("inference", {})
+    for key in ("beam_size", "length_alpha", "max_length"):
+        value = getattr(args, key)
+        if value is not None:
+            inference[key] = value
+    if args.name:
+        config["name"] = args.name
+    if args.model_version:
+        config["version"] = args.model_version
+    vocab = json.loads((src / checkpoint.VOCAB).read_text())
+    out = checkpoint.save(args.output, weights, config, vocab, half=not args.fp32)
+    size = (out / checkpoint.WEIGHTS).stat().st_size / 1e6
+    print(json.dumps({"output": str(out), "weights_mb": round(size, 1), "inference": inference}))
     return 0
 
 

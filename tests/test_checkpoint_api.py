@@ -110,3 +110,18 @@ def test_caption_api_accepts_paths_bytes_and_pil(tiny_checkpoint: Path, tmp_path
         cap.caption(b"not an image")
     with pytest.raises(ValueError):
         cap.caption(img, beam_size=0)
+
+
+def test_export_stores_fp16_and_decoding_defaults(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from captioner.cli import main
+
+    out = tmp_path / "shipped"
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--output", str(out), "--beam-size", "5",
+                 "--length-alpha", "0.7", "--name", "shipped", "--model-version", "2.0"]) == 0
+    cap = Captioner.load(out, device="cpu")
+    assert cap.defaults["beam_size"] == 5 and cap.defaults["length_alpha"] == 0.7
+    assert (cap.name, cap.version) == ("shipped", "2.0")
+    assert (out / "model.safetensors").stat().st_size < (tiny_checkpoint / "model.safetensors").stat().st_size
+    original = Captioner.load(tiny_checkpoint, device="cpu")
+    img = make_image(9)
+    assert cap.caption(img, beam_size=3).text == original.caption(img, beam_size=3).text
