@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--encode-batch-size", type=_positive_int, default=32)
     t.add_argument("--workers", type=int, default=1, help="image-decoding worker processes")
     t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    t.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice; 1 is more robust on a busy machine)")
     t.add_argument("--seed", type=int, default=1234)
     t.add_argument("--name", default="captioner", help="model name stored in the checkpoint")
     t.add_argument("--model-version", default="1.0")
@@ -117,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     summary = train(args)
     print(json.dumps(summary))
     return 0
