@@ -110,6 +110,8 @@ def save(
             skeleton = _split_tensors(trainer_state, flat, "s")
             save_file(flat, str(tmp / STATE_TENSORS))
             _write_json(tmp / STATE_JSON, skeleton)
+        for f in tmp.iterdir():  # safetensors writes 0600; a model is read by other users (service, Docker)
+            os.chmod(f, 0o644)
         _fsync_dir(tmp)
         _swap_in(tmp, folder)
     finally:
@@ -142,10 +144,11 @@ def _fsync_dir(folder: Path) -> None:
 def _swap_in(tmp: Path, folder: Path) -> None:
     """Replace ``folder`` by ``tmp`` with renames; an old copy survives as ``.name.old`` until the end."""
     backup = folder.parent / f".{folder.name}.old"
-    if backup.exists():
-        shutil.rmtree(backup)
     if folder.exists():
+        if backup.exists():  # stale: ``folder`` is complete, so the old copy is not needed
+            shutil.rmtree(backup)
         os.replace(folder, backup)
+    # else: a backup left by an interrupted swap is the only complete copy; keep it until ``tmp`` is in place.
     os.replace(tmp, folder)
     if backup.exists():
         shutil.rmtree(backup)

@@ -50,6 +50,14 @@ def cached_features(
     paths = sorted({os.path.abspath(r.path) for r in records})
     cache = FeatureCache(cache_dir / f"features-{cache_key(paths, enc_cfg)}")
     if not cache.complete():
+        # a complete cache of the same encoder that already holds every image will do (e.g. the
+        # train+dev cache when evaluating on dev)
+        for other in sorted(cache_dir.glob("features-*")):
+            candidate = FeatureCache(other)
+            idx = candidate.index
+            if candidate.complete() and idx.get("encoder") == enc_cfg.to_dict() and set(paths) <= set(idx["paths"]):
+                return candidate.load()
+    if not cache.complete():
         encoder = encoder or Encoder(enc_cfg)
         cache.build(paths, encoder, batch_size=batch_size, num_workers=num_workers, device=device)
     return cache.load()
@@ -301,6 +309,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             log.info("resumed from epoch %d (best %s %.2f)", start_epoch - 1, args.monitor, best)
 
     metrics_log = out / "metrics.jsonl"
+    if resume_state is not None and main_proc:  # the log matches the checkpoint (a kill may have cut it short)
+        metrics_log.write_text("".join(json.dumps(r) + "\n" for r in history))
     stopped_early = False
     for epoch in range(start_epoch, args.epochs + 1):
         if bad_epochs >= args.patience:
