@@ -90,11 +90,18 @@ class Captioner:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         folder = checkpoint.resolve(path or default_model_path())
-        config = checkpoint.read_config(folder)
-        vocab = Vocabulary.load(folder / checkpoint.VOCAB)
+        try:
+            config = checkpoint.read_config(folder)
+            vocab = Vocabulary.load(folder / checkpoint.VOCAB)
+            enc_cfg = EncoderConfig(**config["encoder"])
+            dec_cfg = DecoderConfig(**config["decoder"])
+        except checkpoint.CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # malformed config.json / vocab.json
+            raise checkpoint.CheckpointError(
+                f"{folder} has an invalid config.json or vocab.json ({type(exc).__name__}: {exc})"
+            ) from exc
         weights = checkpoint.read_weights(folder)
-        enc_cfg = EncoderConfig(**config["encoder"])
-        dec_cfg = DecoderConfig(**config["decoder"])
         if dec_cfg.vocab_size != len(vocab):
             raise checkpoint.CheckpointError(
                 f"vocabulary has {len(vocab)} words but the decoder expects {dec_cfg.vocab_size}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import os
 import re
 import threading
 import time
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from flask import Flask, Request, Response, g, jsonify, render_template, request
 from markupsafe import Markup, escape
+from PIL import Image
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from captioner.api import MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, Captioner
@@ -37,6 +39,10 @@ from .metrics import Metrics
 log = logging.getLogger("service")
 
 ATTENTION_MODES = ("none", "grid", "overlay")
+#: Uploads decoded at once per worker (the others wait their turn). Decoding is CPU-bound, so more would
+#: not be faster, and an image at the pixel limit takes up to ~0.6 GB while it is decoded: this bounds a
+#: worker's decoding memory to DECODE_SLOTS x that, whatever the number of request threads.
+DECODE_SLOTS = max(2, min(8, os.cpu_count() or 1))
 #: Content types accepted as a raw image body (besides every ``image/*``).
 RAW_TYPES = ("application/octet-stream",)
 EXTENSION_KEY = "captioner_service"
@@ -229,6 +235,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.add_template_filter(_md_code, "md_code")
 
     metrics = Metrics()
+    decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
     state = ServiceState(settings, metrics, captioner=config.get("CAPTIONER_INSTANCE"))
     app.extensions[EXTENSION_KEY] = state
     errors.register(app)
@@ -245,6 +252,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         return response
 
     # ------------------------------------------------------------ API
+    def overloaded() -> ApiError:
+        metrics.rejected.labels("overloaded").inc()
+        return ApiError(503, "overloaded", "too many requests are waiting for the model; retry later",
+                        {"Retry-After": str(state.batcher.retry_after())})
+
     @app.post("/v1/captions")
     def captions():
         t0 = g.get("t0", time.perf_counter())
@@ -261,19 +273,27 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         enc_cfg = cap.encoder_cfg
 
         t_pre = time.perf_counter()
-        try:
-            # JPEGs decode at a reduced scale when only a small image is needed (DCT scaling);
-            # overlays are drawn on the image, so then it is decoded large enough for them.
-            draft = max(enc_cfg.image_size, settings.overlay_max_side) if attention == "overlay" else enc_cfg.image_size
-            image = load_image(data, max_pixels=settings.max_pixels, draft_size=draft)
-        except ImageError as exc:
-            metrics.rejected.labels(exc.code).inc()
-            if exc.code == "too_large":
-                raise ApiError(413, "too_large", str(exc)) from None
-            raise ApiError(400, "undecodable", _clean(str(exc))) from None
-        del data
-        original_size = image.info.get("original_size", image.size)
-        tensor = preprocess(image, enc_cfg.image_size, enc_cfg.norm)
+        with decode_slots:  # bounds the memory of decoding: see DECODE_SLOTS
+            if state.batcher.depth >= state.batcher.queue_size:  # full already: refuse before paying for the decode
+                raise overloaded()
+            try:
+                # JPEGs decode at a reduced scale when only a small image is needed (DCT scaling);
+                # overlays are drawn on the image, so then it is decoded large enough for them.
+                draft = max(enc_cfg.image_size, settings.overlay_max_side) if attention == "overlay" else enc_cfg.image_size
+                image = load_image(data, max_pixels=settings.max_pixels, draft_size=draft)
+            except ImageError as exc:
+                metrics.rejected.labels(exc.code).inc()
+                if exc.code == "too_large":
+                    raise ApiError(413, "too_large", str(exc)) from None
+                raise ApiError(400, "undecodable", _clean(str(exc))) from None
+            del data
+            original_size = image.info.get("original_size", image.size)
+            tensor = preprocess(image, enc_cfg.image_size, enc_cfg.norm)
+            # Only a small copy (the size overlay_png draws at) waits for the model, never the full image.
+            if attention == "overlay":
+                image.thumbnail((settings.overlay_max_side, settings.overlay_max_side), Image.BICUBIC)
+            else:
+                image = None
         preprocess_s = time.perf_counter() - t_pre
 
         remaining = settings.request_timeout_s - (time.perf_counter() - t0)
@@ -282,9 +302,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
                 raise BatchTimeout("no time left")
             result: BatchResult = state.batcher.run(tensor, decode_settings, timeout=remaining)
         except QueueFull:
-            metrics.rejected.labels("overloaded").inc()
-            raise ApiError(503, "overloaded", "too many requests are waiting for the model; retry later",
-                           {"Retry-After": str(state.batcher.retry_after())}) from None
+            raise overloaded() from None
         except BatchTimeout:
             metrics.rejected.labels("timeout").inc()
             raise ApiError(504, "timeout", f"no caption within the limit of {settings.request_timeout_s:g} s",

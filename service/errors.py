@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("service")
@@ -61,8 +61,12 @@ def register(app: Flask) -> None:
         message = exc.description or exc.name
         if status == 413:
             limit = app.config.get("MAX_CONTENT_LENGTH")
-            if limit:
+            length = request.content_length
+            if limit and (length is None or length > limit):
                 message = f"the request body is larger than the limit of {limit / 2**20:.3g} MiB"
+            else:  # Werkzeug's form limits (Flask's MAX_FORM_MEMORY_SIZE / MAX_FORM_PARTS), not the body size
+                message = (f"the form has a text field above {request.max_form_memory_size} bytes or more than "
+                           f"{request.max_form_parts} parts; send the image as the 'image' file field")
         headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
         return error_response(status, HTTP_CODES.get(status, "http_error"), message, headers)
 
