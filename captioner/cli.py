@@ -123,7 +123,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     summary = train(args)
-    print(json.dumps(summary))
+    if summary.pop("rank", 0) == 0:  # under torchrun only rank 0 reports
+        print(json.dumps(summary))
     return 0
 
 

@@ -268,8 +268,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     feats = rows = None
     if not args.finetune_blocks:  # frozen encoder: train and validate from the feature cache
+        if world > 1 and not main_proc:
+            dist.barrier()  # rank 0 builds the cache alone; the others then read it
         feats, rows = cached_features(train_recs + dev_recs, enc_cfg, cache_dir, device,
                                       args.encode_batch_size, args.workers, encoder)
+        if world > 1 and main_proc:
+            dist.barrier()
         encoder = None
     seed_everything(args.seed)  # initial weights must not depend on whether the cache had to be built
     decoder = AttentionDecoder(dec_cfg).to(device)
@@ -368,7 +372,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if world > 1:
         dist.destroy_process_group()
     summary = {"best_" + args.monitor: best, "epochs": len(history), "stopped_early": stopped_early,
-               "output": str(out)}
+               "output": str(out), "rank": rank}
     return summary
 
 
