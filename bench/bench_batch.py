@@ -1,6 +1,7 @@
 """Batch captioning throughput vs. the bare encoder on the same images.
 
     .venv/bin/python bench/bench_batch.py --images photos/ --checkpoint models/flickr8k-lite2
+    .venv/bin/python bench/bench_batch.py --samples 200                # scikit-image photos, cropped/flipped copies
     .venv/bin/python bench/bench_batch.py --generate 20 --checkpoint runs/demo/best   # smoke run
 
 Prints images/s of the whole ``captioner caption`` pipeline (worker decoding + batched encoder +
@@ -21,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import apply_levers, parse_levers, machine, write_sample_jpegs  # noqa: E402
 from captioner.api import Captioner  # noqa: E402
 from captioner.batch import default_workers, expand, iter_captions  # noqa: E402
 
@@ -44,6 +46,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder (or glob) of images to caption")
+    src.add_argument("--samples", type=int, metavar="N", help="caption N JPEG copies of scikit-image's sample photos")
     src.add_argument("--generate", type=int, metavar="N", help="caption N generated 640x480 JPEGs instead")
     p.add_argument("--checkpoint", help="checkpoint folder (default: the shipped model)")
     p.add_argument("--recursive", action="store_true")
@@ -53,19 +56,25 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=default_workers())
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, help="torch threads in the main process")
+    p.add_argument("--levers", help="captioner.perf options to apply, e.g. fold_bn,channels_last")
     args = p.parse_args()
+    parse_levers(args.levers)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     tmp = None
-    if args.generate:
+    if args.generate or args.samples:
         tmp = tempfile.TemporaryDirectory(prefix="bench_batch_")
-        generate(Path(tmp.name), args.generate)
+        if args.samples:
+            write_sample_jpegs(Path(tmp.name), args.samples)
+        else:
+            generate(Path(tmp.name), args.generate)
         args.images = tmp.name
     paths = expand([args.images], recursive=args.recursive)[: args.limit]
     if not paths:
         sys.exit(f"no images in {args.images}")
     cap = Captioner.load(args.checkpoint, device=args.device)
+    levers = apply_levers(cap, parse_levers(args.levers))
     bs = args.batch_size
     sync = torch.cuda.synchronize if cap.device.type == "cuda" else (lambda: None)
 
@@ -100,7 +109,8 @@ def main() -> None:
     print(f"pipeline / encoder:                       {pipe_rate / enc_rate:8.2f}")
     print(json.dumps({"images": len(paths), "failed": failed, "batch_size": bs, "beam_size": args.beam_size,
                       "workers": args.workers, "device": str(cap.device), "pipeline_images_per_s": round(pipe_rate, 3),
-                      "encoder_images_per_s": round(enc_rate, 3), "ratio": round(pipe_rate / enc_rate, 3)}))
+                      "encoder_images_per_s": round(enc_rate, 3), "ratio": round(pipe_rate / enc_rate, 3),
+                      "model": cap.name, "levers": levers, "machine": machine()}))
     if tmp:
         tmp.cleanup()
 

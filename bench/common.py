@@ -1,34 +1,144 @@
-"""Helpers shared by the benchmark scripts: photos to test on and percentile summaries."""
+"""Helpers shared by the benchmark scripts: test photos, JPEG uploads, percentiles, threads.
+
+The default photos are scikit-image's bundled sample photos (read from the installed
+package's data folder, so they work offline); ``--images FOLDER`` uses real photos instead.
+"""
 from __future__ import annotations
 
+import io
+import os
+import platform
 import statistics
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
+
+#: Colour/greyscale *photos* that ship inside scikit-image (no download needed).
+SAMPLE_FILES = (
+    "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg",
+    "motorcycle_left.png", "hubble_deep_field.jpg", "camera.png", "ihc.png",
+)
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def _skimage_photos() -> list[Image.Image]:
+    from skimage import data
+
+    folder = Path(data.data_dir)
+    photos = []
+    for name in SAMPLE_FILES:
+        path = folder / name
+        if path.is_file():
+            with Image.open(path) as img:
+                photos.append(img.convert("RGB"))
+    if not photos:
+        raise SystemExit(f"no scikit-image sample photos found in {folder}")
+    return photos
 
 
 def sample_photos(folder: str | None, limit: int) -> list[Image.Image]:
-    """Real photos: from ``folder`` if given, else scikit-image's bundled samples (offline)."""
+    """``limit`` RGB photos: the first ones in ``folder`` if given, else scikit-image's samples (repeats varied)."""
     if folder:
+        from captioner.batch import expand
+        from captioner.images import load_image
+
+        paths = expand([folder])[:limit]
+        if not paths:
+            raise SystemExit(f"no images in {folder}")
+        return [load_image(p) for p in paths]
+    photos = _skimage_photos()
+    return [variant(photos[i % len(photos)], i // len(photos)) for i in range(limit)]
+
+
+def variant(img: Image.Image, k: int) -> Image.Image:
+    """The ``k``-th copy of a photo: 0 is the photo itself, later ones slightly cropped and every other one mirrored."""
+    if k == 0:
+        return img
+    w, h = img.size
+    box = (k * 7 % max(1, w // 8), k * 5 % max(1, h // 8), w - k * 3 % max(1, w // 8), h - k * 11 % max(1, h // 8))
+    out = img.crop(box)
+    return ImageOps.mirror(out) if k % 2 else out
+
+
+def jpeg_bytes(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def sample_uploads(folder: str | None, limit: int) -> list[bytes]:
+    """``limit`` photos as JPEG byte strings, as uploads arrive at the service."""
+    if folder:  # real files: send the bytes as they are on disk
         from captioner.batch import expand
 
         paths = expand([folder])[:limit]
-        return [Image.open(p).convert("RGB") for p in paths]
-    from skimage import data
+        if not paths:
+            raise SystemExit(f"no images in {folder}")
+        return [Path(p).read_bytes() for p in paths]
+    return [jpeg_bytes(p) for p in sample_photos(None, limit)]
 
-    names = ["astronaut", "chelsea", "coffee", "rocket", "cat", "hubble_deep_field", "immunohistochemistry", "motorcycle_left"]
-    photos = []
-    for n in names:
-        arr = getattr(data, n)()
-        photos.append(Image.fromarray(arr).convert("RGB"))
-    return (photos * (limit // len(photos) + 1))[:limit]
+
+def write_sample_jpegs(folder: Path, n: int) -> list[Path]:
+    """``n`` JPEG photos in ``folder``: the scikit-image samples, repeats cropped/mirrored (see :func:`variant`)."""
+    out = []
+    for i, img in enumerate(sample_photos(None, n)):
+        path = folder / f"sample{i:04d}.jpg"
+        img.save(path, format="JPEG", quality=90)
+        out.append(path)
+    return out
 
 
 def percentiles(values_ms: list[float]) -> dict[str, float]:
+    """p50/p90/p99 (nearest rank) of a list of milliseconds."""
     s = sorted(values_ms)
     q = lambda p: s[min(len(s) - 1, int(round(p * (len(s) - 1))))]  # noqa: E731
     return {"p50": round(statistics.median(s), 1), "p90": round(q(0.9), 1), "p99": round(q(0.99), 1)}
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+def set_threads(n: int | None) -> None:
+    """``torch.set_num_threads(n)`` when ``n`` is given (0/None: PyTorch's default, all cores)."""
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+
+
+def machine() -> dict[str, object]:
+    """What the numbers were measured on."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available()}
+
+
+LEVERS = ("fold_bn", "channels_last", "int8_decoder")
+
+
+def parse_levers(spec: str | None) -> list[str]:
+    """Names in a comma-separated ``--levers`` value (e.g. ``fold_bn,channels_last``); SystemExit on unknown ones."""
+    names = [n.strip() for n in (spec or "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in LEVERS]
+    if unknown:
+        raise SystemExit(f"unknown lever(s) {unknown}; choose from {', '.join(LEVERS)}")
+    return names
+
+
+def apply_levers(cap: object, names: list[str]) -> list[str]:
+    """Apply the ``captioner.perf`` options ``names`` to a loaded Captioner; returns ``names``."""
+    if names:
+        from captioner.perf import optimize
+
+        optimize(cap, fold_bn="fold_bn" in names, channels_last="channels_last" in names,
+                 int8_decoder="int8_decoder" in names)
+    return names
