@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--alpha-c", type=float, default=1.0, help="doubly stochastic attention weight lambda")
     t.add_argument("--monitor", choices=["bleu4", "cider"], default="cider", help="dev metric for best/early stopping")
     t.add_argument("--patience", type=_positive_int, default=4, help="epochs without dev improvement before stopping")
+    t.add_argument("--keep-epochs", action="store_true",
+                   help="also keep each epoch's weights in OUTPUT/epoch-NN (for checkpoint averaging with export)")
     t.add_argument("--val-beam-size", type=_positive_int, default=1, help="beam used for per-epoch validation")
     t.add_argument("--beam-size", type=_positive_int, default=3, help="default beam stored in the checkpoint")
     t.add_argument("--length-alpha", type=float, default=0.0, help="length penalty exponent stored in the checkpoint")
@@ -89,11 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java)")
     e.add_argument("--output", help="metrics JSON path (default: next to the checkpoint)")
     e.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    e.add_argument("--exact", action="store_true",
+                   help="score the fp32 model exactly as trained, without the CPU speed-ups (int8 decoder, ...)")
     e.set_defaults(func=cmd_evaluate)
 
     # ---- export
     x = sub.add_parser("export", help="copy a checkpoint for shipping: fp16 weights, tuned decoding defaults, no trainer state")
-    x.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/NAME/best")
+    x.add_argument("--checkpoint", required=True, nargs="+",
+                   help="checkpoint folder, e.g. runs/NAME/best; several folders of one run are averaged weight by weight")
     x.add_argument("--output", required=True, help="destination folder, e.g. models/NAME")
     x.add_argument("--fp32", action="store_true", help="keep float32 weights (default: float16 storage)")
     x.add_argument("--beam-size", type=_positive_int, help="default beam size to store")
@@ -137,7 +142,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .train import cached_features, default_cache_dir, evaluate_split
 
     ckpt = checkpoint.resolve(args.checkpoint or default_model_path())
-    cap = Captioner.load(ckpt, device=args.device)
+    cap = Captioner.load(ckpt, device=args.device, fast=False if args.exact else None)
     records = load_records(args.dataset, args.data_dir, args.split, args.limit, args.annotations)
     if not records:
         raise DatasetError(f"no images with captions in split {args.split!r} of {args.data_dir}")
@@ -154,9 +159,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                    meteor=not args.no_meteor, block_repeats=cap.defaults["block_repeats"], progress=True)
     result = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in metrics.items()}
     result |= {"split": args.split, "dataset": args.dataset, "beam_size": beam, "length_alpha": alpha,
-               "checkpoint": str(ckpt), "model": cap.name}
+               "checkpoint": str(ckpt), "model": cap.name, "optimizations": cap.optimizations}
     print(json.dumps(result))
-    tag = f"{args.dataset}-{args.split}{f'-limit{args.limit}' if args.limit else ''}-beam{beam}"
+    tag = f"{args.dataset}-{args.split}{f'-limit{args.limit}' if args.limit else ''}-beam{beam}{'-exact' if args.exact else ''}"
     target = Path(args.output) if args.output else ckpt / f"eval-{tag}.json"
     try:
         target.write_text(json.dumps(result | {"captions": hyps}, indent=1) + "\n")
@@ -168,11 +173,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from . import checkpoint
 
-    src = checkpoint.resolve(args.checkpoint)
+    sources = [checkpoint.resolve(c) for c in args.checkpoint]
+    src = sources[0]
     config = checkpoint.read_config(src)
     config.pop("format_version", None)
     tied = config.pop("tied_weights", {})
-    weights = checkpoint.read_weights(src)
+    weights = checkpoint.average_weights(sources) if len(sources) > 1 else checkpoint.read_weights(src)
+    if len(sources) > 1:
+        config["averaged_from"] = [str(s) for s in sources]
     for name, target in tied.items():  # re-create the shared entries so save() can detect the ties
         weights[name] = weights[target]
     inference = config.setdefault("inference", {})

@@ -30,10 +30,15 @@ def length_penalty(length: torch.Tensor, alpha: float) -> torch.Tensor:
     return ((5.0 + length.float()) / 6.0) ** alpha
 
 
-def _mask_logprobs(logp: torch.Tensor, prev: torch.Tensor, step: int, end_id: int, pad_id: int, start_id: int, block_repeats: bool) -> torch.Tensor:
-    """Forbid impossible or degenerate words: <pad>, <start>, an empty caption, and immediate repeats."""
+def _mask_logprobs(
+    logp: torch.Tensor, prev: torch.Tensor, step: int, end_id: int, pad_id: int, start_id: int,
+    block_repeats: bool, unk_id: int | None = None,
+) -> torch.Tensor:
+    """Forbid impossible or degenerate words: <pad>, <start>, <unk>, an empty caption, and immediate repeats."""
     logp[:, pad_id] = float("-inf")
     logp[:, start_id] = float("-inf")
+    if unk_id is not None:  # "a man in a <unk> shirt" tells the user nothing: take the next best word
+        logp[:, unk_id] = float("-inf")
     if step == 0:
         logp[:, end_id] = float("-inf")
     if block_repeats and step > 0:
@@ -50,6 +55,7 @@ def greedy_search(
     pad_id: int = 0,
     max_length: int = 30,
     block_repeats: bool = True,
+    unk_id: int | None = None,
 ) -> list[Hypothesis]:
     """Arg-max decoding. annotations (B, L, D) -> one hypothesis per image."""
     B = annotations.shape[0]
@@ -59,7 +65,7 @@ def greedy_search(
     ids, lps, alphas = [], [], []
     for t in range(max_length):
         logits, state, alpha = decoder.step(prev, state, memory)
-        logp = _mask_logprobs(torch.log_softmax(logits.float(), dim=-1), prev, t, end_id, pad_id, start_id, block_repeats)
+        logp = _mask_logprobs(torch.log_softmax(logits.float(), dim=-1), prev, t, end_id, pad_id, start_id, block_repeats, unk_id)
         lp, word = logp.max(dim=-1)  # (B,)
         word = torch.where(done, torch.full_like(word, pad_id), word)
         lp = torch.where(done, torch.zeros_like(lp), lp)
@@ -88,6 +94,7 @@ def beam_search(
     length_alpha: float = 0.0,
     n_best: int = 1,
     block_repeats: bool = True,
+    unk_id: int | None = None,
 ) -> list[list[Hypothesis]]:
     """Batched beam search. annotations (B, L, D) -> for each image its ``n_best`` hypotheses, best first.
 
@@ -117,7 +124,7 @@ def beam_search(
     for t in range(max_length):
         logits, state, alpha = decoder.step(prev, state, memory)  # (B*K, V), ..., (B*K, L)
         V = logits.shape[-1]
-        logp = _mask_logprobs(torch.log_softmax(logits.float(), dim=-1), prev, t, end_id, pad_id, start_id, block_repeats)
+        logp = _mask_logprobs(torch.log_softmax(logits.float(), dim=-1), prev, t, end_id, pad_id, start_id, block_repeats, unk_id)
         # a finished beam can only continue with <pad>, at log-prob 0
         logp[done] = float("-inf")
         logp[done, pad_id] = 0.0

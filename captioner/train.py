@@ -74,7 +74,7 @@ def generate(
     decoder.eval()
     texts: list[str] = []
     common = dict(start_id=vocab.start_id, end_id=vocab.end_id, pad_id=vocab.pad_id,
-                  max_length=max_length, block_repeats=block_repeats)
+                  max_length=max_length, block_repeats=block_repeats, unk_id=vocab.unk_id)
     for i in tqdm(range(0, len(feats), batch_size), desc="decoding", disable=not progress, unit="batch"):
         batch = feats[i : i + batch_size].to(device).float()  # (b, L, D)
         if beam_size == 1:
@@ -360,6 +360,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                      "epoch": epoch, "best": best, "bad_epochs": bad_epochs, "history": history,
                      "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}}
             checkpoint.save(out / "last", weights, dict(cfg), vocab.to_json(), trainer_state=state)
+            if getattr(args, "keep_epochs", False):
+                checkpoint.save(out / f"epoch-{epoch:02d}", weights, dict(cfg), vocab.to_json())
             with metrics_log.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
             if not args.quiet:
