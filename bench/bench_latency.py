@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import apply_levers, parse_levers, machine, percentiles, sample_uploads, set_threads  # noqa: E402
+from bench.common import LEVERS_HELP, load_captioner, parse_levers, machine, percentiles, sample_uploads, set_threads  # noqa: E402
 from captioner.api import Captioner  # noqa: E402
 
 
@@ -29,12 +29,11 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=40)
     p.add_argument("--beams", default="1,3,5")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: all cores)")
-    p.add_argument("--levers", help="captioner.perf options to apply, e.g. fold_bn,channels_last")
+    p.add_argument("--levers", help=LEVERS_HELP)
     args = p.parse_args()
     parse_levers(args.levers)
     set_threads(args.threads)
-    cap = Captioner.load(args.checkpoint, device="cpu")
-    levers = apply_levers(cap, parse_levers(args.levers))
+    cap, levers = load_captioner(args.checkpoint, args.levers, device="cpu")
     uploads = sample_uploads(args.images, 8)
     out = {"threads": torch.get_num_threads(), "model": cap.name, "image_size": cap.encoder_cfg.image_size,
            "images": len(uploads), "runs": args.runs, "levers": levers, "machine": machine()}

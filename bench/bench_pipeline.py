@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import apply_levers, parse_levers, machine, sample_photos, set_threads  # noqa: E402
+from bench.common import LEVERS_HELP, load_captioner, parse_levers, machine, sample_photos, set_threads  # noqa: E402
 from captioner.api import Captioner  # noqa: E402
 from captioner.decoder import Memory, State  # noqa: E402
 
@@ -71,12 +71,11 @@ def main() -> None:
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: all cores)")
-    p.add_argument("--levers", help="captioner.perf options to apply, e.g. fold_bn,channels_last")
+    p.add_argument("--levers", help=LEVERS_HELP)
     args = p.parse_args()
     parse_levers(args.levers)
     set_threads(args.threads)
-    cap = Captioner.load(args.checkpoint, device="cpu")
-    levers = apply_levers(cap, parse_levers(args.levers))
+    cap, levers = load_captioner(args.checkpoint, args.levers, device="cpu")
     photos = sample_photos(args.images, args.n)
     max_len = int(cap.defaults["max_length"])
 

@@ -15,7 +15,10 @@ keep-alive connection. Reported per C: throughput (successful requests/s over th
 time), p50/p99 latency, errors (non-200 or connection failures) and the mean micro-batch size
 (the ``captioner_batch_size`` histogram's sum/count delta in ``/metrics`` over the phase).
 Also ``throughput@8 / throughput@1`` (target >= 2 with batching). The service is stopped with
-SIGTERM afterwards. Only 127.0.0.1 is used; the request count is bounded.
+SIGTERM afterwards. Only 127.0.0.1 is used; the request count is bounded. Without ``--levers`` the
+service runs as shipped (its CPU fast path on); ``--levers none`` sets ``CAPTIONER_FAST=0``; a list
+of levers serves ``bench.service_levers:create_app()`` (the same service, handed the fp32 model
+with those ``captioner.perf`` options applied).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import percentiles, repo_root, sample_uploads  # noqa: E402
+from bench.common import LEVERS_HELP, parse_levers, percentiles, repo_root, sample_uploads  # noqa: E402
 
 HOST = "127.0.0.1"
 
@@ -70,12 +73,11 @@ def batch_histogram(port: int) -> tuple[float, float]:
 class Service:
     """The gunicorn service command in its own process group, stopped with SIGTERM."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, app: str = "service.app:create_app()") -> None:
         self.log_path = log_path
         self.log = log_path.open("wb")
         gunicorn = repo_root() / ".venv" / "bin" / "gunicorn"
-        cmd = [str(gunicorn) if gunicorn.exists() else "gunicorn",
-               "--config", "service/gunicorn_conf.py", "service.app:create_app()"]
+        cmd = [str(gunicorn) if gunicorn.exists() else "gunicorn", "--config", "service/gunicorn_conf.py", app]
         self.proc = subprocess.Popen(cmd, cwd=repo_root(), env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
@@ -173,7 +175,13 @@ def bench_config(args: argparse.Namespace, max_batch: int, uploads: list[bytes],
         env["CAPTIONER_MODEL"] = str(Path(args.checkpoint).resolve())
     if args.threads:
         env["CAPTIONER_TORCH_THREADS"] = str(args.threads)
-    service = Service(env, workdir / f"service-max{max_batch}.log")
+    app = "service.app:create_app()"
+    if args.levers is not None and not parse_levers(args.levers):  # "none": the fp32 model as trained
+        env["CAPTIONER_FAST"] = "0"
+    elif args.levers:  # the same app, handed a model with these captioner.perf options applied
+        env["BENCH_LEVERS"] = args.levers
+        app = "bench.service_levers:create_app()"
+    service = Service(env, workdir / f"service-max{max_batch}.log", app)
     try:
         t0 = time.perf_counter()
         service.wait_ready(port, args.startup_timeout)
@@ -205,14 +213,17 @@ def main() -> None:
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--max-batch", default="8,1", help="CAPTIONER_MAX_BATCH values to compare (1 = no batching)")
     p.add_argument("--threads", type=int, help="CAPTIONER_TORCH_THREADS (default: the service's default)")
+    p.add_argument("--levers", help=LEVERS_HELP + " (a list is served through bench/service_levers.py)")
     p.add_argument("--startup-timeout", type=float, default=180)
     p.add_argument("--log-level", default="warning", help="CAPTIONER_LOG_LEVEL of the service")
     args = p.parse_args()
+    parse_levers(args.levers)
     args.clients = [int(c) for c in args.clients.split(",")]
     if min(args.clients) < 1 or args.requests < 1:
         p.error("--clients and --requests must be >= 1")
     uploads = sample_uploads(args.images, 16)
     results = {"beam_size": args.beam_size, "requests_per_client": args.requests, "uploads": len(uploads),
+               "levers": "shipped default" if args.levers is None else parse_levers(args.levers), "torch_threads": args.threads or "default",
                "upload_kb_mean": round(sum(map(len, uploads)) / len(uploads) / 1024, 1),
                "cores": os.cpu_count(), "configs": []}
     with tempfile.TemporaryDirectory(prefix="bench_service_") as tmp:

@@ -1,6 +1,6 @@
 """Training speed: decoder tokens/s from a feature cache, and the one-time feature extraction.
 
-    .venv/bin/python bench/bench_train.py [--checkpoint DIR] [--cache DIR] [--steps 20] [--extract-images 96]
+    .venv/bin/python bench/bench_train.py [--checkpoint DIR] [--cache DIR] [--steps 16] [--extract-images 96]
     .venv/bin/python bench/bench_train.py --steps 3 --extract-images 8 --checkpoint runs/demo/best   # smoke run
 
 1. **Decoder training** runs the real training step (``captioner.train.train_one_epoch``:
@@ -17,6 +17,7 @@
    process, ``load_and_preprocess`` of each JPEG, encoder forward in batches of 32) over
    ``--extract-images`` photos (scikit-image samples as JPEGs, or ``--images``), after one
    untimed batch; reported as ms per image and minutes for Flickr8k's 7,000 train + dev images.
+   ``--levers fold_bn,channels_last,encode_chunk2`` applies those ``captioner.perf`` options to it.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import machine, set_threads, write_sample_jpegs  # noqa: E402
+from bench.common import machine, parse_levers, set_threads, write_sample_jpegs  # noqa: E402
+from captioner import perf  # noqa: E402
 from captioner import checkpoint  # noqa: E402
 from captioner.datasets import FeatureCache, ImageGroupedBatches, collate_pairs  # noqa: E402
 from captioner.decoder import AttentionDecoder, DecoderConfig  # noqa: E402
@@ -114,6 +116,14 @@ def bench_decoder(args: argparse.Namespace, dec_cfg: DecoderConfig, shape: tuple
 
 def bench_extraction(args: argparse.Namespace, enc_cfg: EncoderConfig) -> dict:
     encoder = Encoder(enc_cfg)
+    levers = parse_levers(args.levers)
+    if "fold_bn" in levers:
+        perf.fold_batchnorm(encoder)
+    if "channels_last" in levers:
+        perf.use_channels_last(encoder)
+    chunk = next((int(n[len("encode_chunk"):]) for n in levers if n.startswith("encode_chunk")), None)
+    if chunk:
+        encoder = perf.ChunkedEncoder(encoder, chunk)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         root = Path(tmp)
         if args.images:
@@ -132,7 +142,7 @@ def bench_extraction(args: argparse.Namespace, enc_cfg: EncoderConfig) -> dict:
         secs = time.perf_counter() - t0
     per_image = secs / len(timed)
     return {"backbone": enc_cfg.backbone, "image_size": enc_cfg.image_size, "batch_size": 32, "images": len(timed),
-            "source": args.images or "scikit-image samples (JPEG)",
+            "source": args.images or "scikit-image samples (JPEG)", "levers": levers,
             "ms_per_image": round(per_image * 1e3, 1), "images_per_s": round(1 / per_image, 2),
             "flickr8k_train_dev_minutes": round(FLICKR8K_TRAIN_DEV_IMAGES * per_image / 60, 1)}
 
@@ -142,15 +152,18 @@ def main() -> None:
     p.add_argument("--checkpoint", help="take the encoder/decoder configuration from this model (default: "
                    "efficientnet-lite2 at 260 px and the default decoder with a Flickr8k-sized vocabulary)")
     p.add_argument("--cache", help="real feature cache folder (features.npy) instead of synthetic features")
-    p.add_argument("--rows", type=int, default=512, help="feature rows (images) to train on")
+    p.add_argument("--rows", type=int, default=768, help="feature rows (images) to train on")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (x5 captions), as in training")
-    p.add_argument("--steps", type=int, default=20, help="timed training steps")
+    p.add_argument("--steps", type=int, default=16, help="timed training steps")
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--extract-images", type=int, default=96, help="timed images for the extraction benchmark (0: skip)")
     p.add_argument("--images", help="photos for the extraction benchmark (default: scikit-image samples)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: all cores)")
+    p.add_argument("--levers", help="captioner.perf options for the extraction encoder: fold_bn, channels_last, encode_chunkN")
     p.add_argument("--skip-decoder", action="store_true")
     args = p.parse_args()
+    if "int8_decoder" in parse_levers(args.levers):
+        p.error("--levers here applies to the extraction encoder only")
     set_threads(args.threads)
     if args.checkpoint:
         config = checkpoint.read_config(checkpoint.resolve(args.checkpoint))

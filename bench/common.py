@@ -8,8 +8,10 @@ from __future__ import annotations
 import io
 import os
 import platform
+import re
 import statistics
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageOps
 
@@ -122,16 +124,36 @@ def machine() -> dict[str, object]:
             "cuda": torch.cuda.is_available()}
 
 
-LEVERS = ("fold_bn", "channels_last", "int8_decoder")
+LEVERS = ("fold_bn", "channels_last", "int8_decoder", "encode_chunkN")
+
+
+LEVERS_HELP = ("captioner.perf options: omitted = the shipped default (Captioner.load's fast path on CPU), "
+               "'none' = the fp32 model exactly as trained, or a list such as fold_bn,channels_last,encode_chunk2,int8_decoder")
 
 
 def parse_levers(spec: str | None) -> list[str]:
-    """Names in a comma-separated ``--levers`` value (e.g. ``fold_bn,channels_last``); SystemExit on unknown ones."""
-    names = [n.strip() for n in (spec or "").split(",") if n.strip()]
-    unknown = [n for n in names if n not in LEVERS]
+    """Names in a comma-separated ``--levers`` value (e.g. ``fold_bn,channels_last,encode_chunk2``).
+
+    SystemExit on unknown ones. ``encode_chunkN`` runs the encoder on at most N images at a time;
+    ``none`` (or an empty value) means no lever.
+    """
+    names = [n.strip() for n in (spec or "").split(",") if n.strip() and n.strip() != "none"]
+    unknown = [n for n in names if n not in LEVERS[:3] and not re.fullmatch(r"encode_chunk[1-9]\d*", n)]
     if unknown:
         raise SystemExit(f"unknown lever(s) {unknown}; choose from {', '.join(LEVERS)}")
     return names
+
+
+def load_captioner(checkpoint: str | None, spec: str | None, device: str | None = "cpu") -> tuple[Any, list[str]]:
+    """The model as a benchmark variant: ``spec`` None = as shipped (``Captioner.load`` defaults),
+    else the exact fp32 model with the ``--levers`` in ``spec`` applied. Returns (captioner, levers applied)."""
+    from captioner.api import Captioner
+
+    if spec is None:
+        cap = Captioner.load(checkpoint, device=device)
+        return cap, list(cap.optimizations)
+    cap = Captioner.load(checkpoint, device=device, fast=False)
+    return cap, apply_levers(cap, parse_levers(spec))
 
 
 def apply_levers(cap: object, names: list[str]) -> list[str]:
@@ -139,6 +161,7 @@ def apply_levers(cap: object, names: list[str]) -> list[str]:
     if names:
         from captioner.perf import optimize
 
+        chunk = next((int(n[len("encode_chunk"):]) for n in names if n.startswith("encode_chunk")), None)
         optimize(cap, fold_bn="fold_bn" in names, channels_last="channels_last" in names,
-                 int8_decoder="int8_decoder" in names)
+                 int8_decoder="int8_decoder" in names, encode_chunk=chunk)
     return names

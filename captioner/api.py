@@ -82,11 +82,20 @@ class Captioner:
         self.encoder_cfg: EncoderConfig = encoder.config
         self.defaults: dict[str, Any] = {"beam_size": 3, "max_length": 30, "length_alpha": 0.0, "block_repeats": True}
         self.defaults.update(config.get("inference", {}))
+        self.optimizations: list[str] = []  # CPU speed-ups applied by captioner.perf.optimize
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, device: str | torch.device | None = None) -> "Captioner":
-        """Load a checkpoint folder (safetensors + JSON; never unpickles). ``device`` defaults to CUDA if present."""
+    def load(
+        cls, path: str | os.PathLike | None = None, device: str | torch.device | None = None, fast: bool | None = None,
+    ) -> "Captioner":
+        """Load a checkpoint folder (safetensors + JSON; never unpickles). ``device`` defaults to CUDA if present.
+
+        ``fast`` (default: on for CPU unless ``$CAPTIONER_FAST=0``) applies the CPU inference speed-ups
+        measured in BENCHMARKS.md: batch norms folded into convolutions, channels-last encoder,
+        encoder run two images at a time, int8 decoder weights. Use ``fast=False`` for the model
+        exactly as trained (e.g. to save or fine-tune its weights).
+        """
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         folder = checkpoint.resolve(path or default_model_path())
@@ -112,7 +121,14 @@ class Captioner:
         enc_weights = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
         if enc_weights:  # fine-tuned encoder blocks override the packaged ImageNet weights
             encoder.load_state_dict(enc_weights, strict=False)
-        return cls(encoder, decoder, vocab, config, device)
+        cap = cls(encoder, decoder, vocab, config, device)
+        if fast is None:
+            fast = os.environ.get("CAPTIONER_FAST", "1").strip().lower() not in ("0", "false", "no", "off")
+        if fast and cap.device.type == "cpu":
+            from .perf import optimize
+
+            optimize(cap, fold_bn=True, channels_last=True, encode_chunk=2, int8_decoder=True)
+        return cap
 
     @property
     def name(self) -> str:
@@ -153,7 +169,7 @@ class Captioner:
         check_limits(beam_size, max_length, n_best)
         v = self.vocab
         common = dict(start_id=v.start_id, end_id=v.end_id, pad_id=v.pad_id, max_length=max_length,
-                      block_repeats=bool(self.defaults["block_repeats"]))
+                      block_repeats=bool(self.defaults["block_repeats"]), unk_id=v.unk_id)
         annotations = annotations.to(self.device)
         if beam_size == 1 and n_best == 1:
             hyps = [[h] for h in greedy_search(self.decoder, annotations, **common)]

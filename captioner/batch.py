@@ -89,6 +89,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--workers", metavar="W", type=_int_range(0), default=default_workers(),
                    help=f"image-decoding processes, 0 = none (default here: {default_workers()})")
     c.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    c.add_argument("--exact", action="store_true",
+                   help="run the fp32 model exactly as trained, without the CPU speed-ups (int8 decoder, ...)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary (errors are still shown)")
     c.set_defaults(func=run, _parser=c)
 
@@ -592,7 +594,7 @@ def _run(args: argparse.Namespace, fmt: str, dist: Dist) -> int:
     from .checkpoint import CheckpointError
 
     try:
-        cap = Captioner.load(args.checkpoint, device=_resolve_device(args, dist))
+        cap = Captioner.load(args.checkpoint, device=_resolve_device(args, dist), fast=False if args.exact else None)
     except CheckpointError as exc:
         if args.checkpoint:
             raise

@@ -1,16 +1,18 @@
-"""Opt-in CPU inference speed-ups for a loaded :class:`~captioner.api.Captioner`.
+"""CPU inference speed-ups for a loaded :class:`~captioner.api.Captioner`.
 
-    from captioner.perf import optimize
-    cap = optimize(Captioner.load(), fold_bn=True, channels_last=True)
+    cap = Captioner.load(device="cpu", fast=False)   # the model exactly as trained
+    optimize(cap, fold_bn=True, channels_last=True, encode_chunk=2, int8_decoder=True)
 
-Nothing here runs unless called; the measurements behind each option are in BENCHMARKS.md
-(``bench/bench_levers.py``). All options keep the weights' meaning: ``fold_bn`` and
-``channels_last`` change results only by float rounding; ``int8_decoder`` (dynamic int8
-quantisation of the decoder's Linear/LSTMCell layers) is lossy and changes some captions.
-Apply them to inference models only (never before training or saving a checkpoint).
+``Captioner.load`` applies all four on CPU by default (``fast=True``; ``$CAPTIONER_FAST=0`` turns
+them off). The measurements behind each option are in BENCHMARKS.md (``bench/bench_levers.py``).
+``fold_bn`` and ``channels_last`` change the encoder's output only by float rounding (< 1e-4),
+``encode_chunk`` not at all; ``int8_decoder`` (dynamic int8 quantisation of the decoder's
+Linear/LSTMCell weights) changes some captions, with dev-split scores within noise of fp32
+(BENCHMARKS.md). For inference only: never train or save a model after this.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -62,24 +64,127 @@ def use_channels_last(encoder: nn.Module) -> None:
     encoder.register_forward_pre_hook(to_nhwc)
 
 
+class ChunkedEncoder(nn.Module):
+    """Runs a wrapped encoder on at most ``chunk`` images at a time and concatenates the grids.
+
+    On CPUs a large encoder batch is slower *per image* than a small one (its activations no
+    longer fit in the caches), while the beam search still gains from large batches.
+    """
+
+    def __init__(self, encoder: nn.Module, chunk: int) -> None:
+        super().__init__()
+        if chunk < 1:
+            raise ValueError("chunk must be >= 1")
+        self.inner, self.chunk = encoder, chunk
+        self.config = getattr(encoder, "config", None)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, S, S) -> annotations (B, L, D)."""
+        if len(images) <= self.chunk:
+            return self.inner(images)
+        return torch.cat([self.inner(part) for part in images.split(self.chunk)])
+
+
+class Int8Linear(nn.Module):
+    """A Linear layer with int8 weights (per output channel) and int8 activations (per row).
+
+    ``torch.ao``'s dynamic quantisation scales the activations of the *whole batch* with one
+    factor, so an image's caption would depend on which other images share its batch. Here each
+    row is divided by its own largest magnitude first, and two anchor rows (+1, -1) pin the
+    batch's range to [-1, 1], so every row is quantised the same way whatever else is in the
+    batch; the row scale is multiplied back afterwards.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()  # (out, in)
+        scales = (weight.abs().amax(dim=1) / 127.0).clamp_min(1e-12)  # (out,)
+        with warnings.catch_warnings():  # quantized tensor types are deprecated upstream; fine in torch 2.14
+            warnings.simplefilter("ignore")
+            qweight = torch.quantize_per_channel(weight, scales.double(), torch.zeros_like(scales, dtype=torch.long),
+                                                 0, torch.qint8)
+            self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+        bias = linear.bias.detach().float().clone() if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("_anchors", torch.tensor([[1.0], [-1.0]]).expand(2, self.in_features).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., out)."""
+        rows = x.reshape(-1, self.in_features).float()  # (N, in)
+        scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)  # (N, 1)
+        y = torch.ops.quantized.linear_dynamic(torch.cat([rows / scale, self._anchors]), self._packed, True)[:-2]
+        y = y * scale  # (N, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8LSTMCell(nn.Module):
+    """An LSTMCell whose two matrix products run through :class:`Int8Linear`; gates stay float32."""
+
+    def __init__(self, cell: nn.LSTMCell) -> None:
+        super().__init__()
+        self.hidden_size = cell.hidden_size
+        self.ih = Int8Linear(_as_linear(cell.weight_ih, cell.bias_ih))
+        self.hh = Int8Linear(_as_linear(cell.weight_hh, cell.bias_hh))
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, I), (h, c) (B, H) each -> (h', c')."""
+        h, c = state
+        i, f, g, o = (self.ih(x) + self.hh(h)).chunk(4, dim=1)  # (B, H) each, PyTorch's gate order
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def _as_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
+
+
 def quantize_decoder(decoder: nn.Module) -> nn.Module:
-    """A copy of the decoder with Linear/LSTMCell weights in int8 (dynamic quantisation, CPU only)."""
-    from torch.ao.quantization import quantize_dynamic
+    """A copy of the decoder whose Linear/LSTMCell layers use int8 weights (CPU only).
 
-    return quantize_dynamic(decoder, {nn.Linear, nn.LSTMCell}, dtype=torch.qint8)
+    Batch-invariant (see :class:`Int8Linear`): captions do not depend on batch composition.
+    Embeddings, attention softmax and gates stay float32.
+    """
+    import copy
+
+    quantized = copy.deepcopy(decoder)
+    for name, module in list(quantized.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, child_name, Int8Linear(child))
+            elif isinstance(child, nn.LSTMCell):
+                setattr(module, child_name, Int8LSTMCell(child))
+    return quantized.eval()
 
 
-def optimize(cap: Any, fold_bn: bool = True, channels_last: bool = False, int8_decoder: bool = False,
-             threads: int | None = None) -> Any:
-    """Apply the chosen speed-ups to ``cap`` in place (CPU inference) and return it."""
+def optimize(cap: Any, fold_bn: bool = False, channels_last: bool = False, int8_decoder: bool = False,
+             encode_chunk: int | None = None, threads: int | None = None) -> Any:
+    """Apply the chosen speed-ups to ``cap`` in place (CPU inference) and return it.
+
+    ``encode_chunk``: run the encoder on at most this many images at a time (see :class:`ChunkedEncoder`).
+    """
+    applied: list[str] = getattr(cap, "optimizations", [])
     if threads:
         torch.set_num_threads(threads)
-    if fold_bn:
-        fold_batchnorm(cap.encoder)
+    if fold_bn and fold_batchnorm(cap.encoder):
+        applied.append("fold_bn")
     if channels_last:
         use_channels_last(cap.encoder)
+        applied.append("channels_last")
+    if encode_chunk:
+        cap.encoder = ChunkedEncoder(cap.encoder, encode_chunk).eval()
+        applied.append(f"encode_chunk{encode_chunk}")
     if int8_decoder:
         if cap.device.type != "cpu":
             raise ValueError("int8 dynamic quantisation runs on the CPU only")
         cap.decoder = quantize_decoder(cap.decoder).eval()
+        applied.append("int8_decoder")
+    cap.optimizations = applied
     return cap

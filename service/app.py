@@ -94,7 +94,7 @@ class ServiceState:
             if self.captioner is None:
                 started = time.perf_counter()
                 log.info("loading model %s", s.model_path)
-                self.captioner = Captioner.load(s.model_path, device=s.device)
+                self.captioner = Captioner.load(s.model_path, device=s.device, fast=s.fast)
                 log.info("loaded %s %s on %s in %.1f s", self.captioner.name, self.captioner.version,
                          getattr(self.captioner, "device", "?"), time.perf_counter() - started)
             cap = self.captioner
@@ -102,6 +102,7 @@ class ServiceState:
             self.batcher = MicroBatcher(
                 cap, s.max_batch, s.batch_wait_ms, s.queue_size,
                 on_batch=self.metrics.observe_batch, on_queue_depth=self.metrics.queue_depth.set,
+                adaptive_wait=True,
             ).start()
             if s.warmup:
                 started = time.perf_counter()
@@ -273,7 +274,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         enc_cfg = cap.encoder_cfg
 
         t_pre = time.perf_counter()
-        with decode_slots:  # bounds the memory of decoding: see DECODE_SLOTS
+        # incoming(): the batcher may hold its next batch open for this request while it is prepared
+        with state.batcher.incoming(), decode_slots:  # decode_slots bounds the memory of decoding: see DECODE_SLOTS
             if state.batcher.depth >= state.batcher.queue_size:  # full already: refuse before paying for the decode
                 raise overloaded()
             try:
@@ -349,7 +351,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         cap = state.captioner if state.ready else None
         body: dict[str, Any] = {"status": state.status}
         if cap is not None:
-            body["model"] = {"name": cap.name, "version": cap.version}
+            body["model"] = {"name": cap.name, "version": cap.version,
+                             "optimizations": list(getattr(cap, "optimizations", []))}
             return jsonify(body)
         message = {"failed": state.error, "stopped": "the service is shutting down"}.get(
             state.status, "the model is loading and warming up")

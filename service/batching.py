@@ -9,6 +9,11 @@ groups the batch by decoding settings (beam size, max length, n-best) and runs
 one batched ``captioner.decode`` per group, handing each request its caption
 through a :class:`concurrent.futures.Future`.
 
+With ``adaptive_wait`` (the service's setting) the batcher waits only while other
+request threads are still preparing an image (:meth:`MicroBatcher.incoming`): a
+lone request starts at once instead of paying ``wait_ms``, and under load the
+batch still fills with the requests that are about to arrive.
+
 The queue is bounded: when it is full :meth:`submit` raises :class:`QueueFull`
 at once (the service answers 503 + ``Retry-After``) instead of letting requests
 pile up. A request that stops waiting (timeout) cancels its future, and the
@@ -21,7 +26,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -82,12 +88,15 @@ class MicroBatcher:
         on_batch: Callable[[int, int, float], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
         name: str = "micro-batcher",
+        adaptive_wait: bool = False,
     ) -> None:
         if max_batch < 1 or queue_size < 1 or wait_ms < 0:
             raise ValueError("max_batch and queue_size must be >= 1, wait_ms >= 0")
         self.captioner = captioner
         self.max_batch = max_batch
         self.wait_s = wait_ms / 1000.0
+        self.adaptive_wait = adaptive_wait
+        self._incoming = 0  # request threads preparing an image they are about to submit
         self.queue_size = queue_size
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=queue_size)
         self._on_batch = on_batch
@@ -124,6 +133,17 @@ class MicroBatcher:
         return self._queue.qsize()
 
     # ------------------------------------------------------------ callers
+    @contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Wrap a request's decode/resize: with ``adaptive_wait`` the batcher waits for it."""
+        with self._lock:
+            self._incoming += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._incoming -= 1
+
     def submit(self, tensor: torch.Tensor, settings: DecodeSettings) -> Future:
         """Queue one preprocessed image (3, S, S). Raises QueueFull or BatcherClosed at once."""
         if not self.running:
@@ -175,10 +195,18 @@ class MicroBatcher:
         deadline = time.perf_counter() + self.wait_s
         while len(items) < self.max_batch:
             remaining = deadline - time.perf_counter()
-            try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break  # waited long enough and nothing more is queued
+            if self.adaptive_wait and remaining > 0:
+                try:  # poll: only worth waiting while some request is still being prepared
+                    item = self._queue.get(timeout=min(remaining, 0.001))
+                except queue.Empty:
+                    if self._incoming > 0:
+                        continue
+                    break
+            else:
+                try:
+                    item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break  # waited long enough and nothing more is queued
             if not item.future.cancelled():
                 items.append(item)
         self._report_depth()

@@ -35,6 +35,7 @@ class Settings:
     torch_threads: int  # 0: leave PyTorch's default
     load_in_background: bool
     warmup: bool
+    fast: bool  # CPU speed-ups of captioner.perf (Captioner.load's ``fast``)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -48,7 +49,7 @@ ENV_VARS: dict[str, tuple[str, str, str, str]] = {
     "CAPTIONER_MAX_UPLOAD_MB": ("max_upload_mb", "float", "20", "Largest request body in MiB; larger bodies get 413 before they are read."),
     "CAPTIONER_MAX_PIXELS": ("max_pixels", "int", str(DEFAULT_MAX_PIXELS), "Largest image (width x height, from the header) decoded; larger gets 413 `too_large`."),
     "CAPTIONER_MAX_BATCH": ("max_batch", "int", "8", "Most images the micro-batcher runs through the model at once."),
-    "CAPTIONER_BATCH_WAIT_MS": ("batch_wait_ms", "float", "10", "How long the batcher waits for more requests after the first one of a batch."),
+    "CAPTIONER_BATCH_WAIT_MS": ("batch_wait_ms", "float", "10", "Longest the batcher holds a batch open for requests that are still decoding their uploads (never when no other request is on the way)."),
     "CAPTIONER_QUEUE_SIZE": ("queue_size", "int", "16", "Requests waiting for the model per worker (besides the batch running); beyond it: 503 + `Retry-After`."),
     "CAPTIONER_REQUEST_TIMEOUT_S": ("request_timeout_s", "float", "30", "Longest wait for a caption (queue + inference); then 504 `timeout`."),
     "CAPTIONER_BEAM_SIZE": ("default_beam_size", "int", "3", "Beam size when the request gives none (1-10)."),
@@ -56,6 +57,7 @@ ENV_VARS: dict[str, tuple[str, str, str, str]] = {
     "CAPTIONER_TORCH_THREADS": ("torch_threads", "int", "0", "`torch.set_num_threads` per worker (0: PyTorch's default, all cores)."),
     "CAPTIONER_LOAD_IN_BACKGROUND": ("load_in_background", "bool", "1", "Load + warm the model in a background thread (`/readyz` says when done) instead of inside `create_app`."),
     "CAPTIONER_WARMUP": ("warmup", "bool", "1", "Run one inference on a blank image before reporting ready."),
+    "CAPTIONER_FAST": ("fast", "bool", "1", "On CPU: fold batch norms, channels-last encoder in chunks of 2, int8 decoder (BENCHMARKS.md; dev scores within noise). 0 serves the fp32 model exactly as trained."),
 }
 
 #: Settings read by service/gunicorn_conf.py only (documented in the same table).

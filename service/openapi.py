@@ -75,7 +75,12 @@ def _schemas() -> dict[str, Any]:
             "type": "object",
             "additionalProperties": False,
             "required": ["name", "version"],
-            "properties": {"name": {"type": "string"}, "version": {"type": "string"}},
+            "properties": {
+                "name": {"type": "string"},
+                "version": {"type": "string"},
+                "optimizations": {"type": "array", "items": {"type": "string"},
+                                  "description": "CPU speed-ups applied to the loaded model (/readyz only; see CAPTIONER_FAST)."},
+            },
         },
         "CaptionResponse": {
             "type": "object",

@@ -31,10 +31,10 @@ def load_once(monkeypatch) -> None:
     real = Captioner.load.__func__
     cache = _LOADED
 
-    def load(cls, path=None, device=None):
-        key = (str(path), str(device))
+    def load(cls, path=None, device=None, fast=None):
+        key = (str(path), str(device), fast)
         if key not in cache:
-            cache[key] = real(cls, path, device)
+            cache[key] = real(cls, path, device, fast)
         return cache[key]
 
     monkeypatch.setattr(Captioner, "load", classmethod(load))

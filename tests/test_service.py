@@ -145,7 +145,7 @@ def close(app):
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def model(tiny_checkpoint) -> Captioner:
-    return Captioner.load(tiny_checkpoint, device="cpu")
+    return Captioner.load(tiny_checkpoint, device="cpu")  # as served: the CPU fast path
 
 
 @pytest.fixture(scope="module")
@@ -454,7 +454,21 @@ def test_healthz_and_readyz(client, spec):
     r = client.get("/readyz")
     assert r.status_code == 200
     validate(r.get_json(), response_schema(spec, "/readyz", "get", 200), spec)
-    assert r.get_json() == {"status": "ready", "model": {"name": "tiny-test", "version": "0.0"}}
+    fast = ["fold_bn", "channels_last", "encode_chunk2", "int8_decoder"]
+    assert r.get_json() == {"status": "ready", "model": {"name": "tiny-test", "version": "0.0", "optimizations": fast}}
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_service_loads_the_cpu_fast_path_unless_turned_off(tiny_checkpoint, fast):
+    app = make_app(tiny_checkpoint, CAPTIONER_FAST=fast, CAPTIONER_WARMUP=False)
+    try:
+        client = app.test_client()
+        applied = client.get("/readyz").get_json()["model"]["optimizations"]
+        assert applied == (["fold_bn", "channels_last", "encode_chunk2", "int8_decoder"] if fast == "1" else [])
+        r = client.post("/v1/captions", data=multipart(jpeg(1)))
+        assert r.status_code == 200 and r.get_json()["caption"]
+    finally:
+        close(app)
 
 
 def test_readyz_503_while_loading_then_200(tiny_checkpoint, model, spec):
@@ -595,6 +609,25 @@ def test_micro_batcher_one_encode_one_decode_per_group():
     for i, r in enumerate(results):
         assert r.caption == f"img{i}/b{3 if i % 3 else 1}"
         assert r.batch_size == 7 and r.group_size == (4 if i % 3 else 3)
+
+
+def test_adaptive_wait_starts_a_lone_request_at_once_and_waits_for_incoming_ones():
+    fake = FakeCaptioner()
+    batcher = MicroBatcher(fake, max_batch=8, wait_ms=2000, queue_size=8, adaptive_wait=True).start()
+    s = DecodeSettings(1, 5)
+    try:
+        started = time.perf_counter()
+        batcher.run(torch.zeros(3, 4, 4), s, timeout=10)
+        assert time.perf_counter() - started < 1.0  # nobody else on the way: no 2 s wait
+        with batcher.incoming():  # a second request is still being prepared ...
+            first = batcher.submit(torch.zeros(3, 4, 4), s)
+            time.sleep(0.3)
+            assert not first.done()  # ... so the batch is held open for it
+            second = batcher.submit(torch.ones(3, 4, 4), s)
+        assert first.result(10).batch_size == second.result(10).batch_size == 2
+    finally:
+        batcher.close()
+    assert fake.encode_shapes == [(1, 3, 4, 4), (2, 3, 4, 4)]
 
 
 def test_micro_batcher_max_batch_queue_limit_timeout_and_shutdown():
