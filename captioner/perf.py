@@ -85,6 +85,22 @@ class ChunkedEncoder(nn.Module):
         return torch.cat([self.inner(part) for part in images.split(self.chunk)])
 
 
+def fast_encoder(encoder: nn.Module, chunk: int = 2) -> nn.Module:
+    """A CPU-fast copy of a frozen encoder: batch norms folded, channels-last, ``chunk`` images at a time.
+
+    Used to build feature caches (3.4 times the images/s of the plain encoder at batch 32, BENCHMARKS.md);
+    the copy leaves ``encoder`` itself untouched. An already chunked encoder is returned as is.
+    """
+    import copy
+
+    if isinstance(encoder, ChunkedEncoder):
+        return encoder
+    fast = copy.deepcopy(encoder).eval()
+    fold_batchnorm(fast)
+    use_channels_last(fast)
+    return ChunkedEncoder(fast, chunk).eval()
+
+
 class Int8Linear(nn.Module):
     """A Linear layer with int8 weights (per output channel) and int8 activations (per row).
 

@@ -89,3 +89,15 @@ def test_int8_layers_match_float(tiny_checkpoint: Path) -> None:
     h, c = torch.randn(5, 32), torch.randn(5, 32)
     for a, b in zip(Int8LSTMCell(cell)(x[:, 0], (h, c)), cell(x[:, 0], (h, c))):
         torch.testing.assert_close(a, b, atol=0.03, rtol=0.05)
+
+
+def test_fast_encoder_copy_for_feature_caches(tiny_checkpoint: Path) -> None:
+    from captioner.perf import fast_encoder
+
+    exact = Captioner.load(tiny_checkpoint, device="cpu", fast=False)
+    fast = fast_encoder(exact.encoder)
+    assert fast_encoder(fast) is fast
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in exact.encoder.modules())  # the original is untouched
+    images = torch.stack([exact.preprocess(make_image(i))[0] for i in range(3)])  # (3, 3, S, S)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(images), exact.encoder(images), atol=1e-4, rtol=1e-4)
