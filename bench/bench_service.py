@@ -175,6 +175,12 @@ def bench_config(args: argparse.Namespace, max_batch: int, uploads: list[bytes],
         env["CAPTIONER_MODEL"] = str(Path(args.checkpoint).resolve())
     if args.threads:
         env["CAPTIONER_TORCH_THREADS"] = str(args.threads)
+    if args.workers:
+        env["CAPTIONER_WORKERS"] = str(args.workers)
+        if args.workers > 1:  # /metrics must sum the workers' batch histograms
+            metrics_dir = workdir / f"prom-max{max_batch}"
+            metrics_dir.mkdir(exist_ok=True)
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     app = "service.app:create_app()"
     if args.levers is not None and not parse_levers(args.levers):  # "none": the fp32 model as trained
         env["CAPTIONER_FAST"] = "0"
@@ -213,6 +219,7 @@ def main() -> None:
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--max-batch", default="8,1", help="CAPTIONER_MAX_BATCH values to compare (1 = no batching)")
     p.add_argument("--threads", type=int, help="CAPTIONER_TORCH_THREADS (default: the service's default)")
+    p.add_argument("--workers", type=int, help="CAPTIONER_WORKERS: gunicorn worker processes (default: the service's default)")
     p.add_argument("--levers", help=LEVERS_HELP + " (a list is served through bench/service_levers.py)")
     p.add_argument("--startup-timeout", type=float, default=180)
     p.add_argument("--log-level", default="warning", help="CAPTIONER_LOG_LEVEL of the service")
@@ -224,6 +231,7 @@ def main() -> None:
     uploads = sample_uploads(args.images, 16)
     results = {"beam_size": args.beam_size, "requests_per_client": args.requests, "uploads": len(uploads),
                "levers": "shipped default" if args.levers is None else parse_levers(args.levers), "torch_threads": args.threads or "default",
+               "workers": args.workers or "default",
                "upload_kb_mean": round(sum(map(len, uploads)) / len(uploads) / 1024, 1),
                "cores": os.cpu_count(), "configs": []}
     with tempfile.TemporaryDirectory(prefix="bench_service_") as tmp:

@@ -46,6 +46,11 @@ def _bind() -> str:
 bind = [_bind()]
 worker_class = "gthread"
 workers = _int("CAPTIONER_WORKERS", 1)
+# Each worker's PyTorch would otherwise start one thread per core: N workers would run N x cores
+# threads, and on a CPU oversubscribed threads spin and stall each other. Split the cores instead.
+_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+if os.environ.get("CAPTIONER_TORCH_THREADS", "").strip() in ("", "0"):
+    os.environ["CAPTIONER_TORCH_THREADS"] = str(max(1, _cores // workers))
 # Threads mostly wait for the micro-batcher, so they are cheap. There should be more of them than
 # requests the batcher holds (a running batch + its queue): then excess load reaches the app and is
 # answered 503 + Retry-After at once instead of waiting, unseen, in gunicorn's connection queue.
