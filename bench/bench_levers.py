@@ -210,7 +210,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--only", default="threads,draft,encoder,int8")
     p.add_argument("--data-dir", help="Flickr8k folder: section int8_quality scores fp32 vs int8 captions on --split")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="dev")
     p.add_argument("--compile", action="store_true", help="also try torch.compile on the encoder (slow to compile)")
     args = p.parse_args()
     cap = Captioner.load(args.checkpoint, device="cpu", fast=False)  # each lever is measured against the fp32 model

@@ -16,7 +16,7 @@ fi
 run() {  # run NAME ARGS...: keep the script's final JSON line
   local name=$1; shift
   echo "== $name: $*" >&2
-  "$PY" "$@" | tee "$OUT/$name.log" | tail -n 1 > "$OUT/$name.json"
+  "$PY" "$@" | tail -n 1 > "$OUT/$name.json"
 }
 if [ -d "$DATA/images" ]; then
   run batch bench/bench_batch.py --images "$DATA/images" --limit 500
@@ -27,6 +27,7 @@ run latency bench/bench_latency.py --runs 40
 run latency_exact bench/bench_latency.py --runs 40 --levers none
 run pipeline bench/bench_pipeline.py "${IMAGES[@]}" --n 64
 run service bench/bench_service.py --requests 16 --warmup 8
+run service_2workers bench/bench_service.py --requests 16 --warmup 8 --workers 2 --max-batch 8
 run service_exact bench/bench_service.py --requests 16 --warmup 8 --levers none --max-batch 8
 run train bench/bench_train.py "${IMAGES[@]}"
 run train_extract_exact bench/bench_train.py "${IMAGES[@]}" --skip-decoder --levers none

@@ -70,3 +70,22 @@ def build_tiny_checkpoint(folder: Path, image_size: int = 64, seed: int = 0) -> 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+_LOADED_CAPTIONERS: dict = {}
+
+
+@pytest.fixture
+def load_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process CLI runs load each checkpoint once per session (loading dominates a tiny job's time)."""
+    from captioner.api import Captioner
+
+    real = Captioner.load.__func__
+
+    def load(cls, path=None, device=None, fast=None):
+        key = (str(path), str(device), fast)
+        if key not in _LOADED_CAPTIONERS:
+            _LOADED_CAPTIONERS[key] = real(cls, path, device, fast)
+        return _LOADED_CAPTIONERS[key]
+
+    monkeypatch.setattr(Captioner, "load", classmethod(load))

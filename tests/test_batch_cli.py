@@ -23,26 +23,6 @@ GOOD = ["img0.jpg", "img1.jpg", "img2.jpg", "img3.jpg"]
 BROKEN = ["text.jpg", "trunc.jpg", "zero.jpg"]  # sorted after the good ones
 
 
-@pytest.fixture(autouse=True)
-def load_once(monkeypatch) -> None:
-    """Each checkpoint is loaded once per test session (the CLI is called in-process many times)."""
-    from captioner.api import Captioner
-
-    real = Captioner.load.__func__
-    cache = _LOADED
-
-    def load(cls, path=None, device=None, fast=None):
-        key = (str(path), str(device), fast)
-        if key not in cache:
-            cache[key] = real(cls, path, device, fast)
-        return cache[key]
-
-    monkeypatch.setattr(Captioner, "load", classmethod(load))
-
-
-_LOADED: dict = {}
-
-
 @pytest.fixture
 def folder(images_dir: Path) -> Path:
     """img0..img3.jpg plus a text file named .jpg, a truncated JPEG, an empty file, a .txt and sub/img0.jpg."""

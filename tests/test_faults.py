@@ -168,23 +168,6 @@ SLOW_CLI = textwrap.dedent(
 )
 
 
-_LOADED: dict = {}
-
-
-@pytest.fixture
-def load_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-process CLI runs load each checkpoint once (loading dominates a tiny job's time)."""
-    real = Captioner.load.__func__
-
-    def load(cls, path=None, device=None):
-        key = (str(path), str(device))
-        if key not in _LOADED:
-            _LOADED[key] = real(cls, path, device)
-        return _LOADED[key]
-
-    monkeypatch.setattr(Captioner, "load", classmethod(load))
-
-
 @pytest.mark.parametrize("fmt", ["jsonl", "json"])
 def test_batch_cli_sigkill_then_resume_loses_and_duplicates_nothing(fmt: str, tiny_checkpoint: Path,
                                                                     tmp_path: Path, load_once: None) -> None:

@@ -354,20 +354,6 @@ def test_service_is_healthy_after_the_corpus(app, model: Captioner) -> None:
 
 
 # ---------------------------------------------------------------- the batch CLI, in-process
-_LOADED: dict = {}
-
-
-@pytest.fixture
-def load_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = Captioner.load.__func__
-
-    def load(cls, path=None, device=None):
-        key = (str(path), str(device))
-        if key not in _LOADED:
-            _LOADED[key] = real(cls, path, device)
-        return _LOADED[key]
-
-    monkeypatch.setattr(Captioner, "load", classmethod(load))
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.cli], ids=[c.name for c in CASES if c.cli])
