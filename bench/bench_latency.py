@@ -19,7 +19,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import LEVERS_HELP, load_captioner, parse_levers, machine, percentiles, sample_uploads, set_threads  # noqa: E402
-from captioner.api import Captioner  # noqa: E402
 
 
 def main() -> None:

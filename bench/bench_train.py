@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import machine, parse_levers, set_threads, write_sample_jpegs  # noqa: E402
+from bench.common import encode_chunk, machine, parse_levers, set_threads, write_sample_jpegs  # noqa: E402
 from captioner import perf  # noqa: E402
 from captioner import checkpoint  # noqa: E402
 from captioner.datasets import FeatureCache, ImageGroupedBatches, collate_pairs  # noqa: E402
@@ -126,7 +126,7 @@ def bench_extraction(args: argparse.Namespace, enc_cfg: EncoderConfig) -> dict:
             perf.fold_batchnorm(encoder)
         if "channels_last" in levers:
             perf.use_channels_last(encoder)
-        chunk = next((int(n[len("encode_chunk"):]) for n in levers if n.startswith("encode_chunk")), None)
+        chunk = encode_chunk(levers)
         if chunk:
             encoder = perf.ChunkedEncoder(encoder, chunk)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:

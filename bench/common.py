@@ -144,6 +144,11 @@ def parse_levers(spec: str | None) -> list[str]:
     return names
 
 
+def encode_chunk(names: list[str]) -> int | None:
+    """N of an ``encode_chunkN`` lever in ``names``, else None."""
+    return next((int(n[len("encode_chunk"):]) for n in names if n.startswith("encode_chunk")), None)
+
+
 def load_captioner(checkpoint: str | None, spec: str | None, device: str | None = "cpu") -> tuple[Any, list[str]]:
     """The model as a benchmark variant: ``spec`` None = as shipped (``Captioner.load`` defaults),
     else the exact fp32 model with the ``--levers`` in ``spec`` applied. Returns (captioner, levers applied)."""
@@ -161,7 +166,6 @@ def apply_levers(cap: object, names: list[str]) -> list[str]:
     if names:
         from captioner.perf import optimize
 
-        chunk = next((int(n[len("encode_chunk"):]) for n in names if n.startswith("encode_chunk")), None)
         optimize(cap, fold_bn="fold_bn" in names, channels_last="channels_last" in names,
-                 int8_decoder="int8_decoder" in names, encode_chunk=chunk)
+                 int8_decoder="int8_decoder" in names, encode_chunk=encode_chunk(names))
     return names

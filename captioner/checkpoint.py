@@ -86,17 +86,18 @@ def average_weights(paths: list[str | os.PathLike]) -> dict[str, torch.Tensor]:
     """
     folders = [resolve(p) for p in paths]
     vocab0 = (folders[0] / VOCAB).read_bytes()
+    first: dict[str, torch.Tensor] = {}
     total: dict[str, torch.Tensor] = {}
     for folder in folders:
         if (folder / VOCAB).read_bytes() != vocab0:
             raise CheckpointError(f"{folder} has a different vocabulary from {folders[0]}: cannot average")
         weights = read_weights(folder)
-        if total and (weights.keys() != total.keys()
-                      or any(weights[k].shape != total[k].shape for k in total)):
+        if not first:
+            first = weights  # integer buffers (e.g. batch-norm counters) are taken from here, not averaged
+        elif weights.keys() != total.keys() or any(weights[k].shape != total[k].shape for k in total):
             raise CheckpointError(f"{folder} has different weights from {folders[0]}: cannot average")
         for key, value in weights.items():
             total[key] = total[key] + value.double() if key in total else value.double()
-    first = read_weights(folders[0])  # integer buffers (e.g. batch-norm counters) are not averaged
     return {k: (v / len(folders)).float() if v.is_floating_point() else first[k] for k, v in total.items()}
 
 

@@ -178,9 +178,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     config = checkpoint.read_config(src)
     config.pop("format_version", None)
     tied = config.pop("tied_weights", {})
-    weights = checkpoint.average_weights(sources) if len(sources) > 1 else checkpoint.read_weights(src)
     if len(sources) > 1:
+        weights = checkpoint.average_weights(sources)
         config["averaged_from"] = [str(s) for s in sources]
+    else:
+        weights = checkpoint.read_weights(src)
     for name, target in tied.items():  # re-create the shared entries so save() can detect the ties
         weights[name] = weights[target]
     inference = config.setdefault("inference", {})

@@ -12,6 +12,7 @@ Linear/LSTMCell weights) changes some captions, with dev-split scores within noi
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
@@ -91,8 +92,6 @@ def fast_encoder(encoder: nn.Module, chunk: int = 2) -> nn.Module:
     Used to build feature caches (3.4 times the images/s of the plain encoder at batch 32, BENCHMARKS.md);
     the copy leaves ``encoder`` itself untouched. An already chunked encoder is returned as is.
     """
-    import copy
-
     if isinstance(encoder, ChunkedEncoder):
         return encoder
     fast = copy.deepcopy(encoder).eval()
@@ -168,10 +167,8 @@ def quantize_decoder(decoder: nn.Module) -> nn.Module:
     Batch-invariant (see :class:`Int8Linear`): captions do not depend on batch composition.
     Embeddings, attention softmax and gates stay float32.
     """
-    import copy
-
     quantized = copy.deepcopy(decoder)
-    for name, module in list(quantized.named_modules()):
+    for module in list(quantized.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, child_name, Int8Linear(child))
