@@ -3,6 +3,14 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +97,73 @@ def load_once(monkeypatch: pytest.MonkeyPatch) -> None:
         return _LOADED_CAPTIONERS[key]
 
     monkeypatch.setattr(Captioner, "load", classmethod(load))
+
+
+def write_caption_dataset(root: Path, captions: dict[int, list[str]], dev: set[int]) -> Path:
+    """A custom-format dataset in ``root``: img/<i>.png (48x48) and captions.csv; images in ``dev`` form the dev split."""
+    (root / "img").mkdir(parents=True)
+    rows = ["image,caption,split"]
+    for i, caps in captions.items():
+        make_image(i, size=(48, 48)).save(root / "img" / f"{i}.png")
+        rows += [f"img/{i}.png,{c},{'dev' if i in dev else 'train'}" for c in caps]
+    (root / "captions.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+# ---------------------------------------------------------------- the real service command
+REPO = Path(__file__).resolve().parent.parent
+GUNICORN = REPO / ".venv" / "bin" / "gunicorn"
+if not GUNICORN.exists():  # a venv elsewhere: the gunicorn next to this interpreter
+    GUNICORN = Path(sys.executable).parent / "gunicorn"
+# Exactly what `make serve` runs (the Makefile exports HOST and PORT).
+SERVE = [str(GUNICORN), "--config", "service/gunicorn_conf.py", "service.app:create_app()"]
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without the service's own settings, for subprocesses under test."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("CAPTIONER_", "PROMETHEUS_MULTIPROC"))}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def gunicorn_server(tmp_path: Path, env_extra: dict[str, str], ready_timeout: float = 180,
+                    stop_timeout: float = 60) -> Iterator[tuple[str, subprocess.Popen, Path]]:
+    """Run ``SERVE`` on a free loopback port until ``/readyz`` is 200; yields (base URL, process, log path).
+
+    The environment is this one without CAPTIONER_*/PROMETHEUS_MULTIPROC_* settings, plus ``env_extra``.
+    On exit the server gets SIGTERM (SIGKILL to its group if it does not stop in ``stop_timeout`` s).
+    """
+    port = free_port()
+    env = clean_env() | {"HOST": "127.0.0.1", "PORT": str(port)} | env_extra
+    log_path = tmp_path / f"gunicorn-{port}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(SERVE, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + ready_timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"gunicorn exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{base}/readyz", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:  # not listening yet, or 503 while the model loads (HTTPError is an OSError)
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"gunicorn not ready after {ready_timeout:g} s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.2)
+        yield base, proc, log_path
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(stop_timeout)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)

@@ -28,16 +28,13 @@ from safetensors.torch import load_file
 from captioner import checkpoint
 from captioner.api import Captioner
 from captioner.cli import main
-from conftest import image_bytes, make_image
+from conftest import REPO, clean_env, gunicorn_server, image_bytes, make_image, write_caption_dataset
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CAPTIONER_", "PROMETHEUS_MULTIPROC"))}
-    return env | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)} | extra
+    return clean_env() | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)} | extra
 
 
 # ---------------------------------------------------------------- (1) kill while saving a checkpoint
@@ -70,14 +67,7 @@ KILLER = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("faults-data")
-    (root / "img").mkdir()
-    rows = ["image,caption,split"]
-    for i, caps in CAPTIONS.items():
-        make_image(i, size=(48, 48)).save(root / "img" / f"{i}.png")
-        rows += [f"img/{i}.png,{c},{'dev' if i == 3 else 'train'}" for c in caps]
-    (root / "captions.csv").write_text("\n".join(rows) + "\n")
-    return root
+    return write_caption_dataset(tmp_path_factory.mktemp("faults-data"), CAPTIONS, dev={3})
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
@@ -214,16 +204,6 @@ def test_batch_cli_sigkill_then_resume_loses_and_duplicates_nothing(fmt: str, ti
 
 
 # ---------------------------------------------------------------- (3) the real service: worker killed, lying clients
-GUNICORN = Path(sys.executable).parent / "gunicorn"
-SERVE = [str(GUNICORN), "--config", "service/gunicorn_conf.py", "service.app:create_app()"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def get(url: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=data, headers=headers or {})
     try:
@@ -249,33 +229,10 @@ def children(pid: int) -> list[int]:
 
 @contextmanager
 def serve(tmp_path: Path, model: Path, **extra: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    port = free_port()
-    env = _env(HOST="127.0.0.1", PORT=str(port), CAPTIONER_MODEL=str(model), CAPTIONER_TORCH_THREADS="1",
-               CAPTIONER_THREADS="8", CAPTIONER_MAX_UPLOAD_MB="1", **extra)
-    log = tmp_path / f"gunicorn-{port}.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(SERVE, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if get(f"{base}/readyz", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CAPTIONER_MODEL": str(model),
+           "CAPTIONER_TORCH_THREADS": "1", "CAPTIONER_THREADS": "8", "CAPTIONER_MAX_UPLOAD_MB": "1", **extra}
+    with gunicorn_server(tmp_path, env, ready_timeout=120, stop_timeout=30) as (base, proc, _):
         yield base, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:  # pragma: no cover
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
 
 
 @pytest.fixture(scope="module")

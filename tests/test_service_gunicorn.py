@@ -3,11 +3,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -19,23 +15,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import image_bytes, make_image
+from conftest import REPO, gunicorn_server, image_bytes, make_image
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parent.parent
-GUNICORN = REPO / ".venv" / "bin" / "gunicorn"
-if not GUNICORN.exists():  # a venv elsewhere: the gunicorn next to this interpreter
-    GUNICORN = Path(sys.executable).parent / "gunicorn"
-# Exactly what `make serve` runs (the Makefile exports HOST and PORT).
-SERVE = [str(GUNICORN), "--config", "service/gunicorn_conf.py", "service.app:create_app()"]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def request(url: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 60):
     """(status, headers, body bytes) without raising for HTTP errors."""
@@ -67,36 +49,9 @@ def post_image(base: str, image: bytes, query: str = "", **fields):
 
 @contextmanager
 def serve(tmp_path: Path, model: Path, **env_extra: str):
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CAPTIONER_", "PROMETHEUS_MULTIPROC"))}
-    env.update(HOST="127.0.0.1", PORT=str(port), CAPTIONER_MODEL=str(model), CAPTIONER_TORCH_THREADS="1", **env_extra)
-    log_path = tmp_path / f"gunicorn-{port}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(SERVE, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"gunicorn exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                status, _, _ = request(f"{base}/readyz", timeout=5)
-                if status == 200:
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"gunicorn not ready after 180 s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.3)
-        yield base, proc, log_path
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:  # pragma: no cover
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+    with gunicorn_server(tmp_path, {"CAPTIONER_MODEL": str(model), "CAPTIONER_TORCH_THREADS": "1", **env_extra},
+                         ready_timeout=180, stop_timeout=60) as running:
+        yield running
 
 
 def metric(base: str, name: str, **labels) -> float:

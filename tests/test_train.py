@@ -24,17 +24,9 @@ CAPTIONS = {
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from conftest import make_image
+    from conftest import write_caption_dataset
 
-    root = tmp_path_factory.mktemp("data")
-    (root / "img").mkdir()
-    rows = ["image,caption,split"]
-    for i, caps in CAPTIONS.items():
-        make_image(i, size=(48, 48)).save(root / "img" / f"{i}.png")
-        split = "dev" if i >= 4 else "train"
-        rows += [f"img/{i}.png,{c},{split}" for c in caps]
-    (root / "captions.csv").write_text("\n".join(rows) + "\n")
-    return root
+    return write_caption_dataset(tmp_path_factory.mktemp("data"), CAPTIONS, dev={i for i in CAPTIONS if i >= 4})
 
 
 def train_args(data: Path, out: Path, epochs: int, *extra: str) -> list[str]:
