@@ -66,6 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patience", type=_positive_int, default=4, help="epochs without dev improvement before stopping")
     t.add_argument("--keep-epochs", action="store_true",
                    help="also keep each epoch's weights in OUTPUT/epoch-NN (for checkpoint averaging with export)")
+    t.add_argument("--scst-epochs", type=int, default=0,
+                   help="after the cross-entropy epochs (into OUTPUT/xe), fine-tune N epochs with self-critical "
+                        "sequence training on a CIDEr-D reward (into OUTPUT)")
+    t.add_argument("--init-from", help="start the SCST epochs from this checkpoint instead of training OUTPUT/xe first")
+    t.add_argument("--scst-lr", type=float, default=5e-5, help="peak learning rate of the SCST epochs")
+    t.add_argument("--scst-samples", type=_positive_int, default=5, help="captions sampled per image in SCST (>= 2)")
+    t.add_argument("--scst-max-length", type=_positive_int, default=20, help="longest sampled caption in SCST")
+    t.add_argument("--scst-cider-weight", type=float, default=1.0, help="SCST reward: weight of CIDEr-D")
+    t.add_argument("--scst-bleu-weight", type=float, default=0.0, help="SCST reward: weight of sentence BLEU-4")
+    t.add_argument("--scst-meteor-weight", type=float, default=0.0,
+                   help="SCST reward: weight of a METEOR approximation (rewards recall, keeps captions complete)")
+    t.add_argument("--scst-candidates", choices=["sample", "beam"], default="sample",
+                   help="SCST candidates per image: random samples, or the best beams of the search")
+    t.add_argument("--scst-no-dropout", action="store_true", help="sample SCST captions with dropout off")
     t.add_argument("--val-beam-size", type=_positive_int, default=1, help="beam used for per-epoch validation")
     t.add_argument("--beam-size", type=_positive_int, default=3, help="default beam stored in the checkpoint")
     t.add_argument("--length-alpha", type=float, default=0.0, help="length penalty exponent stored in the checkpoint")
@@ -123,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
+    if args.init_from and not args.scst_epochs:
+        raise SystemExit("--init-from starts the SCST epochs: give --scst-epochs N too")
+    if args.scst_epochs < 0:
+        raise SystemExit("--scst-epochs must be 0 or more")
+    if args.scst_epochs and args.scst_samples < 2:
+        raise SystemExit("--scst-samples must be at least 2: each sample's baseline is the mean of the others")
     if args.threads:
         import torch
 

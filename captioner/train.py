@@ -212,6 +212,44 @@ def train_one_epoch(
             "tokens_per_s": tokens / max(secs, 1e-9), "epoch_seconds": secs}
 
 
+def scst_one_epoch(
+    decoder: AttentionDecoder, reward_ids: list[int], feature_rows: list[int], feats: torch.Tensor, reward: Any,
+    vocab: Vocabulary, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+    args: argparse.Namespace, device: torch.device, epoch: int, gen: torch.Generator, show: bool,
+) -> dict[str, float]:
+    """One SCST pass over the training images (``--batch-size`` images, ``--scst-samples`` captions each)."""
+    from .scst import scst_loss
+
+    # by default samples are drawn with dropout on, as in the original recipe; --scst-no-dropout
+    # samples from the deterministic decoder that the search will use
+    decoder.train(not getattr(args, "scst_no_dropout", False))
+    order = torch.randperm(len(feature_rows), generator=gen).tolist()
+    total, total_reward, n_batches, tokens = 0.0, 0.0, 0, 0
+    start = time.perf_counter()
+    batches = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+    bar = tqdm(batches, desc=f"scst {epoch}", disable=not show, unit="batch", leave=False)
+    for batch in bar:
+        annotations = feats[torch.tensor([feature_rows[i] for i in batch])].to(device).float()  # (B, L, D)
+        loss, mean_reward = scst_loss(decoder, annotations, [reward_ids[i] for i in batch], reward, vocab.itos,
+                                      args.scst_samples, args.scst_max_length, vocab.start_id, vocab.end_id,
+                                      vocab.pad_id, vocab.unk_id, getattr(args, "scst_candidates", "sample"),
+                                      args.length_alpha)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder.parameters(), args.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        total += loss.item()
+        total_reward += mean_reward
+        n_batches += 1
+        tokens += len(batch) * args.scst_samples
+        if show:
+            bar.set_postfix(reward=f"{100 * total_reward / n_batches:.1f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+    secs = time.perf_counter() - start
+    return {"loss": total / max(1, n_batches), "reward": 100 * total_reward / max(1, n_batches),
+            "samples_per_s": tokens / max(secs, 1e-9), "epoch_seconds": secs}
+
+
 def model_config(args: argparse.Namespace, enc_cfg: EncoderConfig, dec_cfg: DecoderConfig, extra: dict | None = None) -> dict:
     return {
         "name": args.name,
@@ -232,9 +270,38 @@ def weights_to_save(decoder: AttentionDecoder, encoder: Encoder | None) -> dict[
     return state
 
 
+def train_then_scst(args: argparse.Namespace) -> dict[str, Any]:
+    """``--scst-epochs N``: cross-entropy training into OUTPUT/xe, then N SCST epochs into OUTPUT.
+
+    The SCST phase starts from OUTPUT/xe/best (or ``--init-from``, which skips the first
+    phase). Each phase keeps its own ``last`` checkpoint, so ``--resume`` continues
+    whichever phase was interrupted; a finished phase is not repeated.
+    """
+    out = Path(args.output)
+    xe_summary = None
+    init = Path(args.init_from) if args.init_from else out / "xe" / "best"
+    if not args.init_from:
+        xe_args = argparse.Namespace(**{**vars(args), "output": str(out / "xe"), "phase": "xe"})
+        xe_summary = train(xe_args)
+    scst_args = argparse.Namespace(**{**vars(args), "phase": "scst", "init_from": str(init),
+                                      "epochs": args.scst_epochs, "lr": args.scst_lr, "warmup_steps": 0})
+    summary = train(scst_args)
+    if xe_summary is not None:
+        summary["xe"] = xe_summary
+    return summary
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run training as configured by ``captioner train``'s arguments. Returns the best metrics."""
+    if getattr(args, "scst_epochs", 0) and getattr(args, "phase", None) is None:
+        return train_then_scst(args)
+    scst = getattr(args, "phase", None) == "scst"
+    if scst and args.finetune_blocks:
+        raise SystemExit("SCST trains the decoder on cached features: it cannot be combined with --finetune-blocks")
+    init_from = Path(args.init_from) if scst else None
     rank, world, dist_device = setup_distributed()
+    if scst and world > 1:
+        raise SystemExit("SCST runs in one process; start it without torchrun")
     main_proc = rank == 0
     device = dist_device or torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.output)
@@ -258,6 +325,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if resume_state is not None:
         vocab = Vocabulary.load(checkpoint.resolve(out / "last") / checkpoint.VOCAB)
         config = checkpoint.read_config(out / "last")
+        enc_cfg, dec_cfg = EncoderConfig(**config["encoder"]), DecoderConfig(**config["decoder"])
+    elif init_from is not None:
+        try:
+            config = checkpoint.read_config(init_from)
+            vocab = Vocabulary.load(checkpoint.resolve(init_from) / checkpoint.VOCAB)
+        except (checkpoint.CheckpointError, OSError) as exc:
+            raise SystemExit(f"cannot start SCST from {init_from}: {exc}") from exc
         enc_cfg, dec_cfg = EncoderConfig(**config["encoder"]), DecoderConfig(**config["decoder"])
     else:
         vocab = Vocabulary.build((c for r in train_recs for c in r.captions), min_count=args.min_count)
@@ -300,6 +374,23 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps))
 
     start_epoch, best, bad_epochs, history = 1, float("-inf"), 0, []
+    reward = None
+    if scst:
+        from .scst import CaptionReward
+        from .vocab import tokenize
+
+        train_rows = sorted({rows[os.path.abspath(r.path)] for r in train_recs})
+        refs_by_row: dict[int, list[list[str]]] = {}
+        for r in train_recs:
+            refs_by_row.setdefault(rows[os.path.abspath(r.path)], []).extend(tokenize(c) for c in r.captions)
+        reward_index = {row: i for i, row in enumerate(train_rows)}
+        reward = CaptionReward([refs_by_row[row] for row in train_rows], args.scst_cider_weight,
+                               args.scst_bleu_weight, args.scst_meteor_weight)
+    if resume_state is None and init_from is not None:
+        from .api import load_state
+
+        weights = checkpoint.read_weights(init_from, device=device)
+        load_state(decoder, weights, "decoder.", checkpoint.read_config(init_from).get("tied_weights", {}))
     if resume_state is not None:
         weights = checkpoint.read_weights(out / "last", device=device)
         from .api import load_state
@@ -320,6 +411,21 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if resume_state is not None and main_proc:  # the log matches the checkpoint (a kill may have cut it short)
         metrics_log.write_text("".join(json.dumps(r) + "\n" for r in history))
     stopped_early = False
+    if scst and resume_state is None and main_proc and dev_recs:
+        # the starting point is the score to beat: OUTPUT/best stays the cross-entropy model
+        # unless an SCST epoch improves on it
+        val, _ = evaluate_split(decoder, feats, rows, dev_recs, vocab, args.val_beam_size,
+                                args.max_length, args.length_alpha, device)
+        best = float(val[args.monitor])
+        record = {"epoch": 0, "phase": "scst-start", "init_from": str(init_from), **{f"dev_{k}": v for k, v in val.items()},
+                  "best": best}
+        history.append(record)
+        cfg = model_config(args, enc_cfg, dec_cfg, {"epochs_trained": 0, "best_" + args.monitor: best,
+                                                   "train_images": len(train_recs), "manifest": _manifest(args)})
+        checkpoint.save(out / "best", weights_to_save(decoder, None), cfg, vocab.to_json())
+        metrics_log.write_text(json.dumps(record) + "\n")
+        if not args.quiet:
+            print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in record.items()}), flush=True)
     for epoch in range(start_epoch, args.epochs + 1):
         if bad_epochs >= args.patience:
             stopped_early = True
@@ -330,8 +436,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         batches = ImageGroupedBatches(pairs, args.batch_size, gen, rank, world)
         loader = DataLoader(pairs, batch_sampler=batches, collate_fn=collate_pairs,
                             num_workers=args.workers if encoder is not None else 0)
-        stats = train_one_epoch(model, encoder, loader, feats, optimizer, scheduler, args, device, epoch,
-                                show=main_proc and not args.quiet)
+        if scst:
+            stats = scst_one_epoch(decoder, [reward_index[r] for r in train_rows], train_rows, feats, reward,
+                                   vocab, optimizer, scheduler, args, device, epoch, gen, show=main_proc and not args.quiet)
+        else:
+            stats = train_one_epoch(model, encoder, loader, feats, optimizer, scheduler, args, device, epoch,
+                                    show=main_proc and not args.quiet)
         record: dict[str, Any] = {"epoch": epoch, **stats, "lr": scheduler.get_last_lr()[0]}
         if main_proc:
             t0 = time.perf_counter()
@@ -356,6 +466,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             history.append(record)
             extra = {"epochs_trained": epoch, "best_" + args.monitor: best, "train_images": len(train_recs),
                      "manifest": _manifest(args)}
+            if scst:
+                extra |= {"objective": "scst", "scst_reward": {"cider_d": args.scst_cider_weight, "bleu4": args.scst_bleu_weight,
+                                                               "meteor_lite": args.scst_meteor_weight},
+                          "scst_epochs": epoch, "init_from": str(init_from)}
             cfg = model_config(args, enc_cfg, dec_cfg, extra)
             weights = weights_to_save(decoder, encoder)
             if improved:
