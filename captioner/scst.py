@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -115,32 +116,66 @@ class SentenceBleu:
         return bp * math.exp(log_p / self.n_max)
 
 
-class MeteorLite:
-    """A fast METEOR approximation (0..1): exact unigram matches only, best over the references.
+def _meteor_function_words() -> frozenset[str]:
+    """METEOR 1.5's English function-word list, read from the jar that pycocoevalcap ships."""
+    import zipfile
+    from importlib.util import find_spec
 
-    Fmean = P R / (alpha P + (1 - alpha) R) and the fragmentation penalty
-    gamma (chunks / matches) ** beta use METEOR 1.5's English parameters; there are no
-    stems, synonyms, paraphrases or function-word weights. It rewards covering what the
+    spec = find_spec("pycocoevalcap")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    jar = Path(next(iter(spec.submodule_search_locations))) / "meteor" / "meteor-1.5.jar"
+    try:
+        with zipfile.ZipFile(jar) as zf:
+            return frozenset(zf.read("function/english.words").decode("utf-8").split())
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return frozenset()
+
+
+class MeteorLite:
+    """A fast METEOR 1.5 approximation (0..1), best over the references.
+
+    Words are aligned by exact match, then by Snowball stem (weight 0.6); function words
+    (METEOR's own list) count ``1 - delta`` and content words ``delta``. Fmean, the
+    fragmentation penalty gamma (chunks / matches) ** beta and the parameters are METEOR
+    1.5's English ones; synonyms and paraphrases are left out. It rewards covering what the
     references say (recall), which CIDEr-D and BLEU reward little.
     """
 
-    alpha, beta, gamma = 0.85, 0.2, 0.6
+    alpha, beta, gamma, delta, stem_weight = 0.85, 0.2, 0.6, 0.75, 0.6
 
     def __init__(self, references: Sequence[Sequence[Sequence[str]]]) -> None:
-        self.refs = [[list(r) for r in refs if r] for refs in references]
+        from nltk.stem.snowball import SnowballStemmer
 
-    def _one(self, cand: Sequence[str], ref: list[str]) -> float:
+        self._stem = SnowballStemmer("english").stem
+        self._stems: dict[str, str] = {}
+        self.function_words = _meteor_function_words()
+        self.refs = [[(list(r), [self.stem(w) for w in r]) for r in refs if r] for refs in references]
+
+    def stem(self, word: str) -> str:
+        s = self._stems.get(word)
+        if s is None:
+            s = self._stems[word] = self._stem(word)
+        return s
+
+    def _weight(self, word: str) -> float:
+        return 1 - self.delta if word in self.function_words else self.delta
+
+    def _one(self, cand: Sequence[str], cand_stems: list[str], ref: list[str], ref_stems: list[str]) -> float:
         used = [False] * len(ref)
-        aligned: list[int] = []  # reference position of each candidate word, -1 = unmatched
-        for w in cand:  # greedy alignment that continues the previous chunk when it can
-            nxt = aligned[-1] + 1 if aligned and aligned[-1] >= 0 else -1
-            if 0 <= nxt < len(ref) and not used[nxt] and ref[nxt] == w:
-                pos = nxt
-            else:
-                pos = next((j for j, r in enumerate(ref) if r == w and not used[j]), -1)
-            if pos >= 0:
-                used[pos] = True
-            aligned.append(pos)
+        aligned = [-1] * len(cand)  # reference position of each candidate word, -1 = unmatched
+        module = [0.0] * len(cand)
+        for words, others, weight in ((cand, ref, 1.0), (cand_stems, ref_stems, self.stem_weight)):
+            for i, w in enumerate(words):  # greedy, continuing the previous chunk when it can
+                if aligned[i] >= 0:
+                    continue
+                nxt = aligned[i - 1] + 1 if i and aligned[i - 1] >= 0 else -1
+                if 0 <= nxt < len(others) and not used[nxt] and others[nxt] == w:
+                    pos = nxt
+                else:
+                    pos = next((j for j, r in enumerate(others) if r == w and not used[j]), -1)
+                if pos >= 0:
+                    used[pos], aligned[i], module[i] = True, pos, weight
         m = sum(1 for j in aligned if j >= 0)
         if m == 0:
             return 0.0
@@ -149,14 +184,19 @@ class MeteorLite:
             if j >= 0 and (prev < 0 or j != prev + 1):
                 chunks += 1
             prev = j
-        p, r = m / len(cand), m / len(ref)
+        p = sum(module[i] * self._weight(w) for i, w in enumerate(cand)) / sum(self._weight(w) for w in cand)
+        r = sum(module[i] * self._weight(ref[j]) for i, j in enumerate(aligned) if j >= 0) / sum(
+            self._weight(w) for w in ref)
+        if p == 0.0 or r == 0.0:
+            return 0.0
         fmean = p * r / (self.alpha * p + (1 - self.alpha) * r)
         return fmean * (1 - self.gamma * (chunks / m) ** self.beta)
 
     def score(self, candidate: Sequence[str], image: int) -> float:
         if not candidate:
             return 0.0
-        return max((self._one(candidate, ref) for ref in self.refs[image]), default=0.0)
+        stems = [self.stem(w) for w in candidate]
+        return max((self._one(candidate, stems, ref, rs) for ref, rs in self.refs[image]), default=0.0)
 
 
 class CaptionReward:

@@ -64,6 +64,10 @@ def test_meteor_lite_rewards_recall_and_order() -> None:
     assert meteor.score(ref[:4], 0) < full  # less of the reference covered
     assert meteor.score(ref[::-1], 0) < meteor.score(ref, 0)  # same words, more chunks
     assert meteor.score(["cat"], 0) == meteor.score([], 0) == 0.0
+    # stems match at a lower weight than exact words; content words count more than function words
+    assert 0 < meteor.score("a black dogs running".split(), 0) < meteor.score("a black dog runs".split(), 0)
+    assert meteor.score("a on the green".split(), 0) < meteor.score("a dog the green".split(), 0)
+    assert {"a", "the", "on"} <= meteor.function_words
     # the best reference counts: "a dog" is matched perfectly by the second one
     assert meteor.score(["a", "dog"], 0) == pytest.approx(1.0 - 0.6 * 0.5 ** 0.2)
 
@@ -185,6 +189,13 @@ def test_train_with_scst_epochs_runs_both_phases_and_resumes(dataset: Path, tmp_
     assert main([*args, "--resume"]) == 0
     assert [r["epoch"] for r in log_lines(out)] == [0, 1, 2]
     assert (out / "last" / "model.safetensors").read_bytes() == before
+    # --init-from skips the cross-entropy phase and fine-tunes an existing checkpoint
+    again = tmp_path / "again"
+    assert main(train_args(dataset, again, 1, "--init-from", str(out / "xe" / "best"), "--scst-epochs", "1",
+                           "--scst-samples", "2")) == 0
+    assert not (again / "xe").exists()
+    assert [r["epoch"] for r in log_lines(again)] == [0, 1]
+    assert log_lines(again)[0]["dev_cider"] == pytest.approx(start["dev_cider"])  # same starting weights
 
 
 def test_init_from_needs_scst_epochs_and_a_checkpoint(dataset: Path, tmp_path: Path) -> None:
