@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "sequence training on a CIDEr-D reward (into OUTPUT)")
     t.add_argument("--init-from", help="start the SCST epochs from this checkpoint instead of training OUTPUT/xe first")
     t.add_argument("--scst-lr", type=float, default=5e-5, help="peak learning rate of the SCST epochs")
-    t.add_argument("--scst-samples", type=_positive_int, default=5, help="captions sampled per image in SCST (>= 2)")
-    t.add_argument("--scst-max-length", type=_positive_int, default=20, help="longest sampled caption in SCST")
+    t.add_argument("--scst-samples", type=_positive_int, default=5, help="SCST candidates per image, samples or beams (>= 2)")
+    t.add_argument("--scst-max-length", type=_positive_int, default=20, help="longest SCST candidate caption in words")
     t.add_argument("--scst-cider-weight", type=float, default=1.0, help="SCST reward: weight of CIDEr-D")
     t.add_argument("--scst-bleu-weight", type=float, default=0.0, help="SCST reward: weight of sentence BLEU-4")
     t.add_argument("--scst-meteor-weight", type=float, default=0.0,
