@@ -433,13 +433,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         # each epoch's shuffling and dropout derive from (seed, epoch): a resumed run repeats them exactly
         torch.manual_seed(args.seed * 1000 + epoch)
         gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-        batches = ImageGroupedBatches(pairs, args.batch_size, gen, rank, world)
-        loader = DataLoader(pairs, batch_sampler=batches, collate_fn=collate_pairs,
-                            num_workers=args.workers if encoder is not None else 0)
         if scst:
             stats = scst_one_epoch(decoder, [reward_index[r] for r in train_rows], train_rows, feats, reward,
                                    vocab, optimizer, scheduler, args, device, epoch, gen, show=main_proc and not args.quiet)
         else:
+            batches = ImageGroupedBatches(pairs, args.batch_size, gen, rank, world)
+            loader = DataLoader(pairs, batch_sampler=batches, collate_fn=collate_pairs,
+                                num_workers=args.workers if encoder is not None else 0)
             stats = train_one_epoch(model, encoder, loader, feats, optimizer, scheduler, args, device, epoch,
                                     show=main_proc and not args.quiet)
         record: dict[str, Any] = {"epoch": epoch, **stats, "lr": scheduler.get_last_lr()[0]}
