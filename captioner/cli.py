@@ -30,6 +30,8 @@ def add_data_args(p: argparse.ArgumentParser, split: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .batch import _int_range  # the batch command's module is loaded for its sub-parser anyway
+
     parser = argparse.ArgumentParser(prog="captioner", description="Show, Attend and Tell image captioning")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,12 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patience", type=_positive_int, default=4, help="epochs without dev improvement before stopping")
     t.add_argument("--keep-epochs", action="store_true",
                    help="also keep each epoch's weights in OUTPUT/epoch-NN (for checkpoint averaging with export)")
-    t.add_argument("--scst-epochs", type=int, default=0,
+    t.add_argument("--scst-epochs", type=_int_range(0), default=0,
                    help="after the cross-entropy epochs (into OUTPUT/xe), fine-tune N epochs with self-critical "
                         "sequence training on a CIDEr-D reward (into OUTPUT)")
     t.add_argument("--init-from", help="start the SCST epochs from this checkpoint instead of training OUTPUT/xe first")
     t.add_argument("--scst-lr", type=float, default=5e-5, help="peak learning rate of the SCST epochs")
-    t.add_argument("--scst-samples", type=_positive_int, default=5, help="SCST candidates per image, samples or beams (>= 2)")
+    t.add_argument("--scst-samples", type=_int_range(2), default=5,
+                   help="SCST candidates per image, samples or beams (>= 2: each one's baseline is the others' mean)")
     t.add_argument("--scst-max-length", type=_positive_int, default=20, help="longest SCST candidate caption in words")
     t.add_argument("--scst-cider-weight", type=float, default=1.0, help="SCST reward: weight of CIDEr-D")
     t.add_argument("--scst-bleu-weight", type=float, default=0.0, help="SCST reward: weight of sentence BLEU-4")
@@ -139,10 +142,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.init_from and not args.scst_epochs:
         raise SystemExit("--init-from starts the SCST epochs: give --scst-epochs N too")
-    if args.scst_epochs < 0:
-        raise SystemExit("--scst-epochs must be 0 or more")
-    if args.scst_epochs and args.scst_samples < 2:
-        raise SystemExit("--scst-samples must be at least 2: each sample's baseline is the mean of the others")
     if args.threads:
         import torch
 

@@ -1,13 +1,13 @@
-"""Self-critical sequence training (Rennie et al. 2017) with a CIDEr-D reward.
+"""Self-critical sequence training (Rennie et al. 2017).
 
-After cross-entropy training, the decoder is fine-tuned to maximise the CIDEr-D score
-of its own sampled captions. For every image ``K`` captions are sampled; each one's
-advantage is its reward minus the mean reward of the image's other ``K - 1`` samples
-(the baseline of Luo 2020, "A better variant of SCST"), so no greedy decode is needed.
+After cross-entropy training, the decoder is fine-tuned to maximise the reward of its own
+captions. For every image ``K`` candidates are drawn (random samples, or the ``K`` best
+beams of the search); each one's advantage is its reward minus the mean reward of the
+image's other ``K - 1`` candidates (the baseline of Luo 2020, "A better variant of SCST").
 
-:class:`CiderD` is the reward: the coco-caption CIDEr-D formula (tf-idf n-gram vectors
-for n = 1..4, clipped counts, a Gaussian length penalty with sigma 6, x10), with the
-document frequencies taken once from the training references, as is usual for SCST.
+The reward (:class:`CaptionReward`) weights three per-caption scores: :class:`CiderD` (the
+coco-caption formula, document frequencies taken once from the training references, as is
+usual for SCST), :class:`SentenceBleu` and :class:`MeteorLite`.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .decoder import AttentionDecoder
+from .vocab import Vocabulary
 
 Ngrams = list[Counter]  # one Counter per n = 1..4
 
@@ -74,9 +75,6 @@ class CiderD:
                 sims += dot / (norm[n] * r_norm[n])
             total += sims / self.n_max * math.exp(-(delta * delta) / (2 * self.sigma**2))
         return 10.0 * total / max(1, len(refs))
-
-    def batch(self, candidates: Sequence[Sequence[str]], images: Sequence[int]) -> np.ndarray:
-        return np.array([self.score(c, i) for c, i in zip(candidates, images)], dtype=np.float32)
 
 
 class SentenceBleu:
@@ -200,7 +198,7 @@ class MeteorLite:
 
 
 class CaptionReward:
-    """The SCST reward: ``cider_weight`` x CIDEr-D + ``bleu_weight`` x sentence BLEU-4."""
+    """The SCST reward: a weighted sum of CIDEr-D, sentence BLEU-4 and the METEOR approximation."""
 
     def __init__(self, references: Sequence[Sequence[Sequence[str]]], cider_weight: float = 1.0,
                  bleu_weight: float = 0.0, meteor_weight: float = 0.0) -> None:
@@ -296,23 +294,9 @@ def beam_candidates(
     return targets, logp, mask
 
 
-def words_of(ids: torch.Tensor, itos: Sequence[str], end_id: int, pad_id: int) -> list[list[str]]:
-    """Sampled id rows (N, T) -> word lists cut at ``<end>``."""
-    out = []
-    for row in ids.tolist():
-        words = []
-        for i in row:
-            if i == end_id or i == pad_id:
-                break
-            words.append(itos[i])
-        out.append(words)
-    return out
-
-
 def scst_loss(
-    decoder: AttentionDecoder, annotations: torch.Tensor, images: Sequence[int], reward: CiderD | CaptionReward,
-    itos: Sequence[str], samples: int, max_length: int, start_id: int, end_id: int, pad_id: int,
-    unk_id: int | None = None, candidates: str = "sample", length_alpha: float = 0.0,
+    decoder: AttentionDecoder, annotations: torch.Tensor, images: Sequence[int], reward: CaptionReward,
+    vocab: Vocabulary, samples: int, max_length: int, candidates: str = "sample", length_alpha: float = 0.0,
 ) -> tuple[torch.Tensor, float]:
     """Policy-gradient loss for one batch. annotations (B, L, D); images[b] is the reward index of row b.
 
@@ -321,16 +305,16 @@ def scst_loss(
     """
     if samples < 2:
         raise ValueError("SCST needs at least 2 samples per image for its baseline")
+    special = (vocab.start_id, vocab.end_id, vocab.pad_id, vocab.unk_id)
     if candidates == "beam":
-        ids, logp, mask = beam_candidates(decoder, annotations, samples, max_length, start_id, end_id, pad_id,
-                                          unk_id, length_alpha)
+        ids, logp, mask = beam_candidates(decoder, annotations, samples, max_length, *special, length_alpha)
     elif candidates == "sample":
-        ids, logp, mask = sample(decoder, annotations, samples, max_length, start_id, end_id, pad_id, unk_id)
+        ids, logp, mask = sample(decoder, annotations, samples, max_length, *special)
     else:
         raise ValueError(f"unknown SCST candidates {candidates!r} (sample or beam)")
     B = annotations.shape[0]
     per_row = [img for img in images for _ in range(samples)]
-    r = torch.from_numpy(reward.batch(words_of(ids, itos, end_id, pad_id), per_row)).view(B, samples)  # (B, S)
+    r = torch.from_numpy(reward.batch([vocab.decode(row) for row in ids.tolist()], per_row)).view(B, samples)  # (B, S)
     baseline = (r.sum(1, keepdim=True) - r) / (samples - 1)  # (B, S): mean of the image's other samples
     advantage = (r - baseline).view(-1, 1).to(logp.device)  # (B*S, 1)
     mask_f = mask.float()

@@ -213,16 +213,19 @@ def train_one_epoch(
 
 
 def scst_one_epoch(
-    decoder: AttentionDecoder, reward_ids: list[int], feature_rows: list[int], feats: torch.Tensor, reward: Any,
+    decoder: AttentionDecoder, feature_rows: list[int], feats: torch.Tensor, reward: Any,
     vocab: Vocabulary, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
     args: argparse.Namespace, device: torch.device, epoch: int, gen: torch.Generator, show: bool,
 ) -> dict[str, float]:
-    """One SCST pass over the training images (``--batch-size`` images, ``--scst-samples`` captions each)."""
+    """One SCST pass over the training images (``--batch-size`` images, ``--scst-samples`` captions each).
+
+    ``feature_rows[i]`` is the feature-cache row of the image whose references are ``reward``'s entry i.
+    """
     from .scst import scst_loss
 
     # by default samples are drawn with dropout on, as in the original recipe; --scst-no-dropout
     # samples from the deterministic decoder that the search will use
-    decoder.train(not getattr(args, "scst_no_dropout", False))
+    decoder.train(not args.scst_no_dropout)
     order = torch.randperm(len(feature_rows), generator=gen).tolist()
     total, total_reward, n_batches, tokens = 0.0, 0.0, 0, 0
     start = time.perf_counter()
@@ -230,10 +233,8 @@ def scst_one_epoch(
     bar = tqdm(batches, desc=f"scst {epoch}", disable=not show, unit="batch", leave=False)
     for batch in bar:
         annotations = feats[torch.tensor([feature_rows[i] for i in batch])].to(device).float()  # (B, L, D)
-        loss, mean_reward = scst_loss(decoder, annotations, [reward_ids[i] for i in batch], reward, vocab.itos,
-                                      args.scst_samples, args.scst_max_length, vocab.start_id, vocab.end_id,
-                                      vocab.pad_id, vocab.unk_id, getattr(args, "scst_candidates", "sample"),
-                                      args.length_alpha)
+        loss, mean_reward = scst_loss(decoder, annotations, batch, reward, vocab, args.scst_samples,
+                                      args.scst_max_length, args.scst_candidates, args.length_alpha)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), args.grad_clip)
@@ -328,7 +329,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         enc_cfg, dec_cfg = EncoderConfig(**config["encoder"]), DecoderConfig(**config["decoder"])
     elif init_from is not None:
         try:
-            config = checkpoint.read_config(init_from)
+            config = init_config = checkpoint.read_config(init_from)
             vocab = Vocabulary.load(checkpoint.resolve(init_from) / checkpoint.VOCAB)
         except (checkpoint.CheckpointError, OSError) as exc:
             raise SystemExit(f"cannot start SCST from {init_from}: {exc}") from exc
@@ -383,14 +384,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         refs_by_row: dict[int, list[list[str]]] = {}
         for r in train_recs:
             refs_by_row.setdefault(rows[os.path.abspath(r.path)], []).extend(tokenize(c) for c in r.captions)
-        reward_index = {row: i for i, row in enumerate(train_rows)}
         reward = CaptionReward([refs_by_row[row] for row in train_rows], args.scst_cider_weight,
                                args.scst_bleu_weight, args.scst_meteor_weight)
     if resume_state is None and init_from is not None:
         from .api import load_state
 
         weights = checkpoint.read_weights(init_from, device=device)
-        load_state(decoder, weights, "decoder.", checkpoint.read_config(init_from).get("tied_weights", {}))
+        load_state(decoder, weights, "decoder.", init_config.get("tied_weights", {}))
     if resume_state is not None:
         weights = checkpoint.read_weights(out / "last", device=device)
         from .api import load_state
@@ -411,6 +411,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if resume_state is not None and main_proc:  # the log matches the checkpoint (a kill may have cut it short)
         metrics_log.write_text("".join(json.dumps(r) + "\n" for r in history))
     stopped_early = False
+    manifest = _manifest(args) if main_proc else None
     if scst and resume_state is None and main_proc and dev_recs:
         # the starting point is the score to beat: OUTPUT/best stays the cross-entropy model
         # unless an SCST epoch improves on it
@@ -421,11 +422,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                   "best": best}
         history.append(record)
         cfg = model_config(args, enc_cfg, dec_cfg, {"epochs_trained": 0, "best_" + args.monitor: best,
-                                                   "train_images": len(train_recs), "manifest": _manifest(args)})
+                                                   "train_images": len(train_recs), "manifest": manifest})
         checkpoint.save(out / "best", weights_to_save(decoder, None), cfg, vocab.to_json())
         metrics_log.write_text(json.dumps(record) + "\n")
         if not args.quiet:
-            print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in record.items()}), flush=True)
+            _print_record(record)
     for epoch in range(start_epoch, args.epochs + 1):
         if bad_epochs >= args.patience:
             stopped_early = True
@@ -434,8 +435,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         torch.manual_seed(args.seed * 1000 + epoch)
         gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
         if scst:
-            stats = scst_one_epoch(decoder, [reward_index[r] for r in train_rows], train_rows, feats, reward,
-                                   vocab, optimizer, scheduler, args, device, epoch, gen, show=main_proc and not args.quiet)
+            stats = scst_one_epoch(decoder, train_rows, feats, reward, vocab, optimizer, scheduler, args, device,
+                                   epoch, gen, show=main_proc and not args.quiet)
         else:
             batches = ImageGroupedBatches(pairs, args.batch_size, gen, rank, world)
             loader = DataLoader(pairs, batch_sampler=batches, collate_fn=collate_pairs,
@@ -465,7 +466,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             record["best"] = best
             history.append(record)
             extra = {"epochs_trained": epoch, "best_" + args.monitor: best, "train_images": len(train_recs),
-                     "manifest": _manifest(args)}
+                     "manifest": manifest}
             if scst:
                 extra |= {"objective": "scst", "scst_reward": {"cider_d": args.scst_cider_weight, "bleu4": args.scst_bleu_weight,
                                                                "meteor_lite": args.scst_meteor_weight},
@@ -483,8 +484,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             with metrics_log.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
             if not args.quiet:
-                shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in record.items()}
-                print(json.dumps(shown), flush=True)
+                _print_record(record)
         if world > 1:
             flag = torch.tensor([bad_epochs], device=device)
             dist.broadcast(flag, 0)
@@ -494,6 +494,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     summary = {"best_" + args.monitor: best, "epochs": len(history), "stopped_early": stopped_early,
                "output": str(out), "rank": rank}
     return summary
+
+
+def _print_record(record: dict[str, Any]) -> None:
+    """One metrics-log record on stdout, floats rounded."""
+    print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in record.items()}), flush=True)
 
 
 def _encode_records(encoder: Encoder, records: list[CaptionRecord], cfg: EncoderConfig, device: torch.device) -> tuple[torch.Tensor, dict[str, int]]:

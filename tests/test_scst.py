@@ -14,7 +14,8 @@ from captioner.cli import main
 from captioner.decoder import AttentionDecoder, DecoderConfig
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-from captioner.scst import CaptionReward, CiderD, MeteorLite, SentenceBleu, sample, scst_loss, words_of
+from captioner.scst import CaptionReward, CiderD, MeteorLite, SentenceBleu, sample, scst_loss
+from captioner.vocab import Vocabulary
 
 START, END, PAD, UNK = 1, 2, 0, 3
 
@@ -26,7 +27,7 @@ def test_cider_d_matches_pycocoevalcap() -> None:
     hyps = {k: [" ".join(rng.choices(words, k=rng.randint(3, 12)))] for k in refs}
     expected, per_image = Cider().compute_score(refs, hyps)
     reward = CiderD([[r.split() for r in refs[k]] for k in refs])
-    got = reward.batch([hyps[k][0].split() for k in refs], list(range(len(refs))))
+    got = np.array([reward.score(hyps[k][0].split(), i) for i, k in enumerate(refs)])
     np.testing.assert_allclose(got, per_image, rtol=1e-6)
     assert float(got.mean()) == pytest.approx(expected, rel=1e-6)
 
@@ -102,25 +103,25 @@ def test_sample_shapes_masks_and_banned_words() -> None:
         assert m.tolist() == [True] * n + [False] * (len(row) - n)  # <end> counts, the padding after it does not
         assert all(i == PAD for i in row[n:])
         assert (lp[n:] == 0).all() and (lp[:n] < 0).all()
-    itos = [f"w{i}" for i in range(12)]
-    words = words_of(ids, itos, END, PAD)
-    assert all(len(w) <= 7 and "w2" not in w for w in words)
+    vocab = Vocabulary([f"w{i}" for i in range(4, 12)])  # ids 0-3 are the specials, as in the decoder
+    words = [vocab.decode(row) for row in ids.tolist()]
+    assert all(len(w) <= 7 and "<end>" not in w for w in words)
 
 
 @pytest.mark.parametrize("candidates", ["sample", "beam"])
 def test_scst_raises_the_reward_of_a_tiny_decoder(candidates: str) -> None:
     """Four images, each with its own two-word caption: policy-gradient steps must raise the sampled CIDEr-D."""
-    itos = ["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(8)]
+    vocab = Vocabulary([f"w{i}" for i in range(8)])
     refs = [[[f"w{2 * i}", f"w{2 * i + 1}"]] * 3 for i in range(4)]
-    reward = CiderD(refs)
-    decoder = tiny_decoder(len(itos))
+    reward = CaptionReward(refs)  # CIDEr-D only
+    decoder = tiny_decoder(len(vocab))
     torch.manual_seed(0)
     feats = torch.randn(4, 4, 8)  # one distinct grid per image
     opt = torch.optim.Adam(decoder.parameters(), lr=1e-2)
     rewards = []
     for _ in range(100):
-        loss, mean_reward = scst_loss(decoder, feats, [0, 1, 2, 3], reward, itos, samples=6, max_length=5,
-                                      start_id=START, end_id=END, pad_id=PAD, unk_id=UNK, candidates=candidates)
+        loss, mean_reward = scst_loss(decoder, feats, [0, 1, 2, 3], reward, vocab, samples=6, max_length=5,
+                                      candidates=candidates)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -148,14 +149,14 @@ def test_beam_candidates_are_the_search_output_with_gradients() -> None:
     assert logp[0, : len(hyp.ids)].tolist() == pytest.approx(hyp.logprobs, abs=1e-5)
     assert mask[0].sum() == n
     with pytest.raises(ValueError, match="unknown SCST candidates"):
-        scst_loss(decoder, feats, [0, 0], CiderD([[["a"]]]), ["x"] * 12, samples=2, max_length=3,
-                  start_id=START, end_id=END, pad_id=PAD, candidates="greedy")
+        scst_loss(decoder, feats, [0, 0], CaptionReward([[["a"]]]), Vocabulary([f"w{i}" for i in range(8)]),
+                  samples=2, max_length=3, candidates="greedy")
 
 
 def test_scst_needs_two_samples() -> None:
     with pytest.raises(ValueError, match="2 samples"):
-        scst_loss(tiny_decoder(), torch.randn(1, 4, 8), [0], CiderD([[["a"]]]), ["x"] * 12, samples=1,
-                  max_length=3, start_id=START, end_id=END, pad_id=PAD)
+        scst_loss(tiny_decoder(), torch.randn(1, 4, 8), [0], CaptionReward([[["a"]]]), Vocabulary([f"w{i}" for i in range(8)]),
+                  samples=1, max_length=3)
 
 
 @pytest.fixture(scope="module")
