@@ -28,6 +28,20 @@ MAX_BEAM_SIZE = 10
 MAX_LENGTH_LIMIT = 60
 
 
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
+
+
+def parse_flag(text: str, name: str) -> bool:
+    """An on/off setting such as ``$CAPTIONER_FAST``: 1/true/yes/on or 0/false/no/off/empty (any case)."""
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError(f"{name} must be a boolean (1/0, true/false), got {text!r}")
+
+
 def default_model_path() -> Path:
     """``$CAPTIONER_MODEL``, else the model shipped in the repository's ``models/`` folder."""
     env = os.environ.get("CAPTIONER_MODEL")
@@ -91,7 +105,7 @@ class Captioner:
     ) -> "Captioner":
         """Load a checkpoint folder (safetensors + JSON; never unpickles). ``device`` defaults to CUDA if present.
 
-        ``fast`` (default: on for CPU unless ``$CAPTIONER_FAST=0``) applies the CPU inference speed-ups
+        ``fast`` (default: on for CPU unless ``$CAPTIONER_FAST`` is 0, false, no, off or empty) applies the CPU inference speed-ups
         measured in BENCHMARKS.md: batch norms folded into convolutions, channels-last encoder,
         encoder run two images at a time, int8 decoder weights. Use ``fast=False`` for the model
         exactly as trained (e.g. to save or fine-tune its weights).
@@ -123,7 +137,7 @@ class Captioner:
             encoder.load_state_dict(enc_weights, strict=False)
         cap = cls(encoder, decoder, vocab, config, device)
         if fast is None:
-            fast = os.environ.get("CAPTIONER_FAST", "1").strip().lower() not in ("0", "false", "no", "off")
+            fast = parse_flag(os.environ.get("CAPTIONER_FAST", "1"), "CAPTIONER_FAST")
         if fast and cap.device.type == "cpu":
             from .perf import optimize
 

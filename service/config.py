@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from captioner.api import MAX_BEAM_SIZE, default_model_path
+from captioner.api import MAX_BEAM_SIZE, default_model_path, parse_flag
 from captioner.images import DEFAULT_MAX_PIXELS
 
 
@@ -74,10 +74,6 @@ GUNICORN_ENV_VARS: dict[str, tuple[str, str]] = {
     "PROMETHEUS_MULTIPROC_DIR": ("", "Optional: a writable, empty folder; `/metrics` then aggregates all workers (see Metrics)."),
 }
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-
-
 def _parse(name: str, kind: str, raw: Any) -> Any:
     if kind == "path":
         return Path(raw) if raw not in (None, "") else default_model_path()
@@ -86,12 +82,10 @@ def _parse(name: str, kind: str, raw: Any) -> Any:
     if kind == "bool":
         if isinstance(raw, bool):
             return raw
-        text = str(raw).strip().lower()
-        if text in _TRUE:
-            return True
-        if text in _FALSE:
-            return False
-        raise ConfigError(f"{name} must be a boolean (1/0, true/false), got {raw!r}")
+        try:
+            return parse_flag(str(raw), name)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     try:
         return int(raw) if kind == "int" else float(raw)
     except (TypeError, ValueError):

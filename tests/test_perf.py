@@ -23,6 +23,12 @@ def test_fast_is_the_cpu_default_and_can_be_turned_off(tiny_checkpoint: Path, mo
     assert exact.optimizations == [] and isinstance(exact.decoder.out, torch.nn.Linear)
     monkeypatch.setenv("CAPTIONER_FAST", "0")
     assert Captioner.load(tiny_checkpoint, device="cpu").optimizations == []
+    # the library reads the variable as the service's settings do: empty is off, nonsense is an error
+    monkeypatch.setenv("CAPTIONER_FAST", "")
+    assert Captioner.load(tiny_checkpoint, device="cpu").optimizations == []
+    monkeypatch.setenv("CAPTIONER_FAST", "maybe")
+    with pytest.raises(ValueError, match="CAPTIONER_FAST must be a boolean"):
+        Captioner.load(tiny_checkpoint, device="cpu")
 
 
 def test_fast_encoder_matches_the_exact_one(tiny_checkpoint: Path) -> None:
