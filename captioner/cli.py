@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--image-size", type=_positive_int, default=260)
     t.add_argument("--stage", choices=STAGES, default="head")
     t.add_argument("--encoder-weights", help="local weights file for torchvision ResNets")
-    t.add_argument("--finetune-blocks", type=int, default=0, help="train the last N encoder blocks (reads images, slow)")
+    t.add_argument("--finetune-blocks", type=_int_range(0), default=0,
+                   help="train the last N encoder blocks (and its head) too, from a cache of the map before them")
     t.add_argument("--encoder-lr", type=float, default=1e-4)
     t.add_argument("--min-count", type=_positive_int, default=5, help="vocabulary: minimum word count")
     t.add_argument("--max-words", type=_positive_int, default=30, help="training captions are cut to this many words")

@@ -87,44 +87,79 @@ class Encoder(nn.Module):
 
     def unfreeze_last(self, n_blocks: int) -> list[nn.Parameter]:
         """Make the last ``n_blocks`` blocks (plus the head) trainable; returns their parameters."""
-        if self.config.backbone.startswith("efficientnet-lite"):
-            blocks = list(self.net._blocks[: self._last_block + 1])
-            modules: list[nn.Module] = blocks[len(blocks) - n_blocks :]
-            if self.config.stage == "head":
-                modules += [self.net._conv_head, self.net._bn1]
-        else:
-            layers = [self.net.layer1, self.net.layer2, self.net.layer3]
-            if self.config.stage == "head":
-                layers.append(self.net.layer4)
-            modules = [b for layer in layers for b in layer][-n_blocks:]
+        self._check_cut(n_blocks)
+        modules: list[nn.Module] = self._blocks()[len(self._blocks()) - n_blocks :]
+        if self.config.backbone.startswith("efficientnet-lite") and self.config.stage == "head":
+            modules += [self.net._conv_head, self.net._bn1]
         params = [p for m in modules for p in m.parameters()]
         for p in params:
             p.requires_grad_(True)
         return params
 
-    @property
-    def _last_block(self) -> int:
-        if self.config.stage == "head":
-            return len(self.net._blocks) - 1
-        return _LITE_STRIDE16_LAST_BLOCK[self.config.backbone]
+    def _blocks(self) -> list[nn.Module]:
+        """The residual blocks on the feature path, in order."""
+        net = self.net
+        if self.config.backbone.startswith("efficientnet-lite"):
+            last = len(net._blocks) - 1 if self.config.stage == "head" else _LITE_STRIDE16_LAST_BLOCK[self.config.backbone]
+            return list(net._blocks[: last + 1])
+        layers = [net.layer1, net.layer2, net.layer3] + ([net.layer4] if self.config.stage == "head" else [])
+        return [b for layer in layers for b in layer]
+
+    def _check_cut(self, n_blocks: int) -> None:
+        if not 0 <= n_blocks <= len(self._blocks()):
+            raise ValueError(f"{self.config.backbone} has {len(self._blocks())} blocks up to stage "
+                             f"{self.config.stage!r}; cannot split off the last {n_blocks}")
+
+    def trunk(self, images: torch.Tensor, n_top: int = 0) -> torch.Tensor:
+        """images (B, 3, S, S) -> feature map (B, C, H, W) before the last ``n_top`` blocks (and the head)."""
+        self._check_cut(n_top)
+        net = self.net
+        if self.config.backbone.startswith("efficientnet-lite"):
+            x = net._swish(net._bn0(net._conv_stem(images)))
+        else:
+            x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
+        blocks = self._blocks()
+        for block in blocks[: len(blocks) - n_top]:
+            x = block(x)  # drop-connect is off: frozen/fine-tuned features stay deterministic
+        return x
+
+    def top(self, x: torch.Tensor, n_top: int = 0) -> torch.Tensor:
+        """trunk map (B, C, H, W) -> annotations (B, L, D): the last ``n_top`` blocks, then the head."""
+        blocks = self._blocks()
+        for block in blocks[len(blocks) - n_top :] if n_top else []:
+            x = block(x)
+        if self.config.backbone.startswith("efficientnet-lite") and self.config.stage == "head":
+            net = self.net
+            x = net._swish(net._bn1(net._conv_head(x)))
+        return x.flatten(2).transpose(1, 2)  # (B, L, D)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, S, S) -> annotations (B, L, D)."""
-        if self.config.backbone.startswith("efficientnet-lite"):
-            net = self.net
-            x = net._swish(net._bn0(net._conv_stem(images)))
-            for block in net._blocks[: self._last_block + 1]:
-                x = block(x)  # drop-connect is off: frozen/fine-tuned features stay deterministic
-            if self.config.stage == "head":
-                x = net._swish(net._bn1(net._conv_head(x)))
-        else:
-            net = self.net
-            x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
-            x = net.layer3(net.layer2(net.layer1(x)))
-            if self.config.stage == "head":
-                x = net.layer4(x)
-        # x: (B, D, H, W)
-        return x.flatten(2).transpose(1, 2)  # (B, L, D)
+        return self.top(self.trunk(images))
+
+    @torch.no_grad()
+    def trunk_shape(self, n_top: int) -> tuple[int, int, int]:
+        """(C, H, W) of :meth:`trunk`'s output for this input size."""
+        s = self.config.image_size
+        probe = next(self.parameters())
+        _, c, h, w = self.trunk(torch.zeros(1, 3, s, s, dtype=probe.dtype, device=probe.device), n_top).shape
+        return c, h, w
+
+
+class TrunkRows(nn.Module):
+    """``encoder.trunk(images, n_top)`` as rows (B, H*W, C): what a trunk feature cache stores."""
+
+    def __init__(self, encoder: Encoder, n_top: int) -> None:
+        super().__init__()
+        self.encoder, self.n_top = encoder, n_top
+        self.config = encoder.config
+
+    @property
+    def net(self) -> nn.Module:  # captioner.perf folds batch norms through this attribute
+        return self.encoder.net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder.trunk(images, self.n_top).flatten(2).transpose(1, 2)  # (B, H*W, C)
 
 
 def _build_lite(config: EncoderConfig, pretrained: bool) -> nn.Module:

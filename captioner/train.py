@@ -1,8 +1,9 @@
 """Training: teacher-forced cross-entropy + doubly stochastic attention, validated by decoding.
 
 ``train(args)`` is what ``captioner train`` runs. With a frozen encoder the images are
-encoded once into a feature cache and the decoder trains from it; ``--finetune-blocks N``
-reads images and trains the last N encoder blocks too. Each epoch ends with a real
+encoded once into a feature cache and the decoder trains from it; with ``--finetune-blocks N``
+the cache holds the map before the encoder's last N blocks, which then train with the
+decoder (batch norms frozen). Each epoch ends with a real
 decode of the dev split (BLEU-4 / CIDEr-D), a metrics-log line, an atomic ``last``
 checkpoint (with optimiser/scheduler/RNG state for ``--resume``) and, when the
 validation score improves, an atomic ``best`` checkpoint.
@@ -27,9 +28,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import checkpoint
-from .datasets import CaptionPairs, CaptionRecord, FeatureCache, ImageGroupedBatches, cache_key, collate_pairs, load_records
+from .datasets import (CaptionPairs, CaptionRecord, FeatureCache, ImageGroupedBatches, cache_identity, cache_key,
+                       collate_pairs, load_records)
 from .decoder import AttentionDecoder, DecoderConfig
-from .encoder import Encoder, EncoderConfig
+from .encoder import Encoder, EncoderConfig, TrunkRows
 from .metrics import score as score_metrics
 from .search import beam_search, greedy_search
 from .vocab import Vocabulary
@@ -44,27 +46,51 @@ def default_cache_dir() -> Path:
 # ------------------------------------------------------------------ features
 def cached_features(
     records: list[CaptionRecord], enc_cfg: EncoderConfig, cache_dir: Path, device: torch.device,
-    batch_size: int = 32, num_workers: int = 1, encoder: Encoder | None = None,
+    batch_size: int = 32, num_workers: int = 1, encoder: Encoder | None = None, trunk_blocks: int = 0,
 ) -> tuple[torch.Tensor, dict[str, int]]:
-    """Encode ``records``' images once (resumable) and return (features (N, L, D) fp16, path -> row)."""
+    """Encode ``records``' images once (resumable) and return (features (N, L, D) fp16, path -> row).
+
+    With ``trunk_blocks`` n > 0 the rows are the map before the encoder's last n blocks,
+    (N, H*W, C), for :meth:`Encoder.top` to finish (encoder fine-tuning).
+    """
     paths = sorted({os.path.abspath(r.path) for r in records})
-    cache = FeatureCache(cache_dir / f"features-{cache_key(paths, enc_cfg)}")
+    identity = cache_identity(enc_cfg, trunk_blocks)
+    cache = FeatureCache(cache_dir / f"features-{cache_key(paths, enc_cfg, trunk_blocks)}")
     if not cache.complete():
         # a complete cache of the same encoder that already holds every image will do (e.g. the
         # train+dev cache when evaluating on dev)
         for other in sorted(cache_dir.glob("features-*")):
             candidate = FeatureCache(other)
             idx = candidate.index
-            if candidate.complete() and idx.get("encoder") == enc_cfg.to_dict() and set(paths) <= set(idx["paths"]):
+            if candidate.complete() and idx.get("encoder") == identity and set(paths) <= set(idx["paths"]):
                 return candidate.load()
     if not cache.complete():
         encoder = encoder or Encoder(enc_cfg)
+        row_shape = None
+        module: torch.nn.Module = encoder
+        if trunk_blocks:
+            c, h, w = encoder.trunk_shape(trunk_blocks)
+            row_shape, module = (h * w, c), TrunkRows(encoder, trunk_blocks)
         if torch.device(device).type == "cpu":  # folded BN + channels-last + chunks of 2: same features, faster
             from .perf import fast_encoder
 
-            encoder = fast_encoder(encoder)
-        cache.build(paths, encoder, batch_size=batch_size, num_workers=num_workers, device=device)
+            module = fast_encoder(module)
+        cache.build(paths, module, batch_size=batch_size, num_workers=num_workers, device=device,
+                    trunk_blocks=trunk_blocks, row_shape=row_shape)
     return cache.load()
+
+
+def top_features(
+    encoder: Encoder, trunk_feats: torch.Tensor, n_top: int, device: torch.device | str, batch_size: int = 64,
+) -> torch.Tensor:
+    """Trunk-cache rows (N, H*W, C) -> annotations (N, L, D) fp16 through the encoder's last ``n_top`` blocks."""
+    c, h, w = encoder.trunk_shape(n_top)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(trunk_feats), batch_size):
+            x = trunk_feats[i : i + batch_size].to(device).float()  # (b, H*W, C)
+            out.append(encoder.top(x.transpose(1, 2).reshape(-1, c, h, w), n_top).cpu().half())
+    return torch.cat(out)
 
 
 # ------------------------------------------------------------------ decoding for validation/evaluation
@@ -181,18 +207,18 @@ def train_one_epoch(
     model.train()
     use_amp = device.type == "cuda"
     total, total_ce, n_batches, tokens = 0.0, 0.0, 0, 0
+    trunk_shape = encoder.trunk_shape(args.finetune_blocks) if encoder is not None else None
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not show, unit="batch", leave=False)
     for sources, captions, lengths in bar:
         captions, lengths = captions.to(device), lengths.to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            if encoder is None:
-                rows, image_index = sources.unique(return_inverse=True)
-                annotations = feats[rows].to(device).float()  # (N, L, D) from the cache, one per image
-                image_index = image_index.to(device)  # (B,) caption -> image
-            else:
-                annotations = encoder(sources.to(device))  # (B, L, D), fine-tuned blocks train
-                image_index = None
+            rows, image_index = sources.unique(return_inverse=True)
+            annotations = feats[rows].to(device).float()  # (N, L, D) from the cache, one per image
+            image_index = image_index.to(device)  # (B,) caption -> image
+            if encoder is not None:  # the cache holds trunk maps (N, H*W, C); the last blocks train
+                c, h, w = trunk_shape
+                annotations = encoder.top(annotations.transpose(1, 2).reshape(-1, c, h, w), args.finetune_blocks)
             logits, alphas = model(annotations, captions, lengths, image_index)
             loss, ce = caption_loss(logits.float(), alphas.float(), captions, 0, args.label_smoothing, args.alpha_c)
         optimizer.zero_grad(set_to_none=True)
@@ -251,12 +277,14 @@ def scst_one_epoch(
             "samples_per_s": tokens / max(secs, 1e-9), "epoch_seconds": secs}
 
 
-def model_config(args: argparse.Namespace, enc_cfg: EncoderConfig, dec_cfg: DecoderConfig, extra: dict | None = None) -> dict:
+def model_config(args: argparse.Namespace, enc_cfg: EncoderConfig, dec_cfg: DecoderConfig, extra: dict | None = None,
+                 finetune_blocks: int = 0) -> dict:
     return {
         "name": args.name,
         "version": args.model_version,
         "encoder": enc_cfg.to_dict(),
-        "encoder_finetuned": bool(args.finetune_blocks),
+        "encoder_finetuned": bool(finetune_blocks),
+        "finetune_blocks": finetune_blocks,
         "decoder": dec_cfg.to_dict(),
         "inference": {"beam_size": args.beam_size, "max_length": args.max_length,
                       "length_alpha": args.length_alpha, "block_repeats": True},
@@ -279,12 +307,15 @@ def train_then_scst(args: argparse.Namespace) -> dict[str, Any]:
     whichever phase was interrupted; a finished phase is not repeated.
     """
     out = Path(args.output)
+    if args.init_from and args.finetune_blocks:
+        raise SystemExit("SCST trains the decoder only: --finetune-blocks applies to the cross-entropy phase, "
+                         "which --init-from skips")
     xe_summary = None
     init = Path(args.init_from) if args.init_from else out / "xe" / "best"
     if not args.init_from:
         xe_args = argparse.Namespace(**{**vars(args), "output": str(out / "xe"), "phase": "xe"})
         xe_summary = train(xe_args)
-    scst_args = argparse.Namespace(**{**vars(args), "phase": "scst", "init_from": str(init),
+    scst_args = argparse.Namespace(**{**vars(args), "phase": "scst", "init_from": str(init), "finetune_blocks": 0,
                                       "epochs": args.scst_epochs, "lr": args.scst_lr, "warmup_steps": 0})
     summary = train(scst_args)
     if xe_summary is not None:
@@ -297,12 +328,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "scst_epochs", 0) and getattr(args, "phase", None) is None:
         return train_then_scst(args)
     scst = getattr(args, "phase", None) == "scst"
-    if scst and args.finetune_blocks:
-        raise SystemExit("SCST trains the decoder on cached features: it cannot be combined with --finetune-blocks")
     init_from = Path(args.init_from) if scst else None
     rank, world, dist_device = setup_distributed()
     if scst and world > 1:
         raise SystemExit("SCST runs in one process; start it without torchrun")
+    if args.finetune_blocks and world > 1:
+        raise SystemExit("--finetune-blocks runs in one process; start it without torchrun")
     main_proc = rank == 0
     device = dist_device or torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.output)
@@ -339,28 +370,46 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         enc_cfg = EncoderConfig(args.encoder, args.image_size, args.stage, args.encoder_weights)
         dec_cfg = DecoderConfig(len(vocab), enc_cfg.feature_dim, args.embed_dim, args.hidden_dim,
                                 args.attention_dim, args.proj_dim, args.dropout, not args.no_tie)
+    # SCST from a fine-tuned checkpoint keeps its encoder as trained: annotations come from the
+    # trunk cache through that encoder's last blocks, once
+    frozen_top = 0
+    if scst and config.get("encoder_finetuned"):
+        frozen_top = int(config.get("finetune_blocks") or 0)
+        if not frozen_top:
+            raise SystemExit("the starting checkpoint has a fine-tuned encoder but does not record how many "
+                             "blocks were fine-tuned (finetune_blocks in config.json); cannot start SCST from it")
     if main_proc:
         log.info("%d train / %d dev images, vocabulary %d words, grid %s x %d-d",
                  len(train_recs), len(dev_recs), len(vocab), enc_cfg.grid, enc_cfg.feature_dim)
 
     encoder: Encoder | None = Encoder(enc_cfg)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    feats = rows = None
-    if not args.finetune_blocks:  # frozen encoder: train and validate from the feature cache
-        if world > 1 and not main_proc:
-            dist.barrier()  # rank 0 builds the cache alone; the others then read it
-        feats, rows = cached_features(train_recs + dev_recs, enc_cfg, cache_dir, device,
-                                      args.encode_batch_size, args.workers, encoder)
-        if world > 1 and main_proc:
-            dist.barrier()
+    n_top = args.finetune_blocks or frozen_top
+    if world > 1 and not main_proc:
+        dist.barrier()  # rank 0 builds the cache alone; the others then read it
+    # frozen encoder: the decoder trains from cached annotations; fine-tuning the last n blocks:
+    # from the cached map before them (batch norms keep their ImageNet statistics, so it is fixed)
+    feats, rows = cached_features(train_recs + dev_recs, enc_cfg, cache_dir, device,
+                                  args.encode_batch_size, args.workers, encoder, trunk_blocks=n_top)
+    if world > 1 and main_proc:
+        dist.barrier()
+    saved_encoder: Encoder | None = None  # saved with every checkpoint, not trained
+    if frozen_top:
+        source = out / "last" if resume_state is not None else init_from
+        weights = checkpoint.read_weights(source)
+        encoder.load_state_dict({k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")},
+                                strict=False)
+        encoder = encoder.to(device)
+        feats = top_features(encoder, feats, frozen_top, device)  # (N, L, D) fp16, same rows
+        saved_encoder, encoder = encoder, None
+    elif not n_top:
         encoder = None
     seed_everything(args.seed)  # initial weights must not depend on whether the cache had to be built
     decoder = AttentionDecoder(dec_cfg).to(device)
     params = [{"params": [p for p in decoder.parameters()], "lr": args.lr}]
     if encoder is not None:
         encoder = encoder.to(device)
-        enc_params = encoder.unfreeze_last(args.finetune_blocks)
-        encoder.train()
+        enc_params = encoder.unfreeze_last(n_top)
         params.append({"params": enc_params, "lr": args.encoder_lr})
     model: torch.nn.Module = decoder
     if world > 1:
@@ -422,8 +471,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                   "best": best}
         history.append(record)
         cfg = model_config(args, enc_cfg, dec_cfg, {"epochs_trained": 0, "best_" + args.monitor: best,
-                                                   "train_images": len(train_recs), "manifest": manifest})
-        checkpoint.save(out / "best", weights_to_save(decoder, None), cfg, vocab.to_json())
+                                                   "train_images": len(train_recs), "manifest": manifest}, n_top)
+        checkpoint.save(out / "best", weights_to_save(decoder, saved_encoder), cfg, vocab.to_json())
         metrics_log.write_text(json.dumps(record) + "\n")
         if not args.quiet:
             _print_record(record)
@@ -439,8 +488,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                    epoch, gen, show=main_proc and not args.quiet)
         else:
             batches = ImageGroupedBatches(pairs, args.batch_size, gen, rank, world)
-            loader = DataLoader(pairs, batch_sampler=batches, collate_fn=collate_pairs,
-                                num_workers=args.workers if encoder is not None else 0)
+            loader = DataLoader(pairs, batch_sampler=batches, collate_fn=collate_pairs)
             stats = train_one_epoch(model, encoder, loader, feats, optimizer, scheduler, args, device, epoch,
                                     show=main_proc and not args.quiet)
         record: dict[str, Any] = {"epoch": epoch, **stats, "lr": scheduler.get_last_lr()[0]}
@@ -448,7 +496,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             if dev_recs:
                 if encoder is not None:  # fine-tuned encoder: its features change every epoch
-                    val_feats, val_rows = _encode_records(encoder, dev_recs, enc_cfg, device)
+                    dev_index = torch.tensor([rows[os.path.abspath(r.path)] for r in dev_recs])
+                    val_feats = top_features(encoder, feats[dev_index], n_top, device)
+                    val_rows = {os.path.abspath(r.path): i for i, r in enumerate(dev_recs)}
                 else:
                     val_feats, val_rows = feats, rows
                 val, _ = evaluate_split(decoder, val_feats, val_rows, dev_recs, vocab, args.val_beam_size,
@@ -471,8 +521,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 extra |= {"objective": "scst", "scst_reward": {"cider_d": args.scst_cider_weight, "bleu4": args.scst_bleu_weight,
                                                                "meteor_lite": args.scst_meteor_weight},
                           "scst_epochs": epoch, "init_from": str(init_from)}
-            cfg = model_config(args, enc_cfg, dec_cfg, extra)
-            weights = weights_to_save(decoder, encoder)
+            cfg = model_config(args, enc_cfg, dec_cfg, extra, n_top)
+            weights = weights_to_save(decoder, encoder if encoder is not None else saved_encoder)
             if improved:
                 checkpoint.save(out / "best", weights, dict(cfg), vocab.to_json())
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
@@ -499,21 +549,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 def _print_record(record: dict[str, Any]) -> None:
     """One metrics-log record on stdout, floats rounded."""
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in record.items()}), flush=True)
-
-
-def _encode_records(encoder: Encoder, records: list[CaptionRecord], cfg: EncoderConfig, device: torch.device) -> tuple[torch.Tensor, dict[str, int]]:
-    """Encode images with the (fine-tuned) encoder in memory, for validation."""
-    from .images import load_and_preprocess
-
-    encoder.eval()
-    paths = [os.path.abspath(r.path) for r in records]
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(paths), 32):
-            x = torch.stack([load_and_preprocess(p, cfg.image_size, cfg.norm)[0] for p in paths[i : i + 32]])
-            out.append(encoder(x.to(device)).cpu().half())
-    encoder.train()
-    return torch.cat(out), {p: i for i, p in enumerate(paths)}
 
 
 def _manifest(args: argparse.Namespace) -> dict | None:

@@ -52,6 +52,21 @@ def test_unfreeze_last_blocks() -> None:
     assert 0 < trainable < sum(p.numel() for p in enc.parameters())
 
 
+@pytest.mark.parametrize("stage", ["head", "stride16"])
+def test_trunk_then_top_is_the_whole_encoder(stage: str) -> None:
+    """Fine-tuning trains ``top`` on cached ``trunk`` maps: the two halves must compose to ``forward``."""
+    enc = Encoder(EncoderConfig("efficientnet-lite0", 96, stage))
+    x = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        full = enc(x)  # (2, L, D)
+        for n_top in (0, 1, 4):
+            trunk = enc.trunk(x, n_top)  # (2, C, H, W)
+            assert tuple(trunk.shape[1:]) == enc.trunk_shape(n_top)
+            assert torch.equal(enc.top(trunk, n_top), full)
+    with pytest.raises(ValueError, match="blocks"):
+        enc.trunk(x, len(enc._blocks()) + 1)
+
+
 def test_unknown_backbone_is_rejected() -> None:
     with pytest.raises(ValueError, match="backbone"):
         Encoder(EncoderConfig("vgg16"))

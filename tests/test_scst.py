@@ -206,3 +206,24 @@ def test_init_from_needs_scst_epochs_and_a_checkpoint(dataset: Path, tmp_path: P
         main(train_args(dataset, tmp_path / "a", 1, "--init-from", str(tmp_path)))
     with pytest.raises(SystemExit, match="cannot start SCST"):
         main(train_args(dataset, tmp_path / "b", 1, "--init-from", str(tmp_path / "missing"), "--scst-epochs", "1"))
+
+
+def test_scst_after_finetuning_keeps_the_fine_tuned_encoder(dataset: Path, tmp_path: Path) -> None:
+    from captioner.checkpoint import read_weights
+    from test_train import log_lines, train_args
+
+    out = tmp_path / "ft"
+    assert main(train_args(dataset, out, 2, "--finetune-blocks", "1", "--encoder-lr", "1e-3", "--scst-epochs", "1",
+                           "--scst-samples", "2", "--scst-max-length", "6")) == 0
+    xe, final = read_weights(out / "xe" / "best"), read_weights(out / "last")
+    encoder_keys = {k for k in xe if k.startswith("encoder.")}
+    assert encoder_keys and encoder_keys == {k for k in final if k.startswith("encoder.")}
+    assert all(torch.equal(xe[k], final[k]) for k in encoder_keys), "SCST trains the decoder only"
+    config = json.loads((out / "last" / "config.json").read_text())
+    assert config["encoder_finetuned"] is True and config["finetune_blocks"] == 1
+    # SCST starts from the fine-tuned features: its starting score is the cross-entropy model's best
+    xe_best = max(r["dev_cider"] for r in log_lines(out / "xe"))
+    assert log_lines(out)[0]["dev_cider"] == pytest.approx(xe_best)
+    with pytest.raises(SystemExit, match="cross-entropy phase"):
+        main(train_args(dataset, tmp_path / "b", 1, "--init-from", str(out / "xe" / "best"), "--scst-epochs", "1",
+                        "--finetune-blocks", "1"))

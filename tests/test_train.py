@@ -95,3 +95,42 @@ def test_sigkill_then_resume_matches_uninterrupted_run(dataset: Path, tmp_path: 
     for k in a:
         assert (a[k] == b[k]).all(), k
     assert log_lines(straight)[-1]["loss"] == pytest.approx(log_lines(resumed)[-1]["loss"], rel=1e-6)
+
+
+def test_finetune_blocks_train_from_a_trunk_cache(dataset: Path, tmp_path: Path) -> None:
+    """--finetune-blocks: the last blocks and the head learn, the trunk and batch-norm statistics stay."""
+    import torch
+
+    from captioner import checkpoint
+    from captioner.api import Captioner
+    from captioner.datasets import FeatureCache
+    from captioner.encoder import Encoder, EncoderConfig
+
+    out = tmp_path / "ft"
+    assert main(train_args(dataset, out, 5, "--finetune-blocks", "2", "--encoder-lr", "1e-3")) == 0
+    log = log_lines(out)
+    assert log[-1]["ce"] < 0.75 * log[0]["ce"]
+    caches = [FeatureCache(p) for p in (tmp_path / "cache").glob("features-*")]
+    assert [c.index["encoder"].get("trunk_blocks") for c in caches] == [2]
+    assert checkpoint.read_config(out / "best")["encoder_finetuned"] is True
+
+    stock = Encoder(EncoderConfig("efficientnet-lite0", 64, "head")).state_dict()
+    saved = {k[len("encoder."):]: v for k, v in checkpoint.read_weights(out / "best").items() if k.startswith("encoder.")}
+    assert saved.keys() == stock.keys()
+    changed = {k for k in saved if "running" not in k and not torch.equal(saved[k], stock[k])}
+    last_two = {f"net._blocks.{i}." for i in (len(Encoder(EncoderConfig("efficientnet-lite0", 64)).net._blocks) - 2,
+                                            len(Encoder(EncoderConfig("efficientnet-lite0", 64)).net._blocks) - 1)}
+    assert changed and all(k.startswith(tuple(last_two) + ("net._conv_head", "net._bn1")) for k in changed)
+    assert all(torch.equal(saved[k], stock[k]) for k in saved if "running" in k), "batch norms stay frozen"
+
+    # the loaded model encodes images exactly as training saw them: trunk cache + trained top
+    cap = Captioner.load(out / "best", device="cpu", fast=False)
+    feats, rows = caches[0].load()
+    image = sorted(rows)[0]
+    from captioner.train import top_features
+
+    via_cache = top_features(cap.encoder, feats[[rows[image]]], 2, "cpu").float()
+    direct = cap.encode(cap.preprocess(image)[0][None]).float()
+    assert torch.allclose(via_cache, direct, atol=0.05, rtol=0.02)
+    assert main(["evaluate", "--checkpoint", str(out / "best"), "--dataset", "custom", "--data-dir", str(dataset),
+                 "--split", "dev", "--no-meteor", "--cache-dir", str(tmp_path / "cache")]) == 0

@@ -1,5 +1,5 @@
 """Dataset readers, the feature cache and torch datasets."""
-from .features import FeatureCache, cache_key
+from .features import FeatureCache, cache_identity, cache_key
 from .records import DATASETS, SPLITS, CaptionRecord, DatasetError, load_records
 from .samples import CaptionPairs, ImageGroupedBatches, collate_pairs
 
@@ -11,6 +11,7 @@ __all__ = [
     "DatasetError",
     "FeatureCache",
     "ImageGroupedBatches",
+    "cache_identity",
     "cache_key",
     "collate_pairs",
     "load_records",

@@ -4,6 +4,10 @@ A cache is a folder with ``features.npy`` (float16, (N, L, D), memory-mapped),
 ``index.json`` (image paths in row order, the encoder config, rows done) so that
 an interrupted extraction resumes where it stopped and a cache built for another
 encoder is never reused by mistake.
+
+A *trunk* cache (``trunk_blocks=n``) stores the feature map before the encoder's last
+``n`` blocks instead, as rows (N, H*W, C): fine-tuning those blocks then trains from the
+cache too (``captioner train --finetune-blocks n``).
 """
 from __future__ import annotations
 
@@ -42,9 +46,14 @@ def _single_thread(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def cache_key(paths: list[str], cfg: EncoderConfig) -> str:
-    """Short hash naming a cache for this encoder and this image set."""
-    h = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+def cache_identity(cfg: EncoderConfig, trunk_blocks: int = 0) -> dict:
+    """What a cache's rows depend on besides the images: the encoder, and where it is cut."""
+    return cfg.to_dict() | ({"trunk_blocks": trunk_blocks} if trunk_blocks else {})
+
+
+def cache_key(paths: list[str], cfg: EncoderConfig, trunk_blocks: int = 0) -> str:
+    """Short hash naming a cache for this encoder (cut ``trunk_blocks`` from the end) and image set."""
+    h = hashlib.sha1(json.dumps(cache_identity(cfg, trunk_blocks), sort_keys=True).encode())
     for p in paths:
         h.update(os.path.abspath(p).encode())
     return h.hexdigest()[:12]
@@ -74,16 +83,23 @@ class FeatureCache:
         num_workers: int = 1,
         device: str | torch.device = "cpu",
         progress: bool = True,
+        trunk_blocks: int = 0,
+        row_shape: tuple[int, int] | None = None,
     ) -> None:
-        """Encode ``paths`` (resuming a partial cache with the same paths and encoder)."""
+        """Encode ``paths`` (resuming a partial cache with the same paths and encoder).
+
+        ``encoder`` maps images to rows (b, L, D); for a trunk cache it is the encoder's
+        :class:`~captioner.encoder.TrunkRows` view and ``row_shape`` gives its (L, C).
+        """
         self.folder.mkdir(parents=True, exist_ok=True)
         cfg = encoder.config
         H, W = cfg.grid
-        shape = (len(paths), H * W, cfg.feature_dim)
+        shape = (len(paths), *(row_shape or (H * W, cfg.feature_dim)))
+        identity = cache_identity(cfg, trunk_blocks)
         idx = self.index
         resumable = (
             idx.get("paths") == [os.path.abspath(p) for p in paths]
-            and idx.get("encoder") == cfg.to_dict()
+            and idx.get("encoder") == identity
             and self.array_path.exists()
         )
         if resumable:
@@ -92,7 +108,7 @@ class FeatureCache:
         else:
             arr = np.lib.format.open_memmap(self.array_path, mode="w+", dtype=np.float16, shape=shape)
             start = 0
-            idx = {"paths": [os.path.abspath(p) for p in paths], "encoder": cfg.to_dict(), "done": 0,
+            idx = {"paths": [os.path.abspath(p) for p in paths], "encoder": identity, "done": 0,
                    "shape": list(shape), "failed": []}
             self._write_index(idx)
         if start >= len(paths):
