@@ -167,7 +167,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not records:
         raise DatasetError(f"no images with captions in split {args.split!r} of {args.data_dir}")
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    if cap.config.get("encoder_finetuned"):
+    n_top = int(cap.config.get("finetune_blocks") or 0)
+    if cap.config.get("encoder_finetuned") and n_top:
+        # fine-tuning left the trunk at its ImageNet weights: cache the trunk's maps (reused by later
+        # runs) and finish them with the checkpoint's own last blocks, as in training
+        from .encoder import Encoder
+        from .train import top_features
+
+        encoder = Encoder(cap.encoder_cfg)
+        weights = checkpoint.read_weights(ckpt)
+        encoder.load_state_dict({k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")},
+                                strict=False)
+        trunk, trunk_rows = cached_features(records, cap.encoder_cfg, cache_dir, cap.device, trunk_blocks=n_top)
+        index = torch.tensor([trunk_rows[os.path.abspath(r.path)] for r in records])
+        feats = top_features(encoder.to(cap.device), trunk[index], n_top, cap.device)
+        rows = {os.path.abspath(r.path): i for i, r in enumerate(records)}
+    elif cap.config.get("encoder_finetuned"):  # no record of where it was cut: encode each image whole
         feats = torch.cat([cap.encode(cap.preprocess(r.path)[0][None]).cpu() for r in records])
         rows = {os.path.abspath(r.path): i for i, r in enumerate(records)}
     else:
