@@ -415,7 +415,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(decoder, device_ids=[device.index] if device.type == "cuda" else None)
 
-    pairs = CaptionPairs(train_recs, vocab, args.max_words, rows=rows, encoder_cfg=enc_cfg)
+    pairs = CaptionPairs(train_recs, vocab, args.max_words, rows)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     n_images = len({path for path, _ in pairs.items})
     steps_per_epoch = math.ceil(n_images / (args.batch_size * world))

@@ -6,28 +6,18 @@ import os
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..encoder import EncoderConfig
-from ..images import load_and_preprocess
 from ..vocab import Vocabulary
 from .records import CaptionRecord
 
 
 class CaptionPairs(Dataset):
-    """One item per reference caption.
+    """One item per reference caption: ``(feature-cache row, caption ids)``.
 
-    With ``rows`` (image path -> feature-cache row) an item is ``(row, ids)``; without,
-    it is ``(image tensor (3, S, S), ids)`` read through the shared preprocessing
-    (used when the encoder is fine-tuned).
+    ``rows`` maps each image path to its row in the feature cache (annotations, or the
+    trunk maps when the encoder's last blocks are fine-tuned).
     """
 
-    def __init__(
-        self,
-        records: list[CaptionRecord],
-        vocab: Vocabulary,
-        max_words: int = 30,
-        rows: dict[str, int] | None = None,
-        encoder_cfg: EncoderConfig | None = None,
-    ) -> None:
+    def __init__(self, records: list[CaptionRecord], vocab: Vocabulary, max_words: int, rows: dict[str, int]) -> None:
         self.items: list[tuple[str, list[int]]] = []
         for r in records:
             for c in r.captions:
@@ -35,21 +25,13 @@ class CaptionPairs(Dataset):
                 if len(ids) > 2:
                     self.items.append((os.path.abspath(r.path), ids))
         self.rows = rows
-        self.encoder_cfg = encoder_cfg
-        if rows is None and encoder_cfg is None:
-            raise ValueError("need a feature-cache row map or an encoder config")
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[object, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
         path, ids = self.items[i]
-        caption = torch.tensor(ids, dtype=torch.long)
-        if self.rows is not None:
-            return self.rows[path], caption
-        cfg = self.encoder_cfg
-        image, _ = load_and_preprocess(path, cfg.image_size, cfg.norm)
-        return image, caption
+        return self.rows[path], torch.tensor(ids, dtype=torch.long)
 
 
 class ImageGroupedBatches(Sampler[list[int]]):
@@ -85,12 +67,11 @@ class ImageGroupedBatches(Sampler[list[int]]):
         return -(-n // self.images_per_batch)
 
 
-def collate_pairs(batch: list[tuple[object, torch.Tensor]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> sources (B,) rows or (B, 3, S, S) images, captions (B, T) padded, lengths (B,)."""
+def collate_pairs(batch: list[tuple[int, torch.Tensor]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> cache rows (B,), captions (B, T) padded, lengths (B,)."""
     sources, caps = zip(*batch)
     lengths = torch.tensor([len(c) for c in caps], dtype=torch.long)
     padded = torch.full((len(caps), int(lengths.max())), pad_id, dtype=torch.long)
     for i, c in enumerate(caps):
         padded[i, : len(c)] = c
-    src = torch.stack(sources) if isinstance(sources[0], torch.Tensor) else torch.tensor(sources, dtype=torch.long)
-    return src, padded, lengths
+    return torch.tensor(sources, dtype=torch.long), padded, lengths
