@@ -171,13 +171,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if cap.config.get("encoder_finetuned") and n_top:
         # fine-tuning left the trunk at its ImageNet weights: cache the trunk's maps (reused by later
         # runs) and finish them with the checkpoint's own last blocks, as in training
+        from .api import load_state
         from .encoder import Encoder
         from .train import top_features
 
         encoder = Encoder(cap.encoder_cfg)
-        weights = checkpoint.read_weights(ckpt)
-        encoder.load_state_dict({k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")},
-                                strict=False)
+        load_state(encoder, checkpoint.read_weights(ckpt), "encoder.", {})
         trunk, trunk_rows = cached_features(records, cap.encoder_cfg, cache_dir, cap.device, trunk_blocks=n_top)
         index = torch.tensor([trunk_rows[os.path.abspath(r.path)] for r in records])
         feats = top_features(encoder.to(cap.device), trunk[index], n_top, cap.device)

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import checkpoint
+from .api import load_state
 from .datasets import (CaptionPairs, CaptionRecord, FeatureCache, ImageGroupedBatches, cache_identity, cache_key,
                        collate_pairs, load_records)
 from .decoder import AttentionDecoder, DecoderConfig
@@ -396,9 +397,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     saved_encoder: Encoder | None = None  # saved with every checkpoint, not trained
     if frozen_top:
         source = out / "last" if resume_state is not None else init_from
-        weights = checkpoint.read_weights(source)
-        encoder.load_state_dict({k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")},
-                                strict=False)
+        load_state(encoder, checkpoint.read_weights(source), "encoder.", {})
         encoder = encoder.to(device)
         feats = top_features(encoder, feats, frozen_top, device)  # (N, L, D) fp16, same rows
         saved_encoder, encoder = encoder, None
@@ -436,17 +435,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         reward = CaptionReward([refs_by_row[row] for row in train_rows], args.scst_cider_weight,
                                args.scst_bleu_weight, args.scst_meteor_weight)
     if resume_state is None and init_from is not None:
-        from .api import load_state
-
         weights = checkpoint.read_weights(init_from, device=device)
         load_state(decoder, weights, "decoder.", init_config.get("tied_weights", {}))
     if resume_state is not None:
         weights = checkpoint.read_weights(out / "last", device=device)
-        from .api import load_state
-
         load_state(decoder, weights, "decoder.", checkpoint.read_config(out / "last").get("tied_weights", {}))
         if encoder is not None:
-            encoder.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("encoder.")}, strict=False)
+            load_state(encoder, weights, "encoder.", {})
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         set_rng_state(resume_state["rng"])
