@@ -386,6 +386,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     encoder: Encoder | None = Encoder(enc_cfg)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     n_top = args.finetune_blocks or frozen_top
+    try:
+        encoder.trunk_shape(n_top)
+    except ValueError as exc:  # e.g. --finetune-blocks larger than the backbone's block count
+        raise SystemExit(f"--finetune-blocks {n_top}: {exc}") from exc
     if world > 1 and not main_proc:
         dist.barrier()  # rank 0 builds the cache alone; the others then read it
     # frozen encoder: the decoder trains from cached annotations; fine-tuning the last n blocks:

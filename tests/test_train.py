@@ -134,3 +134,5 @@ def test_finetune_blocks_train_from_a_trunk_cache(dataset: Path, tmp_path: Path)
     assert torch.allclose(via_cache, direct, atol=0.05, rtol=0.02)
     assert main(["evaluate", "--checkpoint", str(out / "best"), "--dataset", "custom", "--data-dir", str(dataset),
                  "--split", "dev", "--no-meteor", "--cache-dir", str(tmp_path / "cache")]) == 0
+    with pytest.raises(SystemExit, match="cannot split off the last 99"):
+        main(train_args(dataset, tmp_path / "too-many", 1, "--finetune-blocks", "99"))
