@@ -173,14 +173,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         # runs) and finish them with the checkpoint's own last blocks, as in training
         from .api import load_state
         from .encoder import Encoder
-        from .train import top_features
+        from .train import records_from_trunk
 
         encoder = Encoder(cap.encoder_cfg)
         load_state(encoder, checkpoint.read_weights(ckpt), "encoder.", {})
+        # the trunk comes from the packaged fp32 ImageNet weights, as in training (an export stores
+        # the whole encoder in fp16)
         trunk, trunk_rows = cached_features(records, cap.encoder_cfg, cache_dir, cap.device, trunk_blocks=n_top)
-        index = torch.tensor([trunk_rows[os.path.abspath(r.path)] for r in records])
-        feats = top_features(encoder.to(cap.device), trunk[index], n_top, cap.device)
-        rows = {os.path.abspath(r.path): i for i, r in enumerate(records)}
+        feats, rows = records_from_trunk(encoder.to(cap.device), trunk, trunk_rows, records, n_top, cap.device)
     elif cap.config.get("encoder_finetuned"):  # no record of where it was cut: encode each image whole
         feats = torch.cat([cap.encode(cap.preprocess(r.path)[0][None]).cpu() for r in records])
         rows = {os.path.abspath(r.path): i for i, r in enumerate(records)}

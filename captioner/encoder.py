@@ -126,7 +126,7 @@ class Encoder(nn.Module):
     def top(self, x: torch.Tensor, n_top: int = 0) -> torch.Tensor:
         """trunk map (B, C, H, W) -> annotations (B, L, D): the last ``n_top`` blocks, then the head."""
         blocks = self._blocks()
-        for block in blocks[len(blocks) - n_top :] if n_top else []:
+        for block in blocks[len(blocks) - n_top :]:
             x = block(x)
         if self.config.backbone.startswith("efficientnet-lite") and self.config.stage == "head":
             net = self.net

@@ -94,6 +94,16 @@ def top_features(
     return torch.cat(out)
 
 
+def records_from_trunk(
+    encoder: Encoder, trunk: torch.Tensor, trunk_rows: dict[str, int], records: list[CaptionRecord], n_top: int,
+    device: torch.device | str,
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """``records``' trunk-cache rows through the encoder's last ``n_top`` blocks: (annotations (N, L, D), path -> row)."""
+    paths = [os.path.abspath(r.path) for r in records]
+    feats = top_features(encoder, trunk[torch.tensor([trunk_rows[p] for p in paths])], n_top, device)
+    return feats, {p: i for i, p in enumerate(paths)}
+
+
 # ------------------------------------------------------------------ decoding for validation/evaluation
 @torch.inference_mode()
 def generate(
@@ -495,9 +505,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             if dev_recs:
                 if encoder is not None:  # fine-tuned encoder: its features change every epoch
-                    dev_index = torch.tensor([rows[os.path.abspath(r.path)] for r in dev_recs])
-                    val_feats = top_features(encoder, feats[dev_index], n_top, device)
-                    val_rows = {os.path.abspath(r.path): i for i, r in enumerate(dev_recs)}
+                    val_feats, val_rows = records_from_trunk(encoder, feats, rows, dev_recs, n_top, device)
                 else:
                     val_feats, val_rows = feats, rows
                 val, _ = evaluate_split(decoder, val_feats, val_rows, dev_recs, vocab, args.val_beam_size,
