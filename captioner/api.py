@@ -133,6 +133,10 @@ class Captioner:
         decoder = AttentionDecoder(dec_cfg)
         load_state(decoder, weights, "decoder.", config.get("tied_weights", {}))
         enc_weights = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
+        n_top = int(config.get("finetune_blocks") or 0)
+        if n_top:  # the frozen trunk stays at the packaged fp32 weights it was trained on (exports round to fp16)
+            top = encoder.top_state_keys(n_top)
+            enc_weights = {k: v for k, v in enc_weights.items() if k in top}
         if enc_weights:  # fine-tuned encoder blocks override the packaged ImageNet weights
             encoder.load_state_dict(enc_weights, strict=False)
         cap = cls(encoder, decoder, vocab, config, device)

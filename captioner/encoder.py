@@ -87,14 +87,25 @@ class Encoder(nn.Module):
 
     def unfreeze_last(self, n_blocks: int) -> list[nn.Parameter]:
         """Make the last ``n_blocks`` blocks (plus the head) trainable; returns their parameters."""
-        self._check_cut(n_blocks)
-        modules: list[nn.Module] = self._blocks()[len(self._blocks()) - n_blocks :]
-        if self.config.backbone.startswith("efficientnet-lite") and self.config.stage == "head":
-            modules += [self.net._conv_head, self.net._bn1]
-        params = [p for m in modules for p in m.parameters()]
+        params = [p for m in self._top_modules(n_blocks) for p in m.parameters()]
         for p in params:
             p.requires_grad_(True)
         return params
+
+    def _top_modules(self, n_blocks: int) -> list[nn.Module]:
+        """The last ``n_blocks`` blocks and the head: what :meth:`top` runs."""
+        self._check_cut(n_blocks)
+        blocks = self._blocks()
+        modules: list[nn.Module] = blocks[len(blocks) - n_blocks :]
+        if self.config.backbone.startswith("efficientnet-lite") and self.config.stage == "head":
+            modules += [self.net._conv_head, self.net._bn1]
+        return modules
+
+    def top_state_keys(self, n_blocks: int) -> set[str]:
+        """``state_dict`` keys of the last ``n_blocks`` blocks and the head (the part fine-tuning trains)."""
+        top = {id(m) for module in self._top_modules(n_blocks) for m in module.modules()}
+        return {f"{name}.{key}" for name, m in self.named_modules() if id(m) in top
+                for key in m.state_dict(keep_vars=True) if "." not in key}
 
     def _blocks(self) -> list[nn.Module]:
         """The residual blocks on the feature path, in order."""
