@@ -1,10 +1,12 @@
 """Decoder (teacher forcing, attention, masking) and search (greedy/beam) on tiny synthetic data."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from captioner.decoder import AttentionDecoder, DecoderConfig, State
+from captioner.decoder import AttentionDecoder, DecoderConfig, Memory, State
 from captioner.search import beam_search, greedy_search
 from captioner.train import caption_loss
 from captioner.vocab import Vocabulary
@@ -122,15 +124,96 @@ def test_beam_one_equals_greedy_and_beams_are_ordered(vocab: Vocabulary) -> None
         assert len({tuple(h.ids) for h in hyps}) == 3
 
 
-def test_beam_search_finds_better_or_equal_sequences(vocab: Vocabulary) -> None:
-    dec = make_decoder(len(vocab), seed=4).eval()
-    feats = torch.randn(6, L, D)
-    common = dict(start_id=vocab.start_id, end_id=vocab.end_id, pad_id=vocab.pad_id, max_length=10, block_repeats=False)
-    greedy = greedy_search(dec, feats, **common)
-    beam = beam_search(dec, feats, beam_size=5, **common)
-    for g, b in zip(greedy, beam):
-        if g.finished and b[0].finished:
-            assert b[0].score >= g.score - 1e-4
+class TableDecoder:
+    """A stub decoder whose next-word probabilities are a fixed table keyed by the words so far.
+
+    ``state.h[:, 0]`` holds the index of a row's word prefix in ``self.prefixes``; prefixes
+    missing from the table (finished beams) get a uniform row, which the search masks anyway.
+    """
+
+    def __init__(self, table: dict[tuple[int, ...], dict[int, float]], vocab_size: int, start_id: int) -> None:
+        self.table, self.V, self.start_id = table, vocab_size, start_id
+        self.prefixes: list[tuple[int, ...]] = [()]
+
+    def prepare(self, annotations: torch.Tensor) -> tuple[Memory, State]:
+        B, L = annotations.shape[:2]
+        return Memory(annotations, annotations), State(torch.zeros(B, 1), torch.zeros(B, 1))
+
+    def step(self, prev: torch.Tensor, state: State, memory: Memory) -> tuple[torch.Tensor, State, torch.Tensor]:
+        rows, index = [], []
+        for word, at in zip(prev.tolist(), state.h[:, 0].long().tolist()):
+            prefix = () if word == self.start_id else self.prefixes[at] + (word,)
+            if prefix not in self.prefixes:
+                self.prefixes.append(prefix)
+            index.append(self.prefixes.index(prefix))
+            probs = torch.full((self.V,), 1.0 / self.V)
+            if prefix in self.table:
+                assert sum(self.table[prefix].values()) == pytest.approx(1.0)
+                probs = torch.tensor([self.table[prefix].get(w, 0.0) for w in range(self.V)])
+            rows.append(probs.log())
+        B, L = memory.feats.shape[:2]
+        h = torch.tensor(index, dtype=torch.float32).unsqueeze(1)
+        return torch.stack(rows), State(h, h.clone()), torch.full((B, L), 1.0 / L)
+
+
+# <pad> 0, <start> 1, <end> 2, <unk> 3, then words 4..8
+PAD, START, END, UNK, A, B_, C, D_, E = range(9)
+SHORT, LONG = [A], [B_, C, D_, E, C]
+RANKING_TABLE = {
+    (): {A: 0.5, B_: 0.4, C: 0.1},
+    (A,): {END: 0.75, C: 0.25},
+    (B_,): {C: 0.95, END: 0.05},
+    (B_, C): {D_: 0.95, END: 0.05},
+    (B_, C, D_): {E: 0.95, END: 0.05},
+    (B_, C, D_, E): {C: 0.95, END: 0.05},
+    (B_, C, D_, E, C): {END: 0.9, A: 0.1},
+}
+
+
+def table_score(words: list[int], alpha: float) -> float:
+    """The documented score: sum of log-probs of the words and <end>, over ((5 + len) / 6) ** alpha."""
+    seq = words + [END]
+    total = sum(math.log(RANKING_TABLE[tuple(seq[:i])][w]) for i, w in enumerate(seq))
+    return total / ((5 + len(seq)) / 6) ** alpha
+
+
+def test_length_penalty_ranks_hypotheses_by_the_documented_score() -> None:
+    """SHORT has the higher total log-prob, LONG the higher per-length score: alpha decides."""
+    assert table_score(SHORT, 0) > table_score(LONG, 0) and table_score(LONG, 1) > table_score(SHORT, 1)
+    feats = torch.zeros(2, L, D)  # two images: the batch dimension must not mix them
+    common = dict(start_id=START, end_id=END, pad_id=PAD, beam_size=3, n_best=2, max_length=10, block_repeats=False)
+    for alpha, ranked in [(0.0, [SHORT, LONG]), (1.0, [LONG, SHORT]), (0.5, None), (2.0, [LONG, SHORT])]:
+        results = beam_search(TableDecoder(RANKING_TABLE, 9, START), feats, length_alpha=alpha, **common)
+        for hyps in results:
+            if ranked is None:  # alpha 0.5: whichever the formula prefers
+                ranked = sorted([SHORT, LONG], key=lambda w: table_score(w, alpha), reverse=True)
+            assert [h.ids for h in hyps] == ranked, alpha
+            assert all(h.finished for h in hyps)
+            for h in hyps:
+                assert h.score == pytest.approx(table_score(h.ids, alpha), abs=1e-5)
+                seq = h.ids + [END]
+                expected = [math.log(RANKING_TABLE[tuple(seq[:i])][w]) for i, w in enumerate(h.ids)]
+                assert h.logprobs == pytest.approx(expected, abs=1e-6)
+
+
+def test_greedy_and_beam_one_score_is_the_total_log_prob() -> None:
+    """Greedy takes A then <end>; its score is the plain sum of the two log-probs."""
+    feats = torch.zeros(1, L, D)
+    greedy = greedy_search(TableDecoder(RANKING_TABLE, 9, START), feats, START, END, PAD, max_length=10)[0]
+    assert greedy.ids == SHORT and greedy.score == pytest.approx(math.log(0.5) + math.log(0.75), abs=1e-6)
+    beam1 = beam_search(TableDecoder(RANKING_TABLE, 9, START), feats, START, END, PAD, beam_size=1, max_length=10)[0][0]
+    assert beam1.ids == SHORT and beam1.score == pytest.approx(greedy.score, abs=1e-6)
+
+
+def test_unk_is_never_emitted_when_masked() -> None:
+    """<unk> is the most likely word at every step; with unk_id the search takes the next best word."""
+    table = {(): {UNK: 0.6, A: 0.3, C: 0.1}, (A,): {UNK: 0.7, END: 0.2, C: 0.1}, (UNK,): {END: 1.0}}
+    feats = torch.zeros(1, L, D)
+    common = dict(start_id=START, end_id=END, pad_id=PAD, max_length=5)
+    assert greedy_search(TableDecoder(table, 9, START), feats, **common)[0].ids == [UNK]
+    assert greedy_search(TableDecoder(table, 9, START), feats, unk_id=UNK, **common)[0].ids == [A]
+    hyp = beam_search(TableDecoder(table, 9, START), feats, beam_size=3, unk_id=UNK, **common)[0][0]
+    assert hyp.ids == [A] and hyp.score == pytest.approx(math.log(0.3) + math.log(0.2), abs=1e-6)
 
 
 class NeverEnds(AttentionDecoder):
