@@ -75,6 +75,30 @@ def build_tiny_checkpoint(folder: Path, image_size: int = 64, seed: int = 0) -> 
     return checkpoint.save(folder, weights, config, vocab.to_json())
 
 
+def assert_scored_by_the_model(cap, image, words: list[str], logprobs: list[float], score: float,
+                               max_length: int | None = None, abs_tol: float = 2e-3) -> None:
+    """Check a caption's numbers against the decoder run teacher-forced on its words, not against the search.
+
+    Each word's log-prob must be log p(word | previous words, image), and the score the documented
+    formula: the sum of those and of <end>'s (when the caption ended before ``max_length`` words)
+    over ((5 + length) / 6) ** length_alpha.
+    """
+    v = cap.vocab
+    max_length = int(cap.defaults["max_length"]) if max_length is None else max_length
+    finished = len(words) < max_length
+    ids = [v.start_id] + [v.stoi[w] for w in words] + ([v.end_id] if finished else [])
+    with torch.inference_mode():
+        annotations = cap.encode(cap.preprocess(image)[0].unsqueeze(0))  # (1, L, D)
+        memory, state = cap.decoder.prepare(annotations)
+        expected = []
+        for prev, word in zip(ids, ids[1:]):  # one step at a time, as the paper writes it
+            logits, state, _ = cap.decoder.step(torch.tensor([prev], device=annotations.device), state, memory)
+            expected.append(float(torch.log_softmax(logits.float(), -1)[0, word]))
+    assert logprobs == pytest.approx(expected[: len(words)], abs=abs_tol)
+    alpha = float(cap.defaults["length_alpha"])
+    assert score == pytest.approx(sum(expected) / ((5 + len(expected)) / 6) ** alpha, abs=abs_tol)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")

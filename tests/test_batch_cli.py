@@ -16,7 +16,7 @@ from PIL import Image
 
 from captioner import batch
 from captioner.cli import main
-from conftest import image_bytes, make_image
+from conftest import assert_scored_by_the_model, image_bytes, make_image
 
 BIN = Path(sys.executable).parent
 GOOD = ["img0.jpg", "img1.jpg", "img2.jpg", "img3.jpg"]
@@ -73,6 +73,10 @@ def test_stdout_workers_match_api(images_dir: Path, tiny_checkpoint: Path, capsy
     assert [r["image"] for r in recs] == paths
     assert [r["caption"] for r in recs] == [c.text for c in expected]
     assert [r["score"] for r in recs] == pytest.approx([c.score for c in expected], abs=1e-3)
+    cap = Captioner.load(tiny_checkpoint, device="cpu")
+    for r in recs:  # the numbers are the model's, not only the same as the library's
+        assert_scored_by_the_model(cap, r["image"], [t["word"] for t in r["tokens"]],
+                                   [t["logprob"] for t in r["tokens"]], r["score"])
 
 
 def test_recursive_glob_stdin_and_missing(folder: Path, tiny_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
@@ -252,7 +256,7 @@ def test_torchrun_two_ranks_merge_in_input_order(folder: Path, tiny_checkpoint: 
     single = tmp_path / "single.jsonl"
     assert caption(tiny_checkpoint, str(folder), "-r", "-o", str(single)) == 1
     out = tmp_path / "dist.jsonl"
-    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(BIN / "captioner"),
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(BIN / "captioner"),
                            "caption", str(folder), "-r", "--checkpoint", str(tiny_checkpoint), "-o", str(out),
                            "--workers", "0", "--batch-size", "2"],
                           capture_output=True, text=True, timeout=180, env=_env())

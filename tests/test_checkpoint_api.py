@@ -43,15 +43,46 @@ def test_fp16_storage_loads_as_float32(tiny_checkpoint: Path, tmp_path: Path) ->
     assert (half / "model.safetensors").stat().st_size < (tiny_checkpoint / "model.safetensors").stat().st_size
     loaded = Captioner.load(half, device="cpu", fast=False)
     assert all(p.dtype == torch.float32 for p in loaded.decoder.parameters())
+    weights = checkpoint.read_weights(half)
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    torch.testing.assert_close(weights["decoder.embed.weight"], state["decoder.embed.weight"].half().float())
 
 
-def test_pickle_files_are_refused(tmp_path: Path) -> None:
+def test_a_checkpoint_from_a_newer_format_is_refused(tmp_path: Path) -> None:
+    folder = build_tiny_checkpoint(tmp_path / "future")
+    config = json.loads((folder / "config.json").read_text())
+    config["format_version"] = checkpoint.FORMAT_VERSION + 1
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(checkpoint.CheckpointError, match=f"newer captioner \\(format {checkpoint.FORMAT_VERSION + 1}\\)"):
+        Captioner.load(folder)
+
+
+class RunsCode:
+    """Unpickling this creates ``marker``: proof that loading a pickle runs code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_pickle_files_are_refused_without_being_unpickled(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
     evil = tmp_path / "model.pt"
-    evil.write_bytes(pickle.dumps({"x": 1}))
+    evil.write_bytes(pickle.dumps(RunsCode(marker)))
     with pytest.raises(checkpoint.CheckpointError, match="pickle"):
         Captioner.load(evil)
     with pytest.raises(checkpoint.CheckpointError):
         Captioner.load(tmp_path)  # a folder without config.json
+    # a checkpoint folder whose weights file is a pickle (torch.save) in disguise
+    folder = build_tiny_checkpoint(tmp_path / "disguised")
+    torch.save({"decoder.embed.weight": RunsCode(marker)}, folder / "model.safetensors")
+    with pytest.raises(checkpoint.CheckpointError, match="cannot read"):
+        Captioner.load(folder)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot read"):
+        checkpoint.read_weights(folder)
+    assert not marker.exists(), "a pickle was unpickled"
 
 
 def test_missing_or_mismatched_files(tiny_checkpoint: Path, tmp_path: Path) -> None:

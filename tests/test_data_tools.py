@@ -1,6 +1,7 @@
 """``captioner data``: verify / stats / download / prepare on tiny generated datasets (offline, loopback only)."""
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import io
@@ -253,10 +254,12 @@ def test_stats_flickr_includes_no_split_images(tmp_path: Path) -> None:
 
 def test_min_counts_parser_rejects_bad_values() -> None:
     assert data_tools._min_counts("5,1,3") == (1, 3, 5)
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError, match=">= 1"):
         data_tools._min_counts("0,2")
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError, match="comma-separated integers, got 'a'"):
         data_tools._min_counts("a")
+    with pytest.raises(argparse.ArgumentTypeError, match=">= 1"):
+        data_tools._min_counts(" , ")
 
 
 # ---------------------------------------------------------------- download (loopback only)

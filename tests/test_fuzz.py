@@ -155,7 +155,9 @@ def test_png_with_recomputed_crcs_still_only_raises_image_error() -> None:
 
 
 # ---------------------------------------------------------------- the upload endpoint
-ALLOWED = {200, 400, 413, 415, 422}
+# Every error code an upload can get, with the one status that goes with it (service/app.py, service/errors.py).
+STATUS_OF_CODE = {"invalid_parameter": 400, "missing_image": 400, "undecodable": 400, "bad_request": 400,
+                  "too_large": 413, "payload_too_large": 413, "unsupported_media_type": 415}
 CONTENT_TYPES = ["image/jpeg", "image/png", "image/gif", "image/webp", "application/octet-stream", "image/svg+xml",
                  "text/plain", "application/json", "application/x-www-form-urlencoded", "", "image/",
                  "multipart/form-data", "multipart/form-data; boundary=", "image/jpeg; charset=utf-8"]
@@ -177,13 +179,17 @@ def client(tiny_checkpoint):
 
 
 def check_response(response) -> None:
-    assert response.status_code in ALLOWED, (response.status_code, response.get_data(as_text=True)[:300])
+    """A caption (200), or a JSON error whose code is one an upload may get, with that code's status."""
     body = response.get_json()
+    assert body is not None, (response.status_code, response.get_data(as_text=True)[:300])
     event(f"{response.status_code} {body['error']['code'] if 'error' in body else 'caption'}")
     if response.status_code == 200:
-        assert isinstance(body["caption"], str)
+        assert isinstance(body["caption"], str) and body["caption"]
     else:
         assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+        code = body["error"]["code"]
+        assert code in STATUS_OF_CODE, body
+        assert response.status_code == STATUS_OF_CODE[code], (response.status_code, body)
 
 
 BODIES = st.one_of(mutated_image(), st.binary(max_size=2048), st.sampled_from(list(SEEDS.values())),

@@ -31,7 +31,7 @@ from captioner.api import MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, Captioner
 from captioner.cli import main
 from captioner.images import DEFAULT_MAX_PIXELS
 from service.app import EXTENSION_KEY, create_app
-from conftest import image_bytes, make_image
+from conftest import assert_scored_by_the_model, image_bytes, make_image
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 2**20
@@ -351,6 +351,8 @@ def test_service_is_healthy_after_the_corpus(app, model: Captioner) -> None:
     assert statuses and not [s for s, n in statuses if s.startswith("5") and float(n) > 0], statuses
     body = client.post("/v1/captions", data=jpeg(3), content_type="image/jpeg").get_json()
     assert body["caption"] == model.caption(jpeg(3), beam_size=3).text
+    assert_scored_by_the_model(model, jpeg(3), [t["word"] for t in body["tokens"]],
+                               [t["logprob"] for t in body["tokens"]], body["score"], body["parameters"]["max_length"])
 
 
 # ---------------------------------------------------------------- the batch CLI, in-process

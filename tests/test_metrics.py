@@ -34,7 +34,11 @@ def test_all_metrics_order_good_above_bad() -> None:
 def test_meteor_runs_offline() -> None:
     good = score({"1": "a dog runs on the grass", "2": "people sit on a bench"}, REFS)
     bad = score({"1": "a cat sleeps", "2": "a red car"}, REFS)
-    assert good["meteor"] is not None and good["meteor"] > bad["meteor"] > -1
+    perfect = score({"1": "a dog runs on the grass", "2": "two people sit on a bench"}, REFS)
+    disjoint = score({"1": "zebra xylophone", "2": "quantum umbrella"}, REFS)
+    assert perfect["meteor"] == pytest.approx(100.0, abs=1.0)  # METEOR on the 0-100 scale of the other metrics
+    assert disjoint["meteor"] == 0.0
+    assert 100.0 > good["meteor"] > bad["meteor"] > 0.0  # "a cat sleeps" still matches "a"
 
 
 def test_missing_references_is_an_error() -> None:
