@@ -227,3 +227,27 @@ def test_scst_after_finetuning_keeps_the_fine_tuned_encoder(dataset: Path, tmp_p
     with pytest.raises(SystemExit, match="cross-entropy phase"):
         main(train_args(dataset, tmp_path / "b", 1, "--init-from", str(out / "xe" / "best"), "--scst-epochs", "1",
                         "--finetune-blocks", "1"))
+
+
+def test_advantage_is_the_reward_minus_the_mean_of_the_other_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three candidates with rewards 1, 2, 6: leave-one-out baselines 4, 3.5, 1.5, advantages -3, -1.5, 4.5."""
+    import captioner.scst as scst
+
+    ids = torch.tensor([[4, 5], [5, 6], [6, 4]])  # (S, T) candidate words
+    logp = torch.tensor([[-0.5, -1.0], [-2.0, -0.25], [-1.5, -3.0]], requires_grad=True)  # (S, T)
+    mask = torch.tensor([[True, True], [True, False], [True, True]])  # the second candidate is one word long
+    monkeypatch.setattr(scst, "sample", lambda *a, **k: (ids, logp, mask))
+
+    class FixedReward:
+        def batch(self, captions, rows):
+            assert captions == [["w4", "w5"], ["w5", "w6"], ["w6", "w4"]] and rows == [7, 7, 7]
+            return np.array([1.0, 2.0, 6.0])
+
+    vocab = Vocabulary([f"w{i}" for i in range(4, 8)])
+    loss, mean_reward = scst_loss(None, torch.zeros(1, 4, 8), [7], FixedReward(), vocab, samples=3, max_length=2)
+    advantage = [-3.0, -1.5, 4.5]
+    expected = -(advantage[0] * -1.5 + advantage[1] * -2.0 + advantage[2] * -4.5) / 5  # 5 unmasked words
+    assert float(loss.detach()) == pytest.approx(expected) and mean_reward == pytest.approx(3.0)
+    loss.backward()
+    grad = torch.tensor([[3.0, 3.0], [1.5, 0.0], [-4.5, -4.5]]) / 5  # -advantage / words, zero where masked
+    torch.testing.assert_close(logp.grad, grad)
