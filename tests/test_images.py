@@ -126,3 +126,19 @@ def test_load_and_preprocess_matches_the_two_steps() -> None:
     x, size = load_and_preprocess(data, 48)
     assert size == (96, 72)
     assert torch.equal(x, preprocess(load_image(data), 48))
+
+
+def test_preprocess_normalises_each_channel_and_keeps_the_whole_frame() -> None:
+    """(v - mean) / std per channel, RGB order; the image is squeezed to a square, never cropped."""
+    from captioner.images import IMAGENET_NORM
+
+    solid = Image.new("RGB", (8, 8), (255, 0, 64))
+    lite = preprocess(solid, 8, LITE_NORM)
+    torch.testing.assert_close(lite[:, 0, 0], torch.tensor([128 / 128, -127 / 128, -63 / 128]))
+    imagenet = preprocess(solid, 8, IMAGENET_NORM)
+    expected = [(255 - 123.675) / 58.395, (0 - 116.28) / 57.12, (64 - 103.53) / 57.375]
+    torch.testing.assert_close(imagenet[:, 0, 0], torch.tensor(expected))
+    wide = Image.new("RGB", (64, 16), (255, 255, 255))
+    wide.paste((0, 0, 0), (0, 0, 8, 16))  # a black band along the left edge
+    x = preprocess(wide, 16, LITE_NORM)  # (3, 16, 16)
+    assert float(x[:, :, 0].max()) < -0.9 and float(x[:, :, -1].min()) > 0.9  # the band is still there
