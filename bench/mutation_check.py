@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -179,9 +180,13 @@ def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, 
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+        os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         return "timeout", time.perf_counter() - start, out[-1500:]
+    except BaseException:  # interrupted: leave no test run behind
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     status = "passed" if proc.returncode == 0 else "failed"
     return status, time.perf_counter() - start, out[-1500:]
 
@@ -202,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.name:40s} {m.file:28s} {' '.join(m.tests)}")
         return 0
 
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM too removes the copy and stops pytest
     problems = check_snippets(chosen, REPO)
     if problems:
         print("the mutation list no longer matches the code:\n  " + "\n  ".join(problems), file=sys.stderr)
