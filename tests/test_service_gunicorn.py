@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import select
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -35,9 +37,6 @@ def chunked_upload(port: int, n_chunks: int, chunk: int = 65536) -> tuple[int, b
     It stops sending as soon as the server answers (or stops reading), then returns the
     answer's (status, body); the server must answer even when it refuses the rest of the body.
     """
-    import select
-    import socket
-
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(b"POST /v1/captions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
                      b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
