@@ -216,6 +216,18 @@ def test_unk_is_never_emitted_when_masked() -> None:
     assert hyp.ids == [A] and hyp.score == pytest.approx(math.log(0.3) + math.log(0.2), abs=1e-6)
 
 
+def test_special_tokens_and_immediate_repeats_are_never_emitted() -> None:
+    """<pad>, <start> and <unk> outweigh every word, and A's likeliest successor is A again."""
+    table = {(): {PAD: 0.3, START: 0.25, UNK: 0.2, A: 0.15, C: 0.1}, (A,): {A: 0.6, END: 0.3, C: 0.1},
+             (A, A): {END: 1.0}, (A, C): {END: 1.0}}
+    feats = torch.zeros(2, L, D)
+    common = dict(start_id=START, end_id=END, pad_id=PAD, max_length=5, unk_id=UNK)
+    for search in (lambda dec, **k: greedy_search(dec, feats, **k),
+                   lambda dec, **k: [h[0] for h in beam_search(dec, feats, beam_size=3, **k)]):
+        assert [h.ids for h in search(TableDecoder(table, 9, START), **common)] == [[A], [A]]
+        assert [h.ids for h in search(TableDecoder(table, 9, START), block_repeats=False, **common)] == [[A, A]] * 2
+
+
 class NeverEnds(AttentionDecoder):
     """A decoder that can never emit <end>: search must still stop at max_length."""
 
