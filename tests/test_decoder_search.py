@@ -228,6 +228,18 @@ def test_special_tokens_and_immediate_repeats_are_never_emitted() -> None:
         assert [h.ids for h in search(TableDecoder(table, 9, START), block_repeats=False, **common)] == [[A, A]] * 2
 
 
+def test_end_cannot_be_the_first_word() -> None:
+    """<end> is the likeliest first word; the caption must still have one, the best after <end>."""
+    table = {(): {END: 0.5, A: 0.3, C: 0.2}, (A,): {END: 0.9, C: 0.1}, (C,): {END: 1.0}}
+    feats = torch.zeros(1, L, D)
+    common = dict(start_id=START, end_id=END, pad_id=PAD, max_length=5)
+    greedy = greedy_search(TableDecoder(table, 9, START), feats, **common)[0]
+    assert greedy.ids == [A] and greedy.finished
+    beam = beam_search(TableDecoder(table, 9, START), feats, beam_size=3, n_best=2, **common)[0]
+    assert [h.ids for h in beam] == [[A], [C]]
+    assert [h.score for h in beam] == pytest.approx([math.log(0.3 * 0.9), math.log(0.2)], abs=1e-6)
+
+
 class NeverEnds(AttentionDecoder):
     """A decoder that can never emit <end>: search must still stop at max_length."""
 
