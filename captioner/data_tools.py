@@ -485,7 +485,9 @@ class RemoteFile:
 
     name: str
     url: str | None
-    sha256: str | None = None  # None: no published checksum; the computed one is printed
+    # None: no checksum published by the dataset's authors (none was found for any archive here): such an
+    # archive is downloaded only with --sha256 NAME=HEX or an explicit --allow-unverified.
+    sha256: str | None = None
     members: tuple[str, ...] = ()  # fnmatch patterns of archive members to extract (empty: all)
     into: str = ""  # sub-folder of DEST to unpack into
     flatten: bool = False  # drop the members' folders
@@ -493,7 +495,7 @@ class RemoteFile:
 
 
 KARPATHY_URL = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
-COCO = "http://images.cocodataset.org"
+COCO = "https://images.cocodataset.org"
 
 
 def _karpathy(which: str, into: str = "") -> RemoteFile:
@@ -691,17 +693,25 @@ def _check_space(dest: Path, needed: int) -> None:
 def download_dataset(
     dataset: str, dest: str | Path, url_base: str | None = None, checksums: dict[str, str] | None = None,
     remove_archives: bool = False, progress: bool = True, retries: int = 3, backoff: float = 2.0,
+    allow_unverified: bool = False,
 ) -> dict[str, str]:
     """Download and unpack a dataset's archives into ``dest``; returns archive name -> sha256.
 
     Archives are kept in ``dest/archives`` (resumable; a rerun skips finished steps) unless
-    ``remove_archives``. Raises :class:`DownloadError` when a file has no URL (manual datasets).
+    ``remove_archives``. Every archive must have an expected sha256 (pinned in :data:`SOURCES` or
+    given in ``checksums``) unless ``allow_unverified``. Raises :class:`DownloadError` when a file
+    has no URL (manual datasets) or no checksum, before anything is downloaded.
     """
     source = SOURCES[dataset]
     dest = Path(dest)
     missing = [f.name for f in source.files if _url(f, url_base) is None]
     if missing:
         raise DownloadError(source.manual)
+    unverified = [f.name for f in source.files if not ({f.name: f.sha256} | (checksums or {})).get(f.name)]
+    if unverified and not allow_unverified:
+        raise DownloadError(
+            f"no published sha256 for {', '.join(unverified)}: give each one as --sha256 NAME=HEX (from a source you "
+            "trust), or pass --allow-unverified to download without a check (the computed checksums are printed)")
     archives = dest / "archives"
     marker = dest / ".captioner-unpacked.json"
     done = json.loads(marker.read_text()) if marker.is_file() else {}
@@ -746,7 +756,8 @@ def cmd_download(args: argparse.Namespace) -> int:
     source = SOURCES[args.dataset]
     try:
         digests = download_dataset(args.dataset, args.dest, args.url_base, _parse_checksums(args.sha256),
-                                   args.remove_archives, progress=not args.quiet)
+                                   args.remove_archives, progress=not args.quiet,
+                                   allow_unverified=args.allow_unverified)
     except DownloadError as exc:
         if source.manual and not args.url_base:
             print(f"{args.dataset} needs a manual download.\n\n{source.manual}\n\n"
@@ -833,6 +844,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--dest", required=True, help="folder to fill (archives are kept in DEST/archives)")
     g.add_argument("--url-base", help="fetch every archive as URL/<archive name> (a mirror you control)")
     g.add_argument("--sha256", action="append", metavar="NAME=HEX", help="expected checksum of an archive (repeatable)")
+    g.add_argument("--allow-unverified", action="store_true",
+                   help="download archives that have no expected sha256 (none is published for these datasets; "
+                        "without this flag, or --sha256 for each archive, nothing is downloaded)")
     g.add_argument("--remove-archives", action="store_true", help="delete each archive once unpacked")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(func=cmd_download)

@@ -278,7 +278,7 @@ def test_compose_settings(compose: dict[str, Any], dockerfile: dict[str, Any]) -
                  "CAPTIONER_REQUEST_TIMEOUT_S", "CAPTIONER_GRACEFUL_TIMEOUT"]:
         assert name in env, f"{name} missing from the service's environment"
     assert env["CAPTIONER_MODEL"] == dockerfile["env"]["CAPTIONER_MODEL"]
-    assert "8000:8000" in [str(p) for p in svc["ports"]]
+    assert [str(p) for p in svc["ports"]] == ["${CAPTIONER_PUBLISH:-127.0.0.1}:8000:8000"]  # loopback by default
     assert svc["build"]["target"] == "runtime" and svc["image"] == batch["image"]
     assert svc["restart"] == "unless-stopped" and svc["read_only"] is True
     assert any(str(t).split(":")[0] == "/tmp" for t in svc["tmpfs"])

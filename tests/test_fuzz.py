@@ -35,6 +35,13 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
+def _mpo(img: Image.Image) -> bytes:
+    """A two-picture MPO (what phones and 3D cameras write): a JPEG with a multi-picture index."""
+    buf = io.BytesIO()
+    img.save(buf, format="MPO", save_all=True, append_images=[img.rotate(90)])
+    return buf.getvalue()
+
+
 def _seeds() -> dict[str, bytes]:
     """Small valid images in every family the decoders handle (the starting points of mutation)."""
     img = make_image(1, (24, 18))
@@ -57,8 +64,7 @@ def _seeds() -> dict[str, bytes]:
         "tiff": image_bytes(img, "TIFF"),
         "tiff-lzw": image_bytes(img, "TIFF", compression="tiff_lzw"),
         "webp": image_bytes(img, "WEBP"),
-        "ico": image_bytes(img, "ICO"),
-        "ppm": image_bytes(img, "PPM"),
+        "mpo": _mpo(img),
     }
 
 
