@@ -72,6 +72,12 @@ SEEDS = _seeds()
 MAGICS = [b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"GIF87a", b"BM", b"II*\x00", b"MM\x00*",
           b"RIFF\x00\x00\x00\x00WEBP", b"\x00\x00\x01\x00", b"P6\n", b"P5\n", b"8BPS", b"%!PS-Adobe-3.0 EPSF",
           b"\x00\x00\x00\x0cjP  ", b"qoif", b"DDS ", b"\x0a\x05\x01\x08", b"icns", b"SIMPLE  ="]
+# The headers of every other format Pillow registers (all refused by the allow-list; IPTC wraps others).
+MAGICS += [b"\x1c\x03\x3c\x00\x02\x01\x00", b"BUFR", b"GRIB", b"\x89HDF\r\n\x1a\n", b"\x00\x00\x02\x00",
+           b"\xb1\x68\xde\x3a", b"FTEX", b"\x00\x00\x01\xb3", b"\x80\xe8\x00\x00", b"\x59\xa6\x6a\x95",
+           b"\xd7\xcd\xc6\x9a", b"\x01\x00\x09\x00", b"/* XPM */", b"P7 332", b"DanM", b"LinS", b"#define",
+           b"BLP1", b"BLP2", b"\x00\x00\x00\x1cftypavif", b"Image type:", b"\x01\xda", b"PCD_IPI", b"GIMP",
+           b"width ", b"\x00\x00\x00\x00\x00\x00\x00\x04", b"8BPS\x00\x01", b"P7\n", b"PF\n", b"\x00\x00\x0a\x00"]
 
 
 @st.composite
