@@ -485,8 +485,8 @@ class RemoteFile:
 
     name: str
     url: str | None
-    # None: no checksum published by the dataset's authors (none was found for any archive here): such an
-    # archive is downloaded only with --sha256 NAME=HEX or an explicit --allow-unverified.
+    # None: no published checksum (the Flickr archives, which have no public URL either): such an archive is
+    # downloaded only with --sha256 NAME=HEX or an explicit --allow-unverified.
     sha256: str | None = None
     members: tuple[str, ...] = ()  # fnmatch patterns of archive members to extract (empty: all)
     into: str = ""  # sub-folder of DEST to unpack into
@@ -495,11 +495,13 @@ class RemoteFile:
 
 
 KARPATHY_URL = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
+# Published checksums: TensorFlow Datasets' url_checksums/coco_captions.txt (the same archives and sizes).
+KARPATHY_SHA256 = "4cfd70132527b80933105e5829dc9034eaab9573482e2e680abbab6130244817"
 COCO = "https://images.cocodataset.org"
 
 
 def _karpathy(which: str, into: str = "") -> RemoteFile:
-    return RemoteFile("caption_datasets.zip", KARPATHY_URL, members=(f"*dataset_{which}.json",), into=into, flatten=True)
+    return RemoteFile("caption_datasets.zip", KARPATHY_URL, sha256=KARPATHY_SHA256, members=(f"*dataset_{which}.json",), into=into, flatten=True)
 
 
 @dataclass(frozen=True)
@@ -531,18 +533,18 @@ SOURCES: dict[str, DatasetSource] = {
     ),
     "coco2014": DatasetSource(
         files=(RemoteFile("annotations_trainval2014.zip", f"{COCO}/annotations/annotations_trainval2014.zip",
-                          members=("annotations/captions_*.json",), size="241 MB"),
+                          members=("annotations/captions_*.json",), sha256="031296bbc80c45a1d1f76bf9a90ead27e94e99ec629208449507a4917a3bf009", size="241 MB"),
                _karpathy("coco"),
-               RemoteFile("val2014.zip", f"{COCO}/zips/val2014.zip", size="6.2 GB"),
-               RemoteFile("train2014.zip", f"{COCO}/zips/train2014.zip", size="13 GB")),
+               RemoteFile("val2014.zip", f"{COCO}/zips/val2014.zip", sha256="fe9be816052049c34717e077d9e34aa60814a55679f804cd043e3cbee3b9fde0", size="6.2 GB"),
+               RemoteFile("train2014.zip", f"{COCO}/zips/train2014.zip", sha256="ede4087e640bddba550e090eae701092534b554b42b05ac33f0300b984b31775", size="13 GB")),
         reader="coco",
     ),
     "coco2017": DatasetSource(
         files=(RemoteFile("annotations_trainval2017.zip", f"{COCO}/annotations/annotations_trainval2017.zip",
-                          members=("annotations/captions_*.json",), size="241 MB"),
+                          members=("annotations/captions_*.json",), sha256="113a836d90195ee1f884e704da6304dfaaecff1f023f49b6ca93c4aaae470268", size="241 MB"),
                _karpathy("coco", into="karpathy"),
-               RemoteFile("val2017.zip", f"{COCO}/zips/val2017.zip", size="0.8 GB"),
-               RemoteFile("train2017.zip", f"{COCO}/zips/train2017.zip", size="18 GB")),
+               RemoteFile("val2017.zip", f"{COCO}/zips/val2017.zip", sha256="4f7e2ccb2866ec5041993c9cf2a952bbed69647b115d0f74da7ce8f4bef82f05", size="0.8 GB"),
+               RemoteFile("train2017.zip", f"{COCO}/zips/train2017.zip", sha256="69a8bb58ea5f8f99d24875f21416de2e9ded3178e903f1f7603e283b9e06d929", size="18 GB")),
         reader="custom",
         after="prepare",
     ),
@@ -845,8 +847,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--url-base", help="fetch every archive as URL/<archive name> (a mirror you control)")
     g.add_argument("--sha256", action="append", metavar="NAME=HEX", help="expected checksum of an archive (repeatable)")
     g.add_argument("--allow-unverified", action="store_true",
-                   help="download archives that have no expected sha256 (none is published for these datasets; "
-                        "without this flag, or --sha256 for each archive, nothing is downloaded)")
+                   help="download archives that have no pinned or given sha256 (the Flickr archives, which have no "
+                        "public URL; without this flag, or --sha256 for each, nothing is downloaded)")
     g.add_argument("--remove-archives", action="store_true", help="delete each archive once unpacked")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(func=cmd_download)
