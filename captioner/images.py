@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Union
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so that decode workers (decode_pool.py) need no torch
     import torch
@@ -139,6 +139,8 @@ def load_image(
         return rgb
     except ImageError:
         raise
+    except UnidentifiedImageError:
+        raise ImageError("not a JPEG, PNG, GIF, WebP, BMP or TIFF image (no other format is accepted)") from None
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image too large: {exc}", code="too_large") from exc
     except MemoryError:

@@ -164,6 +164,7 @@ def test_other_formats_are_refused_by_the_loader(fmt: str) -> None:
     with pytest.raises(ImageError) as exc:
         load_image(data)
     assert exc.value.code == "undecodable" and time.perf_counter() - t0 < 1
+    assert "not a JPEG, PNG, GIF, WebP, BMP or TIFF image" in str(exc.value)  # says what to send instead
 
 
 # ---------------------------------------------------------------- IPTC wrapping
