@@ -15,6 +15,8 @@ from typing import Any
 from captioner.api import MAX_BEAM_SIZE, default_model_path, parse_flag
 from captioner.images import DEFAULT_MAX_PIXELS
 
+from .logs import parse_log_format
+
 
 class ConfigError(ValueError):
     """An environment variable or config value that cannot be used."""
@@ -36,6 +38,7 @@ class Settings:
     load_in_background: bool
     warmup: bool
     fast: bool  # CPU speed-ups of captioner.perf (Captioner.load's ``fast``)
+    log_format: str  # json | text (service.logs; gunicorn's logger reads the same variable)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -58,6 +61,7 @@ ENV_VARS: dict[str, tuple[str, str, str, str]] = {
     "CAPTIONER_LOAD_IN_BACKGROUND": ("load_in_background", "bool", "1", "Load + warm the model in a background thread (`/readyz` says when done) instead of inside `create_app`."),
     "CAPTIONER_WARMUP": ("warmup", "bool", "1", "Run one inference on a blank image before reporting ready."),
     "CAPTIONER_FAST": ("fast", "bool", "1", "On CPU: fold batch norms, channels-last encoder in chunks of 2, int8 decoder (BENCHMARKS.md; dev scores within noise). 0 serves the fp32 model exactly as trained."),
+    "CAPTIONER_LOG_FORMAT": ("log_format", "log_format", "json", "`json`: one JSON object per log line, one access line per request with its `request_id` (service/logs.py); `text`: plain lines for a terminal."),
 }
 
 #: Settings read by service/gunicorn_conf.py only (documented in the same table).
@@ -79,6 +83,11 @@ def _parse(name: str, kind: str, raw: Any) -> Any:
         return Path(raw) if raw not in (None, "") else default_model_path()
     if kind == "str":
         return str(raw) if raw not in (None, "") else None
+    if kind == "log_format":
+        try:
+            return parse_log_format(str(raw))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if kind == "bool":
         if isinstance(raw, bool):
             return raw
