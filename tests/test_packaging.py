@@ -193,3 +193,9 @@ print(json.dumps({{"file": captioner.__file__, "version": captioner.__version__,
     assert record["caption"] == info["caption"], (record, info)
     assert list((empty / "attention").rglob("*.png")), "no overlays written"
     assert sorted(p.name for p in empty.iterdir()) == ["attention", "caps.jsonl"]
+
+    # a command of the [train] extra says what to install instead of a traceback
+    done = _run(fresh_venv, [str(fresh_venv / "bin" / "captioner"), "evaluate", "--dataset", "flickr8k",
+                             "--data-dir", str(photos)], empty)
+    assert done.returncode == 2 and "pip install 'captioner[train]'" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
