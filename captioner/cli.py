@@ -235,6 +235,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Packages of an optional extra (pyproject.toml) -> that extra; inference needs none of them.
+EXTRA_OF = {"nltk": "train", "pycocoevalcap": "train", "matplotlib": "train"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -247,6 +251,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (DatasetError, CheckpointError, ImageError, FileNotFoundError) as exc:
         print(f"captioner {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # a command of an extra the install lacks (pyproject.toml)
+        extra = EXTRA_OF.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"captioner {args.command}: error: {exc.name} is not installed; it comes with the [{extra}] extra: "
+              f"pip install 'captioner[{extra}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -30,7 +30,7 @@ from captioner.decode_pool import DecodePool, PoolBusy
 from captioner.images import ImageError, preprocess
 from captioner.overlay import overlay_png
 
-from . import errors, openapi
+from . import errors, logs, openapi
 from .batching import BatchResult, BatcherClosed, BatchTimeout, DecodeSettings, MicroBatcher, QueueFull
 from .config import Settings, load_settings
 from .errors import ApiError
@@ -267,6 +267,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         metrics.latency.labels(endpoint).observe(time.perf_counter() - g.get("t0", time.perf_counter()))
         return response
 
+    @app.after_request
+    def _tag(response: Response) -> Response:
+        """The request id as a response header; the served model on the request's access line (service/logs.py)."""
+        response.headers[logs.HEADER] = logs.request_id(request.environ)
+        if state.captioner is not None:
+            logs.annotate(request.environ, model=state.captioner.name, model_version=state.captioner.version)
+        return response
+
     # ------------------------------------------------------------ API
     def overloaded() -> ApiError:
         metrics.rejected.labels("overloaded").inc()
@@ -330,6 +338,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
                            {"Retry-After": str(state.batcher.retry_after())}) from None
         except BatcherClosed as exc:
             raise ApiError(503, "unavailable", str(exc), {"Retry-After": "5"}) from None
+        logs.annotate(request.environ, batch_size=result.batch_size)
 
         t_post = time.perf_counter()
         caption = result.caption

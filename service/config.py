@@ -16,6 +16,8 @@ from typing import Any
 from captioner.api import MAX_BEAM_SIZE, default_model_path, parse_flag
 from captioner.images import DEFAULT_MAX_PIXELS
 
+from .logs import parse_log_format
+
 
 class ConfigError(ValueError):
     """An environment variable or config value that cannot be used."""
@@ -40,6 +42,7 @@ class Settings:
     decode_slots: int  # 0: from the CPU quota (cgroup), see decode_workers
     decode_timeout_s: float
     decode_memory_mb: int
+    log_format: str  # json | text (service.logs; gunicorn's logger reads the same variable)
 
     @property
     def decode_workers(self) -> int:
@@ -70,6 +73,7 @@ ENV_VARS: dict[str, tuple[str, str, str, str]] = {
     "CAPTIONER_DECODE_SLOTS": ("decode_slots", "int", "0", "Uploads decoded at once per worker, each in its own decode process (0: the CPU quota of the container's cgroup, else the usable cores; 1-8). Requests wait for a slot in arrival order until their deadline; then 503 `overloaded` + `Retry-After`."),
     "CAPTIONER_DECODE_TIMEOUT_S": ("decode_timeout_s", "float", "2.5", "Longest decode of one upload; a slower one is killed and answered 422 `too_slow`."),
     "CAPTIONER_DECODE_MEMORY_MB": ("decode_memory_mb", "int", "1024", "Memory (address space, `RLIMIT_AS`) one decode process may add to its start-up size; beyond it: 413 `too_large`."),
+    "CAPTIONER_LOG_FORMAT": ("log_format", "log_format", "json", "`json`: one JSON object per log line, one access line per request with its `request_id` (service/logs.py); `text`: plain lines for a terminal."),
 }
 
 #: Settings read by service/gunicorn_conf.py only (documented in the same table).
@@ -121,6 +125,11 @@ def _parse(name: str, kind: str, raw: Any) -> Any:
         return Path(raw) if raw not in (None, "") else default_model_path()
     if kind == "str":
         return str(raw) if raw not in (None, "") else None
+    if kind == "log_format":
+        try:
+            return parse_log_format(str(raw))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if kind == "bool":
         if isinstance(raw, bool):
             return raw

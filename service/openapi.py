@@ -38,6 +38,7 @@ def _schemas() -> dict[str, Any]:
             "properties": {
                 "code": {"type": "string", "description": "Machine-readable error code, e.g. `missing_image`, `undecodable`, `too_large`, `too_slow`, `invalid_parameter`, `unsupported_media_type`, `payload_too_large`, `overloaded`, `timeout`, `not_ready`, `not_found`, `method_not_allowed`, `internal`."},
                 "message": {"type": "string", "description": "What went wrong, for people."},
+                "request_id": {"type": "string", "description": "The request's id, as in the `X-Request-ID` response header and the service's log lines."},
             },
         },
         "Error": {
@@ -188,7 +189,9 @@ def build_spec(settings: Settings) -> dict[str, Any]:
             "version": __version__,
             "description": (
                 "Show, Attend and Tell image captioning over HTTP. Every error answers "
-                "`{\"error\": {\"code\", \"message\"}}`. Uploads are limited to "
+                "`{\"error\": {\"code\", \"message\", \"request_id\"}}`. Every response carries an "
+                "`X-Request-ID` header: the client's own when it sends a sane one (1-128 characters of "
+                "`A-Z a-z 0-9 . _ : + / = -`), else a new one. Uploads are limited to "
                 f"{limit_mb} MiB and {settings.max_pixels:,} pixels and are never written to disk."
             ),
         },

@@ -195,7 +195,7 @@ def check_response(response) -> None:
     if response.status_code == 200:
         assert isinstance(body["caption"], str)
     else:
-        assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+        assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "request_id"}, body
 
 
 BODIES = st.one_of(mutated_image(), st.binary(max_size=2048), st.sampled_from(list(SEEDS.values())),

@@ -306,7 +306,7 @@ def check_answer(response, case: Case) -> dict:
         if case.size:
             assert (body["image"]["width"], body["image"]["height"]) == case.size
     else:
-        assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+        assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "request_id"}, body
         assert body["error"]["code"] == case.code, body
         assert body["error"]["message"] and "object at 0x" not in body["error"]["message"]
     return body

@@ -73,7 +73,7 @@ def check_error(response, status, code, spec=None):
     assert response.status_code == status, response.get_data(as_text=True)
     assert response.mimetype == "application/json"
     body = response.get_json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "request_id"}, body
     assert body["error"]["code"] == code, body
     assert body["error"]["message"]
     if spec is not None:
