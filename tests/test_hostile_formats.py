@@ -230,9 +230,10 @@ def test_service_answers_every_other_format_quickly(fmt: str, app, fake_gs: Path
 
 # ---------------------------------------------------------------- bounded decode cost
 @functools.cache
-def many_scan_jpeg(side: int = 3000, copies: int = 300) -> bytes:
+def many_scan_jpeg(side: int = 3000, copies: int = 1500) -> bytes:
     """A progressive JPEG whose last scan is repeated: every scan is a pass over all coefficients, so the
-    decode time grows with the (cheap) scans, not with the pixels (0.33 MB took 34 s at 7000x7000)."""
+    decode time grows with the (cheap) scans, not with the pixels (0.33 MB took 34 s at 7000x7000). 1500 copies
+    take ~9 s here, far beyond the 2.5 s limit on any machine (300 took 2.5 s: a coin toss)."""
     data = image_bytes(make_image(2, (side, side)), "JPEG", progressive=True, quality=30)
     sos = data.rfind(b"\xff\xda")
     return data[:-2] + data[sos:-2] * copies + b"\xff\xd9"
