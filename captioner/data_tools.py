@@ -37,8 +37,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .datasets import DATASETS, CaptionRecord, DatasetError, load_records
-from .datasets.records import _first, _split_lists, normalise_split, read_karpathy
+from .datasets import DATASETS, CaptionRecord, DatasetError, find_annotations, load_records, read_dataset
+from .datasets.records import normalise_split, read_karpathy
 from .images import ImageError, is_image_path, load_image
 from .vocab import SPECIALS, Vocabulary, tokenize
 
@@ -68,42 +68,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _resolve_annotations(data_dir: Path, annotations: str | Path | None) -> Path | None:
-    if annotations is None:
-        return None
-    ann = Path(annotations)
-    if not ann.is_absolute() and not ann.exists():
-        ann = data_dir / ann
-    return ann
-
-
-def annotation_files(dataset: str, data_dir: Path, annotations: str | Path | None = None) -> list[Path]:
-    """The caption/split files ``load_records`` reads for this dataset, the main caption file first."""
-    ann = _resolve_annotations(data_dir, annotations)
-    lists = list(_split_lists(data_dir).values())
-    if dataset in ("flickr8k", "flickr30k"):
-        token = ann if ann and ann.suffix != ".json" else _first(data_dir, "*.token.txt", "*.token")
-        if token is not None and lists:
-            return [token, *lists]
-        karpathy = ann if ann and ann.suffix == ".json" else _first(data_dir, f"dataset_{dataset}.json")
-        return [karpathy] if karpathy else []
-    if dataset == "coco":
-        karpathy = ann if ann and ann.name.startswith("dataset_") else _first(data_dir, "dataset_coco.json")
-        if karpathy is not None:
-            return [karpathy]
-        if ann is not None:
-            return [ann]
-        ann_dir = data_dir / "annotations" if (data_dir / "annotations").is_dir() else data_dir
-        return sorted(ann_dir.glob("captions_*.json"))
-    if dataset == "karpathy":
-        found = ann or _first(data_dir, "dataset_*.json")
-        return [found] if found else []
-    if dataset == "custom":
-        found = ann or _first(data_dir, "captions.csv", "captions.jsonl", "*.csv", "*.jsonl")
-        return [found] if found else []
-    return []
-
-
 def _rel(path: str | Path, root: Path) -> str:
     try:
         return str(Path(path).resolve().relative_to(root.resolve()))
@@ -129,7 +93,7 @@ def _table_rows(path: Path) -> list[dict]:
 def verify_dataset(
     dataset: str,
     data_dir: str | Path,
-    annotations: str | Path | None = None,
+    annotations: str | Path | list[str] | None = None,
     decode: bool = True,
     progress: bool = True,
     max_bad_fraction: float = 0.05,
@@ -152,21 +116,23 @@ def verify_dataset(
         "format": "captioner-data-manifest/1",
         "dataset": dataset,
         "data_dir": str(data_dir.resolve()),
-        "annotations": str(annotations) if annotations else None,
+        "annotations": ([str(annotations)] if isinstance(annotations, (str, Path)) else [str(a) for a in annotations])
+                       if annotations else None,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "images_decoded": bool(decode),
     }
     try:
-        records = load_records(dataset, data_dir, "all", None, annotations, require_images=False)
+        dataset_files = find_annotations(dataset, data_dir, annotations)  # the files training reads
+        records = [r for r in read_dataset(dataset_files) if r.captions]
     except (DatasetError, OSError, UnicodeDecodeError) as exc:
         problems.append(Problem("unreadable", "fatal", f"cannot read the dataset: {exc}", 1))
         return _finish(manifest, problems, {}, {})
 
     # --- caption files and their checksums
-    files = [f for f in annotation_files(dataset, data_dir, annotations) if f and f.is_file()]
-    manifest["caption_file"] = _rel(files[0], data_dir) if files else None
-    manifest["caption_file_sha256"] = sha256_file(files[0]) if files else None
-    manifest["annotation_files"] = {_rel(f, data_dir): sha256_file(f) for f in files}
+    files = dataset_files.paths
+    manifest["caption_file"] = dataset_files.names()[0]
+    manifest["caption_file_sha256"] = sha256_file(files[0])
+    manifest["annotation_files"] = {name: sha256_file(f) for name, f in zip(dataset_files.names(), files)}
     if dataset in ("flickr8k", "flickr30k"):
         tokens = sorted(data_dir.glob("*.token.txt")) + sorted(data_dir.glob("*.token"))
         if len(tokens) > 1 and files and files[0] in tokens:
@@ -176,9 +142,9 @@ def verify_dataset(
 
     # --- split lists (flickr): overlaps and listed names without captions
     captioned = {r.image_id for r in records}
-    if dataset in ("flickr8k", "flickr30k") and files and files[0].suffix != ".json":
+    if dataset_files.split_lists:
         listed: dict[str, list[str]] = defaultdict(list)
-        for split, path in _split_lists(data_dir).items():
+        for split, path in dataset_files.split_lists.items():
             names = path.read_text(encoding="utf-8").split()
             problem("repeated_in_split_list", "warning", f"names listed twice in {path.name}",
                     [n for n, c in Counter(names).items() if c > 1])
@@ -359,7 +325,7 @@ def _describe(lengths: list[int]) -> dict[str, float | int | None]:
 
 
 def dataset_stats(
-    dataset: str, data_dir: str | Path, annotations: str | Path | None = None, min_counts: tuple[int, ...] = (1, 3, 5, 10),
+    dataset: str, data_dir: str | Path, annotations: str | Path | list[str] | None = None, min_counts: tuple[int, ...] = (1, 3, 5, 10),
 ) -> tuple[dict[str, Any], dict[str, list[int]]]:
     """Figures for ``captioner data stats`` and the caption lengths per split (for the plot)."""
     records = load_records(dataset, data_dir, "all", None, annotations, require_images=False)

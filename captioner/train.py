@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .api import load_state
 from .datasets import (CaptionPairs, CaptionRecord, FeatureCache, ImageGroupedBatches, cache_identity, cache_key,
-                       collate_pairs, load_records)
+                       collate_pairs, find_annotations, load_records)
 from .decoder import AttentionDecoder, DecoderConfig
 from .encoder import Encoder, EncoderConfig, TrunkRows
 from .metrics import score as score_metrics
@@ -361,6 +361,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if resume_state is None:
             log.warning("no resumable checkpoint in %s; starting from scratch", out)
 
+    dataset_files = find_annotations(args.dataset, args.data_dir, args.annotations)  # as 'data verify' names them
     train_recs = load_records(args.dataset, args.data_dir, "train", args.limit, args.annotations)
     dev_recs = load_records(args.dataset, args.data_dir, "dev", args.val_limit or args.limit, args.annotations)
     if not train_recs:
@@ -480,7 +481,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                   "best": best}
         history.append(record)
         cfg = model_config(args, enc_cfg, dec_cfg, {"epochs_trained": 0, "best_" + args.monitor: best,
-                                                   "train_images": len(train_recs), "manifest": manifest}, n_top)
+                                                   "train_images": len(train_recs), "manifest": manifest,
+                                                   "annotation_files": dataset_files.names()}, n_top)
         checkpoint.save(out / "best", weights_to_save(decoder, saved_encoder), cfg, vocab.to_json())
         metrics_log.write_text(json.dumps(record) + "\n")
         if not args.quiet:
@@ -523,7 +525,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             record["best"] = best
             history.append(record)
             extra = {"epochs_trained": epoch, "best_" + args.monitor: best, "train_images": len(train_recs),
-                     "manifest": manifest}
+                     "manifest": manifest, "annotation_files": dataset_files.names()}
             if scst:
                 extra |= {"objective": "scst", "scst_reward": {"cider_d": args.scst_cider_weight, "bleu4": args.scst_bleu_weight,
                                                                "meteor_lite": args.scst_meteor_weight},
