@@ -37,9 +37,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .datasets import DATASETS, CaptionRecord, DatasetError, find_annotations, load_records, read_dataset
+from .cli_args import HelpFormatter, add_dataset_args
+from .datasets import CaptionRecord, DatasetError, find_annotations, load_records, read_dataset
 from .datasets.records import normalise_split, read_karpathy
 from .images import ImageError, is_image_path, load_image
+from .progress import bar_disabled
 from .vocab import SPECIALS, Vocabulary, tokenize
 
 EVAL_SPLITS = ("train", "dev", "test")
@@ -190,8 +192,10 @@ def verify_dataset(
     problem("images_in_no_split", "warning", "images with captions that are in no train/dev/test split",
             [recs[0].image_id for recs in present.values() if recs[0].split not in EVAL_SPLITS])
 
-    # image files next to the listed ones that no caption entry mentions
-    folders = {str(Path(p).parent) for p in by_path}
+    # image files next to the listed ones that no caption entry mentions (only inside --data-dir: a
+    # folder that absolute paths point into is not the dataset's to report on)
+    root = data_dir.resolve()
+    folders = {str(Path(p).parent) for p in by_path if Path(p).parent.resolve().is_relative_to(root)}
     unlisted = [_rel(f, data_dir) for d in sorted(folders) if Path(d).is_dir()
                 for f in Path(d).iterdir() if f.is_file() and is_image_path(f) and not f.name.startswith("._")
                 and os.path.abspath(f) not in by_path]
@@ -201,7 +205,7 @@ def verify_dataset(
     digests: dict[str, str] = {}
     undecodable: dict[str, str] = {}  # path -> error
     too_large: dict[str, str] = {}
-    for path in tqdm(sorted(present), desc="verifying images", unit="img", disable=not progress):
+    for path in tqdm(sorted(present), desc="verifying images", unit="img", disable=bar_disabled(progress)):
         try:
             data = Path(path).read_bytes()
         except OSError as exc:
@@ -785,8 +789,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("data", help="verify, download and describe caption datasets (see data/README.md)")
     dsub = d.add_subparsers(dest="data_command", required=True)
 
-    v = dsub.add_parser("verify", help="check a dataset folder and write a manifest JSON")
-    _data_args(v)
+    v = dsub.add_parser("verify", help="check a dataset folder and write a manifest JSON", formatter_class=HelpFormatter)
+    add_dataset_args(v, default=None)
     v.add_argument("--output", help="manifest path (default: ./manifest-<dataset>.json; not in the data folder)")
     v.add_argument("--no-decode", action="store_true", help="hash the images but do not decode them (faster)")
     v.add_argument("--max-bad-fraction", type=float, default=0.05,
@@ -803,21 +807,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(func=cmd_download)
 
-    s = dsub.add_parser("stats", help="caption lengths, vocabulary size and OOV share per split")
-    _data_args(s)
+    s = dsub.add_parser("stats", help="caption lengths, vocabulary size and OOV share per split", formatter_class=HelpFormatter)
+    add_dataset_args(s, default=None)
     s.add_argument("--min-counts", type=_min_counts, default=(1, 3, 5, 10), help="vocabulary thresholds (default 1,3,5,10)")
     s.add_argument("--plot", help="write a PNG histogram of caption lengths here")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_stats)
 
-    p = dsub.add_parser("prepare", help="COCO 2017 + Karpathy split -> captions.csv for --dataset custom")
+    p = dsub.add_parser("prepare", help="COCO 2017 + Karpathy split -> captions.csv for --dataset custom", formatter_class=HelpFormatter)
     p.add_argument("--data-dir", required=True, help="folder with train2017/ and val2017/")
     p.add_argument("--karpathy", help="dataset_coco.json (default: DATA_DIR/karpathy/ or DATA_DIR/)")
     p.add_argument("--output", help="CSV to write (default: DATA_DIR/captions.csv)")
     p.set_defaults(func=cmd_prepare)
 
-
-def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", choices=DATASETS, required=True, help="dataset layout")
-    p.add_argument("--data-dir", required=True, help="folder holding the dataset's captions and images")
-    p.add_argument("--annotations", help="caption file if not found automatically (token file, Karpathy/COCO JSON, CSV/JSONL)")

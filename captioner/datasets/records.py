@@ -1,12 +1,11 @@
-"""Readers for caption datasets, all producing :class:`CaptionRecord` lists.
+"""Caption file readers, all producing :class:`CaptionRecord` lists.
 
-Supported layouts:
+- Flickr8k/30k ``*.token.txt`` (``<image>#<n>\\t<caption>``) plus split lists ``*_{train,dev,test}Images.txt``;
+- Karpathy JSON ``dataset_*.json`` (``images[].filename``, ``.split``, ``.sentences``);
+- COCO captions JSON (``images`` with ``id``/``file_name``, ``annotations`` with ``image_id``/``caption``);
+- CSV or JSONL tables with ``image`` and ``caption`` (optional ``split``) columns.
 
-- ``flickr8k`` / ``flickr30k``: ``*.token.txt`` (``<image>#<n>\\t<caption>``) plus split
-  lists ``*_{train,dev,test}Images.txt``; or a Karpathy ``dataset_flickr*.json``.
-- ``coco``: Karpathy ``dataset_coco.json`` or the official ``captions_{train,val}{2014,2017}.json``.
-- ``karpathy``: any Karpathy ``dataset_*.json`` (``--annotations`` or found in the folder).
-- ``custom``: a CSV or JSONL file with ``image`` and ``caption`` (optional ``split``) columns.
+Which files a dataset is read from is decided in :mod:`.annotations`; :mod:`.loading` reads a split.
 """
 from __future__ import annotations
 
