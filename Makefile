@@ -22,8 +22,14 @@ $(STAMP): pyproject.toml requirements.txt requirements-test.txt
 test: install
 	$(BIN)/python -m pytest -q
 
+# A relative CAPTIONER_MODEL is taken from the folder make was started in (`make -C` changes into
+# the checkout; the shell's PWD stays where the user is).
+USER_DIR := $(or $(PWD),$(CURDIR))
+
 serve: install
-	$(BIN)/gunicorn --config service/gunicorn_conf.py "service.app:create_app()"
+	@if [ -n "$$CAPTIONER_MODEL" ]; then CAPTIONER_MODEL="$$(cd "$(USER_DIR)" && realpath -m -- "$$CAPTIONER_MODEL")"; \
+		export CAPTIONER_MODEL; echo "CAPTIONER_MODEL=$$CAPTIONER_MODEL"; fi; \
+	exec $(BIN)/gunicorn --config service/gunicorn_conf.py "service.app:create_app()"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
