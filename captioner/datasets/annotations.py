@@ -46,7 +46,7 @@ class DatasetFiles:
         return [c.path for c in self.captions] + list(self.split_lists.values())
 
     def names(self) -> list[str]:
-        """:attr:`paths` relative to ``data_dir`` where they lie inside it (as manifests and checkpoints record them)."""
+        """:attr:`paths` relative to ``data_dir`` where they lie inside it (as manifests and checkpoints name them)."""
         root = self.data_dir.resolve()
         out = []
         for p in self.paths:
@@ -121,7 +121,9 @@ def image_root(data_dir: Path) -> Path:
     return data_dir
 
 
-def find_annotations(dataset: str, data_dir: str | Path, annotations: str | Path | Sequence | None = None) -> DatasetFiles:
+def find_annotations(
+    dataset: str, data_dir: str | Path, annotations: str | Path | Sequence | None = None,
+) -> DatasetFiles:
     """The caption files ``dataset`` is read from, given ``--data-dir`` and ``--annotations``; raises DatasetError."""
     from .records import DATASETS
 

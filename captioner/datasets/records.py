@@ -160,7 +160,11 @@ def read_table(path: str | Path, split: str | None = None) -> list[CaptionRecord
     root = path.parent
     rows: list[dict] = []
     if path.suffix.lower() in (".jsonl", ".json"):
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".json" and '"images"' in text[:10000]:
+            raise DatasetError(f"{path} looks like a COCO or Karpathy JSON file ('images'), not a CSV/JSONL table: "
+                               f"use --dataset coco --annotations SPLIT={path}, or --dataset karpathy")
+        for lineno, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -171,7 +175,7 @@ def read_table(path: str | Path, split: str | None = None) -> list[CaptionRecord
             rows = list(csv.DictReader(fh))
     by_image: OrderedDict[str, CaptionRecord] = OrderedDict()
     for i, row in enumerate(rows, 1):
-        image, caption = row.get("image"), row.get("caption")
+        image, caption = (row.get("image"), row.get("caption")) if isinstance(row, dict) else (None, None)
         if not image or caption is None:
             raise DatasetError(f"{path}: row {i} needs 'image' and 'caption'")
         rec = by_image.get(image)
