@@ -608,14 +608,14 @@ def _tune_best(
 
 def _print_record(record: dict[str, Any]) -> None:
     """One metrics-log record on stdout, floats rounded."""
-    print(json.dumps({k: _short(v) for k, v in record.items()}), flush=True)
+    print(json.dumps({k: _short(k, v) for k, v in record.items()}), flush=True)
 
 
-def _short(value: Any) -> Any:
-    """Floats to 3 decimals, small ones (learning rates) to 3 significant digits."""
+def _short(key: str, value: Any) -> Any:
+    """Floats to 3 decimals; learning rates (1e-3 ... 1e-6) to 3 significant digits."""
     if not isinstance(value, float):
         return value
-    return round(value, 3) if value == 0 or abs(value) >= 0.1 else float(f"{value:.3g}")
+    return float(f"{value:.3g}") if key == "lr" else round(value, 3)
 
 
 def _manifest(args: argparse.Namespace) -> dict | None:
