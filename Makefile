@@ -23,8 +23,14 @@ $(STAMP): pyproject.toml requirements.txt requirements-train.txt requirements-te
 test: install
 	$(BIN)/python -m pytest -q
 
+# A relative CAPTIONER_MODEL is taken from the folder make was started in (`make -C` changes into
+# the checkout; the shell's PWD stays where the user is).
+USER_DIR := $(or $(PWD),$(CURDIR))
+
 serve: install
-	$(BIN)/gunicorn --config service/gunicorn_conf.py "service.app:create_app()"
+	@if [ -n "$$CAPTIONER_MODEL" ]; then CAPTIONER_MODEL="$$(cd "$(USER_DIR)" && realpath -m -- "$$CAPTIONER_MODEL")"; \
+		export CAPTIONER_MODEL; echo "CAPTIONER_MODEL=$$CAPTIONER_MODEL"; fi; \
+	exec $(BIN)/gunicorn --config service/gunicorn_conf.py "service.app:create_app()"
 
 # Builds the Dockerfile (podman; no Docker engine needed) and checks the image end to end: /readyz,
 # a caption of scikit-image's cat photo over HTTP, the JSON access line, exit status 0 on SIGTERM.

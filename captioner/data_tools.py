@@ -37,9 +37,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .datasets import DATASETS, CaptionRecord, DatasetError, load_records
-from .datasets.records import _first, _split_lists, normalise_split, read_karpathy
+from .cli_args import HelpFormatter, add_dataset_args
+from .datasets import CaptionRecord, DatasetError, find_annotations, load_records, read_dataset
+from .datasets.records import normalise_split, read_karpathy
 from .images import ImageError, is_image_path, load_image
+from .progress import bar_disabled
 from .vocab import SPECIALS, Vocabulary, tokenize
 
 EVAL_SPLITS = ("train", "dev", "test")
@@ -68,42 +70,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _resolve_annotations(data_dir: Path, annotations: str | Path | None) -> Path | None:
-    if annotations is None:
-        return None
-    ann = Path(annotations)
-    if not ann.is_absolute() and not ann.exists():
-        ann = data_dir / ann
-    return ann
-
-
-def annotation_files(dataset: str, data_dir: Path, annotations: str | Path | None = None) -> list[Path]:
-    """The caption/split files ``load_records`` reads for this dataset, the main caption file first."""
-    ann = _resolve_annotations(data_dir, annotations)
-    lists = list(_split_lists(data_dir).values())
-    if dataset in ("flickr8k", "flickr30k"):
-        token = ann if ann and ann.suffix != ".json" else _first(data_dir, "*.token.txt", "*.token")
-        if token is not None and lists:
-            return [token, *lists]
-        karpathy = ann if ann and ann.suffix == ".json" else _first(data_dir, f"dataset_{dataset}.json")
-        return [karpathy] if karpathy else []
-    if dataset == "coco":
-        karpathy = ann if ann and ann.name.startswith("dataset_") else _first(data_dir, "dataset_coco.json")
-        if karpathy is not None:
-            return [karpathy]
-        if ann is not None:
-            return [ann]
-        ann_dir = data_dir / "annotations" if (data_dir / "annotations").is_dir() else data_dir
-        return sorted(ann_dir.glob("captions_*.json"))
-    if dataset == "karpathy":
-        found = ann or _first(data_dir, "dataset_*.json")
-        return [found] if found else []
-    if dataset == "custom":
-        found = ann or _first(data_dir, "captions.csv", "captions.jsonl", "*.csv", "*.jsonl")
-        return [found] if found else []
-    return []
-
-
 def _rel(path: str | Path, root: Path) -> str:
     try:
         return str(Path(path).resolve().relative_to(root.resolve()))
@@ -129,7 +95,7 @@ def _table_rows(path: Path) -> list[dict]:
 def verify_dataset(
     dataset: str,
     data_dir: str | Path,
-    annotations: str | Path | None = None,
+    annotations: str | Path | list[str] | None = None,
     decode: bool = True,
     progress: bool = True,
     max_bad_fraction: float = 0.05,
@@ -152,21 +118,23 @@ def verify_dataset(
         "format": "captioner-data-manifest/1",
         "dataset": dataset,
         "data_dir": str(data_dir.resolve()),
-        "annotations": str(annotations) if annotations else None,
+        "annotations": ([str(annotations)] if isinstance(annotations, (str, Path)) else [str(a) for a in annotations])
+                       if annotations else None,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "images_decoded": bool(decode),
     }
     try:
-        records = load_records(dataset, data_dir, "all", None, annotations, require_images=False)
+        dataset_files = find_annotations(dataset, data_dir, annotations)  # the files training reads
+        records = [r for r in read_dataset(dataset_files) if r.captions]
     except (DatasetError, OSError, UnicodeDecodeError) as exc:
         problems.append(Problem("unreadable", "fatal", f"cannot read the dataset: {exc}", 1))
         return _finish(manifest, problems, {}, {})
 
     # --- caption files and their checksums
-    files = [f for f in annotation_files(dataset, data_dir, annotations) if f and f.is_file()]
-    manifest["caption_file"] = _rel(files[0], data_dir) if files else None
-    manifest["caption_file_sha256"] = sha256_file(files[0]) if files else None
-    manifest["annotation_files"] = {_rel(f, data_dir): sha256_file(f) for f in files}
+    files = dataset_files.paths
+    manifest["caption_file"] = dataset_files.names()[0]
+    manifest["caption_file_sha256"] = sha256_file(files[0])
+    manifest["annotation_files"] = {name: sha256_file(f) for name, f in zip(dataset_files.names(), files)}
     if dataset in ("flickr8k", "flickr30k"):
         tokens = sorted(data_dir.glob("*.token.txt")) + sorted(data_dir.glob("*.token"))
         if len(tokens) > 1 and files and files[0] in tokens:
@@ -176,9 +144,9 @@ def verify_dataset(
 
     # --- split lists (flickr): overlaps and listed names without captions
     captioned = {r.image_id for r in records}
-    if dataset in ("flickr8k", "flickr30k") and files and files[0].suffix != ".json":
+    if dataset_files.split_lists:
         listed: dict[str, list[str]] = defaultdict(list)
-        for split, path in _split_lists(data_dir).items():
+        for split, path in dataset_files.split_lists.items():
             names = path.read_text(encoding="utf-8").split()
             problem("repeated_in_split_list", "warning", f"names listed twice in {path.name}",
                     [n for n, c in Counter(names).items() if c > 1])
@@ -224,8 +192,10 @@ def verify_dataset(
     problem("images_in_no_split", "warning", "images with captions that are in no train/dev/test split",
             [recs[0].image_id for recs in present.values() if recs[0].split not in EVAL_SPLITS])
 
-    # image files next to the listed ones that no caption entry mentions
-    folders = {str(Path(p).parent) for p in by_path}
+    # image files next to the listed ones that no caption entry mentions (only inside --data-dir: a
+    # folder that absolute paths point into is not the dataset's to report on)
+    root = data_dir.resolve()
+    folders = {str(Path(p).parent) for p in by_path if Path(p).parent.resolve().is_relative_to(root)}
     unlisted = [_rel(f, data_dir) for d in sorted(folders) if Path(d).is_dir()
                 for f in Path(d).iterdir() if f.is_file() and is_image_path(f) and not f.name.startswith("._")
                 and os.path.abspath(f) not in by_path]
@@ -235,7 +205,7 @@ def verify_dataset(
     digests: dict[str, str] = {}
     undecodable: dict[str, str] = {}  # path -> error
     too_large: dict[str, str] = {}
-    for path in tqdm(sorted(present), desc="verifying images", unit="img", disable=not progress):
+    for path in tqdm(sorted(present), desc="verifying images", unit="img", disable=bar_disabled(progress)):
         try:
             data = Path(path).read_bytes()
         except OSError as exc:
@@ -359,7 +329,7 @@ def _describe(lengths: list[int]) -> dict[str, float | int | None]:
 
 
 def dataset_stats(
-    dataset: str, data_dir: str | Path, annotations: str | Path | None = None, min_counts: tuple[int, ...] = (1, 3, 5, 10),
+    dataset: str, data_dir: str | Path, annotations: str | Path | list[str] | None = None, min_counts: tuple[int, ...] = (1, 3, 5, 10),
 ) -> tuple[dict[str, Any], dict[str, list[int]]]:
     """Figures for ``captioner data stats`` and the caption lengths per split (for the plot)."""
     records = load_records(dataset, data_dir, "all", None, annotations, require_images=False)
@@ -832,8 +802,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("data", help="verify, download and describe caption datasets (see data/README.md)")
     dsub = d.add_subparsers(dest="data_command", required=True)
 
-    v = dsub.add_parser("verify", help="check a dataset folder and write a manifest JSON")
-    _data_args(v)
+    v = dsub.add_parser("verify", help="check a dataset folder and write a manifest JSON", formatter_class=HelpFormatter)
+    add_dataset_args(v, default=None)
     v.add_argument("--output", help="manifest path (default: ./manifest-<dataset>.json; not in the data folder)")
     v.add_argument("--no-decode", action="store_true", help="hash the images but do not decode them (faster)")
     v.add_argument("--max-bad-fraction", type=float, default=0.05,
@@ -853,21 +823,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(func=cmd_download)
 
-    s = dsub.add_parser("stats", help="caption lengths, vocabulary size and OOV share per split")
-    _data_args(s)
+    s = dsub.add_parser("stats", help="caption lengths, vocabulary size and OOV share per split", formatter_class=HelpFormatter)
+    add_dataset_args(s, default=None)
     s.add_argument("--min-counts", type=_min_counts, default=(1, 3, 5, 10), help="vocabulary thresholds (default 1,3,5,10)")
     s.add_argument("--plot", help="write a PNG histogram of caption lengths here")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_stats)
 
-    p = dsub.add_parser("prepare", help="COCO 2017 + Karpathy split -> captions.csv for --dataset custom")
+    p = dsub.add_parser("prepare", help="COCO 2017 + Karpathy split -> captions.csv for --dataset custom", formatter_class=HelpFormatter)
     p.add_argument("--data-dir", required=True, help="folder with train2017/ and val2017/")
     p.add_argument("--karpathy", help="dataset_coco.json (default: DATA_DIR/karpathy/ or DATA_DIR/)")
     p.add_argument("--output", help="CSV to write (default: DATA_DIR/captions.csv)")
     p.set_defaults(func=cmd_prepare)
 
-
-def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", choices=DATASETS, required=True, help="dataset layout")
-    p.add_argument("--data-dir", required=True, help="folder holding the dataset's captions and images")
-    p.add_argument("--annotations", help="caption file if not found automatically (token file, Karpathy/COCO JSON, CSV/JSONL)")
