@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -19,7 +20,6 @@ from typing import Any
 
 from .cli_args import HelpFormatter, add_dataset_args, add_split_arg
 from .datasets import CaptionRecord, DatasetError, load_records
-from .metrics import score as score_metrics
 
 
 def metrics_report(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -36,7 +36,7 @@ def read_captions(path: str | Path) -> list[tuple[str, str | None]]:
         raise DatasetError(f"cannot read captions file {path}: {exc}") from exc
     rows: list[dict] = []
     if path.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))  # quoted fields may hold newlines
     elif path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
@@ -108,6 +108,8 @@ def score_captions_file(
         raise DatasetError(f"{len(missing)} of {len(records)} images of the split have no caption in "
                            f"{captions_file} (e.g. {', '.join(missing[:3])}); caption them, or pass --allow-missing "
                            "to score only the images that have one")
+    from .metrics import score as score_metrics  # the [train] extra: imported when a score is asked for
+
     refs = {r.image_id: r.captions for r in records}
     metrics = score_metrics(captions, refs, meteor=meteor)
     metrics["distinct_captions"] = len(set(captions.values()))
