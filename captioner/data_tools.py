@@ -189,7 +189,8 @@ def verify_dataset(
     present = {p: recs for p, recs in by_path.items() if Path(p).is_file()}
     missing = [recs[0].image_id for p, recs in by_path.items() if p not in present]
     problem("caption_entry_without_image", "warning", "caption entries whose image file is missing", missing)
-    problem("images_in_no_split", "warning", "images with captions that are in no train/dev/test split",
+    problem("images_in_no_split", "warning", "images with captions that are in no train/dev/test split (for a caption "
+            "file given without SPLIT=, name its split: --annotations train=FILE --annotations dev=FILE)",
             [recs[0].image_id for recs in present.values() if recs[0].split not in EVAL_SPLITS])
 
     # image files next to the listed ones that no caption entry mentions (only inside --data-dir: a
@@ -241,7 +242,8 @@ def verify_dataset(
     in_splits = [r for r in records if r.split in EVAL_SPLITS]
     bad = sum(1 for r in in_splits if os.path.abspath(r.path) not in usable)
     if not splits.get("train", {}).get("usable_images"):
-        problems.append(Problem("no_train_images", "fatal", "no usable train image with captions", 1))
+        problems.append(Problem("no_train_images", "fatal", "no usable train image with captions (training needs a "
+                                "train split: --annotations train=FILE, or split lists/fields in the caption file)", 1))
     if not splits.get("dev", {}).get("usable_images"):
         problems.append(Problem("no_dev_split", "warning", "no dev images: training cannot validate", 1))
     if in_splits and bad / len(in_splits) > max_bad_fraction:
