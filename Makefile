@@ -1,5 +1,6 @@
-# Fresh machine:  make serve   (install + start the service with the shipped model)
-#                 make test    (install + run the whole test suite)
+# Fresh machine:  make serve         (install + start the service with the shipped model)
+#                 make test          (install + run the whole test suite)
+#                 make docker-smoke  (root: build the image with podman, check ready/caption/SIGTERM)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -8,12 +9,12 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 export HOST PORT
 
-.PHONY: install test serve lint clean
+.PHONY: install test serve docker-smoke lint clean
 
 install: $(STAMP)
 
 # Re-installs only when the dependency files change, so repeated runs are quick.
-$(STAMP): pyproject.toml requirements.txt requirements-test.txt
+$(STAMP): pyproject.toml requirements.txt requirements-train.txt requirements-test.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
@@ -22,8 +23,22 @@ $(STAMP): pyproject.toml requirements.txt requirements-test.txt
 test: install
 	$(BIN)/python -m pytest -q
 
+# A relative CAPTIONER_MODEL is taken from the folder make was started in (`make -C` changes into
+# the checkout; the shell's PWD stays where the user is).
+USER_DIR := $(or $(PWD),$(CURDIR))
+
 serve: install
-	$(BIN)/gunicorn --config service/gunicorn_conf.py "service.app:create_app()"
+	@if [ -n "$$CAPTIONER_MODEL" ]; then CAPTIONER_MODEL="$$(cd "$(USER_DIR)" && realpath -m -- "$$CAPTIONER_MODEL")"; \
+		export CAPTIONER_MODEL; echo "CAPTIONER_MODEL=$$CAPTIONER_MODEL"; fi; \
+	exec $(BIN)/gunicorn --config service/gunicorn_conf.py "service.app:create_app()"
+
+# Builds the Dockerfile (podman; no Docker engine needed) and checks the image end to end: /readyz,
+# a caption of scikit-image's cat photo over HTTP, the JSON access line, exit status 0 on SIGTERM.
+# Root only: it installs podman and debootstraps a base image once (tools/container_smoke.sh).
+SMOKE_JPEG := $(VENV)/smoke-chelsea.jpg
+docker-smoke: install
+	$(BIN)/python -c "import sys; from PIL import Image; from skimage import data; Image.fromarray(data.chelsea()).save(sys.argv[1])" $(SMOKE_JPEG)
+	tools/container_smoke.sh . $(SMOKE_JPEG)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -61,8 +61,9 @@ MUTATIONS: list[Mutation] = [
              "captions[k] = run_model(batch.images[row : row + 1])[0]",
              "raise RuntimeError('no retry')", BATCH_TESTS),
     Mutation("undecodable-upload-answered-200", "service/app.py",
-             'raise ApiError(400, "undecodable", _clean(str(exc))) from None',
-             'image = __import__("PIL.Image").Image.new("RGB", (64, 64))', SERVICE_TESTS),
+             "raise ApiError(status, code, _clean(str(exc))) from None",
+             'decoded = __import__("types").SimpleNamespace(original_size=(64, 64), thumbnail=None, '
+             'image=__import__("PIL.Image").Image.new("RGB", (64, 64)))', SERVICE_TESTS),
     Mutation("resume-dedupe-dropped", "captioner/batch.py",
              "todo = [p for p in paths if path_key(p) not in status]", "todo = list(paths)", BATCH_TESTS),
     Mutation("int8-one-scale-per-batch", "captioner/perf.py",
@@ -150,8 +151,7 @@ MUTATIONS: list[Mutation] = [
     Mutation("batch-exit-0-despite-failures", "captioner/batch.py",
              'return 1 if failed or plan["failed_before"] else 0', "return 0", BATCH_TESTS),
     Mutation("too-large-image-answered-400", "service/app.py",
-             'raise ApiError(413, "too_large", str(exc)) from None',
-             'raise ApiError(400, "too_large", str(exc)) from None', SERVICE_TESTS),
+             '"too_large": (413, "too_large")', '"too_large": (400, "too_large")', SERVICE_TESTS),
 ]
 
 

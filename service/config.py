@@ -6,6 +6,7 @@ docs/service.md has the table; :data:`ENV_VARS` is its source of truth.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from typing import Any
 
 from captioner.api import MAX_BEAM_SIZE, default_model_path, parse_flag
 from captioner.images import DEFAULT_MAX_PIXELS
+
+from .logs import parse_log_format
 
 
 class ConfigError(ValueError):
@@ -36,6 +39,15 @@ class Settings:
     load_in_background: bool
     warmup: bool
     fast: bool  # CPU speed-ups of captioner.perf (Captioner.load's ``fast``)
+    decode_slots: int  # 0: from the CPU quota (cgroup), see decode_workers
+    decode_timeout_s: float
+    decode_memory_mb: int
+    log_format: str  # json | text (service.logs; gunicorn's logger reads the same variable)
+
+    @property
+    def decode_workers(self) -> int:
+        """Decode worker processes: ``decode_slots``, or the CPUs this container may use (1 to 8)."""
+        return self.decode_slots or max(1, min(8, available_cpus()))
 
     @property
     def max_upload_bytes(self) -> int:
@@ -58,6 +70,10 @@ ENV_VARS: dict[str, tuple[str, str, str, str]] = {
     "CAPTIONER_LOAD_IN_BACKGROUND": ("load_in_background", "bool", "1", "Load + warm the model in a background thread (`/readyz` says when done) instead of inside `create_app`."),
     "CAPTIONER_WARMUP": ("warmup", "bool", "1", "Run one inference on a blank image before reporting ready."),
     "CAPTIONER_FAST": ("fast", "bool", "1", "On CPU: fold batch norms, channels-last encoder in chunks of 2, int8 decoder (BENCHMARKS.md; dev scores within noise). 0 serves the fp32 model exactly as trained."),
+    "CAPTIONER_DECODE_SLOTS": ("decode_slots", "int", "0", "Uploads decoded at once per worker, each in its own decode process (0: the CPU quota of the container's cgroup, else the usable cores; 1-8). Requests wait for a slot in arrival order until their deadline; then 503 `overloaded` + `Retry-After`."),
+    "CAPTIONER_DECODE_TIMEOUT_S": ("decode_timeout_s", "float", "2.5", "Longest decode of one upload; a slower one is killed and answered 422 `too_slow`."),
+    "CAPTIONER_DECODE_MEMORY_MB": ("decode_memory_mb", "int", "1024", "Memory (address space, `RLIMIT_AS`) one decode process may add to its start-up size; beyond it: 413 `too_large`."),
+    "CAPTIONER_LOG_FORMAT": ("log_format", "log_format", "json", "`json`: one JSON object per log line, one access line per request with its `request_id` (service/logs.py); `text`: plain lines for a terminal."),
 }
 
 #: Settings read by service/gunicorn_conf.py only (documented in the same table).
@@ -69,16 +85,51 @@ GUNICORN_ENV_VARS: dict[str, tuple[str, str]] = {
     "CAPTIONER_WORKER_TIMEOUT": ("120", "Seconds a silent worker may take before gunicorn restarts it."),
     "CAPTIONER_GRACEFUL_TIMEOUT": ("30", "Seconds to finish in-flight requests on shutdown/reload."),
     "CAPTIONER_KEEPALIVE": ("5", "Seconds to keep idle HTTP connections open."),
+    "CAPTIONER_MAX_REQUESTS": ("5000", "Requests after which a worker is replaced (bounds slow memory growth; the new worker reloads the model); 0: never."),
+    "CAPTIONER_MAX_REQUESTS_JITTER": ("500", "Random 0..N added to CAPTIONER_MAX_REQUESTS per worker, so that workers do not restart together."),
     "CAPTIONER_LOG_LEVEL": ("info", "gunicorn and service log level."),
     "CAPTIONER_CONTROL_SOCKET": ("", "Path for gunicorn's control socket (`gunicornc`); off by default so instances never share one."),
     "PROMETHEUS_MULTIPROC_DIR": ("", "Optional: a writable, empty folder; `/metrics` then aggregates all workers (see Metrics)."),
 }
+
+def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: the cgroup CPU quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us``) rounded up, else the CPU affinity (both bounded by the core count)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_quota(cgroup_root)
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def _cgroup_quota(root: str) -> float | None:
+    """The CPU quota in CPUs, None when unlimited or unknown."""
+    def read(*parts: str) -> str | None:
+        try:
+            with open(os.path.join(root, *parts)) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    v2 = read("cpu.max")  # "max 100000" or "200000 100000"
+    if v2:
+        quota, _, period = v2.partition(" ")
+        return int(quota) / int(period) if quota != "max" and period else None
+    for folder in ("cpu,cpuacct", "cpu"):
+        quota, period = read(folder, "cpu.cfs_quota_us"), read(folder, "cpu.cfs_period_us")
+        if quota and period:
+            return int(quota) / int(period) if int(quota) > 0 and int(period) > 0 else None
+    return None
+
 
 def _parse(name: str, kind: str, raw: Any) -> Any:
     if kind == "path":
         return Path(raw) if raw not in (None, "") else default_model_path()
     if kind == "str":
         return str(raw) if raw not in (None, "") else None
+    if kind == "log_format":
+        try:
+            return parse_log_format(str(raw))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if kind == "bool":
         if isinstance(raw, bool):
             return raw
@@ -119,6 +170,9 @@ def _check(s: Settings) -> None:
     need(1 <= s.default_beam_size <= MAX_BEAM_SIZE, f"CAPTIONER_BEAM_SIZE must be between 1 and {MAX_BEAM_SIZE}")
     need(16 <= s.overlay_max_side <= 4096, "CAPTIONER_OVERLAY_MAX_SIDE must be between 16 and 4096")
     need(s.torch_threads >= 0, "CAPTIONER_TORCH_THREADS must be >= 0")
+    need(0 <= s.decode_slots <= 64, "CAPTIONER_DECODE_SLOTS must be between 0 and 64")
+    need(0 < s.decode_timeout_s <= 600, "CAPTIONER_DECODE_TIMEOUT_S must be > 0 and <= 600")
+    need(64 <= s.decode_memory_mb <= 65536, "CAPTIONER_DECODE_MEMORY_MB must be between 64 and 65536")
 
 
-__all__ = ["ConfigError", "ENV_VARS", "GUNICORN_ENV_VARS", "Settings", "load_settings"]
+__all__ = ["available_cpus", "ConfigError", "ENV_VARS", "GUNICORN_ENV_VARS", "Settings", "load_settings"]

@@ -1,4 +1,4 @@
-"""JSON errors: every failure is ``{"error": {"code": ..., "message": ...}}`` with a fitting status.
+"""JSON errors: every failure is ``{"error": {"code": ..., "message": ..., "request_id": ...}}`` with a fitting status.
 
 Handlers cover the service's own :class:`ApiError`, every Werkzeug HTTP error
 (404, 405, 413 from ``MAX_CONTENT_LENGTH``, ...) and, as a last resort, any
@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify, request
+from flask import Flask, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException
+
+from .logs import request_id
 
 log = logging.getLogger("service")
 
@@ -43,7 +45,10 @@ class ApiError(Exception):
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None):
-    response = jsonify({"error": {"code": code, "message": message}})
+    error = {"code": code, "message": message}
+    if has_request_context():
+        error["request_id"] = request_id(request.environ)
+    response = jsonify({"error": error})
     response.status_code = status
     for key, value in (headers or {}).items():
         response.headers[key] = value

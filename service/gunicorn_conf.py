@@ -13,7 +13,8 @@ smaller batches, so add workers only when one process cannot use the cores
 Everything is configurable from the environment (defaults in brackets): HOST
 [127.0.0.1], PORT [8000], CAPTIONER_WORKERS [1], CAPTIONER_THREADS [32],
 CAPTIONER_WORKER_TIMEOUT [120], CAPTIONER_GRACEFUL_TIMEOUT [30],
-CAPTIONER_KEEPALIVE [5], CAPTIONER_LOG_LEVEL [info], CAPTIONER_CONTROL_SOCKET [off],
+CAPTIONER_KEEPALIVE [5], CAPTIONER_MAX_REQUESTS [5000], CAPTIONER_MAX_REQUESTS_JITTER [500],
+CAPTIONER_LOG_LEVEL [info], CAPTIONER_LOG_FORMAT [json], CAPTIONER_CONTROL_SOCKET [off],
 PROMETHEUS_MULTIPROC_DIR.
 """
 from __future__ import annotations
@@ -61,14 +62,20 @@ _held = _int("CAPTIONER_MAX_BATCH", 8) + _int("CAPTIONER_QUEUE_SIZE", 16)  # def
 timeout = _int("CAPTIONER_WORKER_TIMEOUT", 120)
 graceful_timeout = _int("CAPTIONER_GRACEFUL_TIMEOUT", 30)
 keepalive = _int("CAPTIONER_KEEPALIVE", 5)
+# Replace a worker after max_requests + random(0..jitter) requests: bounds slow growth of its memory
+# (docs/reliability.md records RSS growing under load); the jitter keeps workers from restarting together.
+max_requests = _int("CAPTIONER_MAX_REQUESTS", 5000, low=0)
+max_requests_jitter = _int("CAPTIONER_MAX_REQUESTS_JITTER", 500, low=0)
 # Off: every worker builds its own app after the fork, so it loads the model and starts the
 # micro-batcher thread itself (threads do not survive fork; CUDA must not be initialised before it).
 preload_app = False
-# Logs to stdout (access log with the request time in microseconds).
+# Logs to stdout: one access line per request, JSON unless CAPTIONER_LOG_FORMAT=text (service/logs.py).
+# access_log_format is the text format (request time in microseconds, then the request id).
 accesslog = "-"
 errorlog = "-"
 loglevel = os.environ.get("CAPTIONER_LOG_LEVEL", "info")
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(D)sus "%(a)s"'
+logger_class = "service.logs.GunicornLogger"
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(D)sus "%(a)s" request_id=%({x-request-id}o)s'
 capture_output = False
 proc_name = "captioner-service"
 # gunicorn >= 25 opens a control socket (~/.gunicorn/gunicorn.ctl) that every instance on the machine

@@ -29,6 +29,16 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 
 
+#: HTTP methods counted by name; any other (invented) method is counted as ``other``, so that clients
+#: cannot create new time series.
+METHODS = ("GET", "POST", "HEAD")
+
+
+def method_label(method: str) -> str:
+    """``method`` if it is one of :data:`METHODS`, else ``"other"``."""
+    return method if method in METHODS else "other"
+
+
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir") or None
 
@@ -41,7 +51,7 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "captioner_http_requests", "HTTP requests answered, by endpoint (route), method and status.",
+            "captioner_http_requests", "HTTP requests answered, by endpoint (route), method (GET/POST/HEAD/other) and status.",
             ["endpoint", "method", "status"], registry=r,
         )
         self.latency = Histogram(

@@ -36,8 +36,9 @@ def _schemas() -> dict[str, Any]:
             "additionalProperties": False,
             "required": ["code", "message"],
             "properties": {
-                "code": {"type": "string", "description": "Machine-readable error code, e.g. `missing_image`, `undecodable`, `too_large`, `invalid_parameter`, `unsupported_media_type`, `payload_too_large`, `overloaded`, `timeout`, `not_ready`, `not_found`, `method_not_allowed`, `internal`."},
+                "code": {"type": "string", "description": "Machine-readable error code, e.g. `missing_image`, `undecodable`, `too_large`, `too_slow`, `invalid_parameter`, `unsupported_media_type`, `payload_too_large`, `overloaded`, `timeout`, `not_ready`, `not_found`, `method_not_allowed`, `internal`."},
                 "message": {"type": "string", "description": "What went wrong, for people."},
+                "request_id": {"type": "string", "description": "The request's id, as in the `X-Request-ID` response header and the service's log lines."},
             },
         },
         "Error": {
@@ -188,7 +189,9 @@ def build_spec(settings: Settings) -> dict[str, Any]:
             "version": __version__,
             "description": (
                 "Show, Attend and Tell image captioning over HTTP. Every error answers "
-                "`{\"error\": {\"code\", \"message\"}}`. Uploads are limited to "
+                "`{\"error\": {\"code\", \"message\", \"request_id\"}}`. Every response carries an "
+                "`X-Request-ID` header: the client's own when it sends a sane one (1-128 characters of "
+                "`A-Z a-z 0-9 . _ : + / = -`), else a new one. Uploads are limited to "
                 f"{limit_mb} MiB and {settings.max_pixels:,} pixels and are never written to disk."
             ),
         },
@@ -214,12 +217,16 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                     "responses": {
                         "200": {"description": "The caption, per-word attention and alternatives.",
                                 "content": {JSON: {"schema": _ref("CaptionResponse")}}},
-                        "400": _error("`missing_image`, `undecodable` (not an image, truncated, empty) or `invalid_parameter`."),
+                        "400": _error("`missing_image`, `undecodable` (not a JPEG, PNG, GIF, WebP, BMP or TIFF image; "
+                                      "truncated, empty) or `invalid_parameter`."),
                         "413": _error(f"`payload_too_large`: body above {limit_mb} MiB (refused before it is read); "
-                                      f"`too_large`: image above {settings.max_pixels:,} pixels (decompression bomb)."),
+                                      f"`too_large`: image above {settings.max_pixels:,} pixels (decompression bomb), "
+                                      f"or needing more than {settings.decode_memory_mb} MB to decode."),
+                        "422": _error(f"`too_slow`: the image took longer than {settings.decode_timeout_s:g} s to decode."),
                         "415": _error("`unsupported_media_type`: the body or the `image` part is not an image type."),
                         "500": _error("`internal`: an unexpected failure (logged); the worker keeps serving."),
-                        "503": {**_error("`overloaded`: the request queue is full; `not_ready`: the model is loading "
+                        "503": {**_error("`overloaded`: the request queue is full, or no decode slot "
+                                         "freed up within the request's time limit; `not_ready`: the model is loading "
                                          "or failed to load; `unavailable`: shutting down."), "headers": RETRY_AFTER},
                         "504": {**_error(f"`timeout`: no caption within {settings.request_timeout_s:g} s."),
                                 "headers": RETRY_AFTER},

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import tarfile
 import threading
 import zipfile
@@ -364,10 +365,12 @@ def test_download_flickr8k_from_loopback_mirror_then_verify(tmp_path: Path, caps
     archives = _flickr_archives(tmp_path)
     dest = tmp_path / "data" / "flickr8k"
     with _Server(archives, truncate={"Flickr8k_Dataset.zip"}) as srv:
-        digests = data_tools.download_dataset("flickr8k", dest, url_base=srv.url, progress=False, backoff=0)
+        digests = data_tools.download_dataset("flickr8k", dest, url_base=srv.url, progress=False, backoff=0,
+                                              allow_unverified=True)
         n_requests = len(srv.requests)
         # a rerun finds everything done and fetches nothing
-        assert data_tools.download_dataset("flickr8k", dest, url_base=srv.url, progress=False) == digests
+        assert data_tools.download_dataset("flickr8k", dest, url_base=srv.url, progress=False,
+                                           checksums=digests) == digests
         assert len(srv.requests) == n_requests
     assert ("Flickr8k_Dataset.zip", f"bytes={len(archives['Flickr8k_Dataset.zip']) // 2}-") in srv.requests
     assert digests == {n: hashlib.sha256(b).hexdigest() for n, b in archives.items()}
@@ -389,11 +392,30 @@ def test_download_cli_with_mirror_prints_checksums(tmp_path: Path, capsys: pytes
     archives = _flickr_archives(tmp_path)
     with _Server(archives) as srv:
         rc = main(["data", "download", "--dataset", "flickr8k", "--dest", str(tmp_path / "d"), "--url-base", srv.url,
-                   "--quiet", "--remove-archives"])
+                   "--quiet", "--remove-archives", "--allow-unverified"])
     out = capsys.readouterr().out
     assert rc == 0 and hashlib.sha256(archives["Flickr8k_text.zip"]).hexdigest() in out
     assert "computed" in out and "captioner train --dataset flickr8k" in out
     assert not (tmp_path / "d" / "archives" / "Flickr8k_text.zip").exists()
+
+
+def test_download_refuses_archives_without_a_checksum(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """No archive is fetched unless each has an expected sha256 or --allow-unverified is given; built-in
+    URLs are https."""
+    archives = _flickr_archives(tmp_path)
+    with _Server(archives) as srv:
+        argv = ["data", "download", "--dataset", "flickr8k", "--dest", str(tmp_path / "d"), "--url-base", srv.url, "--quiet"]
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "no published sha256" in err and "--allow-unverified" in err
+        assert srv.requests == [] and not (tmp_path / "d").exists()
+        good = [f"--sha256={n}={hashlib.sha256(b).hexdigest()}" for n, b in archives.items()]
+        assert main([*argv, *good]) == 0  # every archive pinned: downloaded and verified
+        assert capsys.readouterr().out.count("verified") == len(archives)
+    public = [f for source in data_tools.SOURCES.values() for f in source.files if f.url]
+    assert public and all(f.url.startswith("https://") for f in public), [f.url for f in public]
+    # every archive with a public URL carries a pinned checksum; only the request-form Flickr archives do not
+    assert all(re.fullmatch(r"[0-9a-f]{64}", f.sha256 or "") for f in public), [f.name for f in public if not f.sha256]
 
 
 def test_safe_extract_refuses_path_traversal(tmp_path: Path) -> None:

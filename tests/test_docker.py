@@ -185,15 +185,23 @@ def test_dockerfile_layout(dockerfile: dict[str, Any]) -> None:
     assert not any(re.search(r"\b(captioner|service)/", r) for w, r in deps["instrs"] if w == "COPY")
     assert re.search(r"ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cpu\b", text), "CPU wheels by default"
     assert "-r /tmp/requirements.txt" in text
-    # runtime: non-root, models inside, offline, health check, graceful exec-form CMD
+    # runtime: non-root, the model inside (package data of the wheel), offline, health check, graceful exec-form CMD
     user = last(chain, "USER")
     assert user and not re.match(r"(root|0)(:|$)", user), f"runtime must not run as root (USER {user})"
     user_id = re.sub(r"\$\{?(\w+)\}?", lambda m: re.search(rf"ARG {m.group(1)}=(\S+)", text).group(1), user)
     assert re.fullmatch(r"[1-9]\d*(:\d+)?", user_id), user_id
-    assert any(w == "COPY" and r.startswith("models/") for w, r in chain[-1]["instrs"]), "the shipped model is copied in"
+    wheel = next(s for s in all_stages if s["name"] == "wheel")
+    assert any(w == "COPY" and r.startswith("models/") for w, r in wheel["instrs"]), "the shipped model is in the wheel"
+    assert not any(w == "COPY" and "models/" in r for w, r in chain[-1]["instrs"]), "the model is not copied twice"
     env = dockerfile["env"]
     assert env.get("HF_HUB_OFFLINE") == "1" and env.get("TRANSFORMERS_OFFLINE") == "1"
-    assert env.get("CAPTIONER_MODEL", "").startswith("/app/models/")
+    assert "CAPTIONER_MODEL" not in env, "the default model is the packaged one"
+    # evaluation-only packages stay out of the image; nothing it runs as root leaves files for the app user
+    assert not re.search(r"^(matplotlib|nltk|pycocoevalcap)\b", (ROOT / "requirements.txt").read_text(), re.M)
+    assert "MPLCONFIGDIR" not in env
+    runs = [i for i, (w, _) in enumerate(chain[-1]["instrs"]) if w == "RUN"]
+    users = [i for i, (w, _) in enumerate(chain[-1]["instrs"]) if w == "USER"]
+    assert "import service.app" in chain[-1]["instrs"][runs[-1]][1] and users[-1] < runs[-1], "import check as the app user"
     health = last(chain, "HEALTHCHECK") or ""
     assert "/readyz" in health and "urllib" in health and "curl" not in health
     cmd = dockerfile["cmd"]
@@ -277,8 +285,8 @@ def test_compose_settings(compose: dict[str, Any], dockerfile: dict[str, Any]) -
                  "CAPTIONER_BATCH_WAIT_MS", "CAPTIONER_QUEUE_SIZE", "CAPTIONER_MAX_UPLOAD_MB",
                  "CAPTIONER_REQUEST_TIMEOUT_S", "CAPTIONER_GRACEFUL_TIMEOUT"]:
         assert name in env, f"{name} missing from the service's environment"
-    assert env["CAPTIONER_MODEL"] == dockerfile["env"]["CAPTIONER_MODEL"]
-    assert "8000:8000" in [str(p) for p in svc["ports"]]
+    assert env["CAPTIONER_MODEL"] == "" and "CAPTIONER_MODEL" not in dockerfile["env"], "the packaged model by default"
+    assert [str(p) for p in svc["ports"]] == ["${CAPTIONER_PUBLISH:-127.0.0.1}:8000:8000"]  # loopback by default
     assert svc["build"]["target"] == "runtime" and svc["image"] == batch["image"]
     assert svc["restart"] == "unless-stopped" and svc["read_only"] is True
     assert any(str(t).split(":")[0] == "/tmp" for t in svc["tmpfs"])

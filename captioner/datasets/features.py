@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ..encoder import Encoder, EncoderConfig
 from ..images import ImageError, load_and_preprocess
+from ..progress import bar_disabled
 
 
 class _ImageFiles(Dataset):
@@ -117,7 +118,7 @@ class FeatureCache:
         loader = DataLoader(_ImageFiles(paths[start:], cfg), batch_size=batch_size, num_workers=num_workers,
                             worker_init_fn=_single_thread)
         row = start
-        bar = tqdm(total=len(paths), initial=start, desc="encoding images", unit="img", disable=not progress)
+        bar = tqdm(total=len(paths), initial=start, desc="encoding images", unit="img", disable=bar_disabled(progress))
         with torch.inference_mode():
             for images, ok in loader:
                 feats = encoder(images.to(device)).float().cpu().numpy()  # (b, L, D)

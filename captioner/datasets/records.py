@@ -1,18 +1,17 @@
-"""Readers for caption datasets, all producing :class:`CaptionRecord` lists.
+"""Caption file readers, all producing :class:`CaptionRecord` lists.
 
-Supported layouts:
+- Flickr8k/30k ``*.token.txt`` (``<image>#<n>\\t<caption>``) plus split lists ``*_{train,dev,test}Images.txt``;
+- Karpathy JSON ``dataset_*.json`` (``images[].filename``, ``.split``, ``.sentences``);
+- COCO captions JSON (``images`` with ``id``/``file_name``, ``annotations`` with ``image_id``/``caption``);
+- CSV or JSONL tables with ``image`` and ``caption`` (optional ``split``) columns.
 
-- ``flickr8k`` / ``flickr30k``: ``*.token.txt`` (``<image>#<n>\\t<caption>``) plus split
-  lists ``*_{train,dev,test}Images.txt``; or a Karpathy ``dataset_flickr*.json``.
-- ``coco``: Karpathy ``dataset_coco.json`` or the official ``captions_{train,val}{2014,2017}.json``.
-- ``karpathy``: any Karpathy ``dataset_*.json`` (``--annotations`` or found in the folder).
-- ``custom``: a CSV or JSONL file with ``image`` and ``caption`` (optional ``split``) columns.
+Which files a dataset is read from is decided in :mod:`.annotations`; :mod:`.loading` reads a split.
 """
 from __future__ import annotations
 
 import csv
 import json
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,93 +42,8 @@ def normalise_split(split: str) -> str:
     return s
 
 
-def load_records(
-    dataset: str,
-    data_dir: str | Path,
-    split: str = "train",
-    limit: int | None = None,
-    annotations: str | Path | None = None,
-    require_images: bool = True,
-) -> list[CaptionRecord]:
-    """Read one split of a dataset. ``limit`` keeps the first N images; ``split='all'`` keeps every split."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise DatasetError(f"data directory not found: {data_dir}")
-    split = normalise_split(split)
-    ann = Path(annotations) if annotations else None
-    if ann is not None and not ann.is_absolute() and not ann.exists():
-        ann = data_dir / ann
-    if dataset in ("flickr8k", "flickr30k"):
-        karpathy = ann if ann and ann.suffix == ".json" else _first(data_dir, f"dataset_{dataset}.json")
-        token = ann if ann and ann.suffix != ".json" else _token_file(data_dir)
-        if token is not None and _split_lists(data_dir):
-            records = read_flickr_tokens(token, data_dir)
-        elif karpathy is not None:
-            records = read_karpathy(karpathy, _image_root(data_dir))
-        else:
-            raise DatasetError(f"no *.token.txt with split lists, or dataset_{dataset}.json, in {data_dir}")
-    elif dataset == "coco":
-        karpathy = ann if ann and ann.name.startswith("dataset_") else _first(data_dir, "dataset_coco.json")
-        if karpathy is not None:
-            records = read_karpathy(karpathy, data_dir)
-        else:
-            records = read_coco_dir(data_dir) if ann is None else read_coco(ann, data_dir, "all")
-    elif dataset == "karpathy":
-        karpathy = ann or _first(data_dir, "dataset_*.json")
-        if karpathy is None:
-            raise DatasetError(f"no dataset_*.json in {data_dir}; pass --annotations")
-        records = read_karpathy(karpathy, _image_root(data_dir))
-    elif dataset == "custom":
-        if ann is None:
-            ann = _first(data_dir, "captions.csv", "captions.jsonl", "*.csv", "*.jsonl")
-        if ann is None:
-            raise DatasetError(f"no captions CSV/JSONL in {data_dir}; pass --annotations")
-        records = read_table(ann)
-    else:
-        raise DatasetError(f"unknown dataset {dataset!r}; use one of {', '.join(DATASETS)}")
-    if split != "all":
-        records = [r for r in records if r.split == split]
-    if require_images:
-        records = [r for r in records if Path(r.path).is_file()]
-    records = [r for r in records if r.captions]
-    if limit is not None:
-        records = records[:limit]
-    return records
-
-
-def _first(folder: Path, *patterns: str) -> Path | None:
-    for pattern in patterns:
-        hits = sorted(folder.glob(pattern))
-        if hits:
-            return hits[0]
-    return None
-
-
-def _token_file(data_dir: Path) -> Path | None:
-    """The raw captions file; Flickr8k also ships a lemmatised ``*.lemma.token.txt`` that must not be used."""
-    hits = [p for p in sorted(data_dir.glob("*.token*")) if "lemma" not in p.name and p.suffix in (".txt", ".token")]
-    return hits[0] if hits else None
-
-
-def _split_lists(data_dir: Path) -> dict[str, Path]:
-    found = {}
-    for split, key in (("train", "train"), ("dev", "dev"), ("test", "test")):
-        hit = _first(data_dir, f"*{key}Images.txt", f"*_{key}.txt")
-        if hit is not None:
-            found[split] = hit
-    return found
-
-
-def _image_root(data_dir: Path) -> Path:
-    for name in ("images", "Images", "Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k-images", "flickr30k_images"):
-        if (data_dir / name).is_dir():
-            return data_dir / name
-    return data_dir
-
-
-def read_flickr_tokens(token_file: str | Path, data_dir: str | Path) -> list[CaptionRecord]:
+def read_flickr_tokens(token_file: str | Path, split_lists: dict[str, Path], image_root: str | Path) -> list[CaptionRecord]:
     """Flickr8k/30k ``Flickr8k.token.txt`` + split lists -> records (images in no list get split ``none``)."""
-    data_dir = Path(data_dir)
     token_file = Path(token_file)
     captions: OrderedDict[str, list[str]] = OrderedDict()
     for lineno, line in enumerate(token_file.read_text(encoding="utf-8").splitlines(), 1):
@@ -142,11 +56,11 @@ def read_flickr_tokens(token_file: str | Path, data_dir: str | Path) -> list[Cap
         captions.setdefault(image, []).append(caption.strip())
     split_of: dict[str, str] = {}
     order: list[str] = []
-    for split, path in _split_lists(data_dir).items():
+    for split, path in split_lists.items():
         for name in path.read_text(encoding="utf-8").split():
             split_of.setdefault(name, split)
             order.append(name)
-    root = _image_root(data_dir)
+    root = Path(image_root)
     # split-listed images first, in the lists' order (so --limit takes "the first N of a split")
     names = list(OrderedDict.fromkeys(order + list(captions)))
     return [
@@ -155,66 +69,102 @@ def read_flickr_tokens(token_file: str | Path, data_dir: str | Path) -> list[Cap
     ]
 
 
-def read_karpathy(path: str | Path, image_root: str | Path) -> list[CaptionRecord]:
-    """Karpathy ``dataset_{flickr8k,flickr30k,coco}.json`` -> records (restval counts as train)."""
-    path, image_root = Path(path), Path(image_root)
+def _json_images(path: Path, kind: str) -> tuple[dict, list[dict]]:
+    """A caption JSON's top level and its ``images`` list, or a DatasetError naming the file."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        images = data["images"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DatasetError(f"{path}: not a Karpathy split file ({exc})") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path}: cannot read it as JSON ({exc})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DatasetError(f"{path}: no 'images' list at the top level; a {kind} file needs one")
+    if not all(isinstance(img, dict) for img in data["images"]):
+        raise DatasetError(f"{path}: every entry of 'images' must be an object")
+    return data, data["images"]
+
+
+def _no_duplicates(path: Path, what: str, values: list) -> None:
+    dupes = sorted({str(v) for v, n in Counter(values).items() if n > 1})
+    if dupes:
+        raise DatasetError(f"{path}: {len(dupes)} duplicate {what} in 'images', e.g. {', '.join(dupes[:3])}; "
+                           "each image must be listed once")
+
+
+def read_karpathy(path: str | Path, image_root: str | Path, split: str | None = None) -> list[CaptionRecord]:
+    """Karpathy ``dataset_{flickr8k,flickr30k,coco}.json`` -> records (restval counts as train).
+
+    ``split`` puts every image in that split instead of its own ``split`` field.
+    """
+    path, image_root = Path(path), Path(image_root)
+    data, images = _json_images(path, "Karpathy JSON (images[].filename, .split, .sentences)")
+    if "annotations" in data or (images and "file_name" in images[0] and "filename" not in images[0]):
+        raise DatasetError(f"{path} is a COCO captions file ('images' + 'annotations'), not Karpathy JSON: "
+                           f"use --dataset coco --annotations SPLIT={path}")
+    bad = [i for i, img in enumerate(images) if not isinstance(img.get("filename"), str)]
+    if bad:
+        raise DatasetError(f"{path}: images[{bad[0]}] has no 'filename' ({len(bad)} entries without one)")
+    _no_duplicates(path, "file names", [str(Path(img.get("filepath", "")) / img["filename"]) for img in images])
     records = []
     for img in images:
         rel = Path(img.get("filepath", "")) / img["filename"]
-        captions = [s.get("raw") or " ".join(s.get("tokens", [])) for s in img.get("sentences", [])]
-        split = _SPLIT_ALIASES.get(img.get("split", "train"), img.get("split", "train"))
-        records.append(CaptionRecord(image_id=img["filename"], path=str(image_root / rel), captions=captions, split=split))
+        captions = [s.get("raw") or " ".join(s.get("tokens", [])) for s in img.get("sentences", []) if isinstance(s, dict)]
+        own = str(img.get("split", "train"))
+        records.append(CaptionRecord(image_id=img["filename"], path=str(image_root / rel), captions=captions,
+                                     split=split or _SPLIT_ALIASES.get(own, own)))
     return records
 
 
-def read_coco(path: str | Path, image_dir: str | Path, split: str) -> list[CaptionRecord]:
-    """Official COCO ``captions_*.json`` -> records; every image gets ``split``."""
+def read_coco(path: str | Path, image_dir: str | Path, split: str | None) -> list[CaptionRecord]:
+    """COCO captions JSON (``images`` with ``id``/``file_name``, ``annotations`` with ``image_id``/``caption``) -> records.
+
+    Every image gets ``split`` (``all`` when None: a COCO file names no split). ``file_name`` is
+    looked up under ``image_dir``.
+    """
     path, image_dir = Path(path), Path(image_dir)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        files = {img["id"]: img["file_name"] for img in data["images"]}
-        anns = data["annotations"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DatasetError(f"{path}: not a COCO captions file ({exc})") from exc
-    caps: OrderedDict[int, list[str]] = OrderedDict((i, []) for i in files)
-    for a in anns:
-        caps.setdefault(a["image_id"], []).append(a["caption"].strip())
+    data, images = _json_images(path, "COCO captions")
+    if "annotations" not in data and images and "sentences" in images[0]:
+        raise DatasetError(f"{path} is Karpathy-style JSON (images[].sentences), not a COCO captions file: "
+                           f"use --dataset karpathy --annotations {path}")
+    anns = data.get("annotations")
+    if not isinstance(anns, list):
+        raise DatasetError(f"{path}: no 'annotations' list; a COCO captions file has 'images' and 'annotations'")
+    bad = [i for i, img in enumerate(images) if "id" not in img or not isinstance(img.get("file_name"), str)]
+    if bad:
+        raise DatasetError(f"{path}: images[{bad[0]}] needs 'id' and 'file_name' ({len(bad)} entries lack them)")
+    _no_duplicates(path, "image ids", [img["id"] for img in images])
+    files = {img["id"]: img["file_name"] for img in images}
+    caps: OrderedDict[object, list[str]] = OrderedDict((i, []) for i in files)
+    orphans = []
+    for k, a in enumerate(anns):
+        if not isinstance(a, dict) or not isinstance(a.get("caption"), str):
+            raise DatasetError(f"{path}: annotations[{k}] needs 'image_id' and a 'caption' string")
+        if a.get("image_id") not in files:
+            orphans.append(a.get("image_id"))
+            continue
+        caps[a["image_id"]].append(a["caption"].strip())
+    if orphans:
+        raise DatasetError(f"{path}: {len(orphans)} captions refer to image ids that are not in 'images' "
+                           f"(e.g. {orphans[0]!r}); add those images or remove their captions")
     return [
-        CaptionRecord(image_id=files[i], path=str(image_dir / files[i]), captions=c, split=split)
+        CaptionRecord(image_id=files[i], path=str(image_dir / files[i]), captions=c, split=split or "all")
         for i, c in caps.items()
-        if i in files
     ]
 
 
-def read_coco_dir(data_dir: Path) -> list[CaptionRecord]:
-    """COCO folder with ``annotations/captions_{train,val}YYYY.json`` and ``{train,val}YYYY/`` images."""
-    records: list[CaptionRecord] = []
-    ann_dir = data_dir / "annotations" if (data_dir / "annotations").is_dir() else data_dir
-    files = sorted(ann_dir.glob("captions_*.json"))
-    if not files:
-        raise DatasetError(f"no dataset_coco.json or annotations/captions_*.json in {data_dir}")
-    for f in files:
-        part = f.stem.split("_", 1)[1]  # e.g. train2014
-        split = "train" if part.startswith("train") else "dev"
-        records += read_coco(f, data_dir / part, split)
-    return records
-
-
-def read_table(path: str | Path) -> list[CaptionRecord]:
+def read_table(path: str | Path, split: str | None = None) -> list[CaptionRecord]:
     """CSV (header with ``image``, ``caption``[, ``split``]) or JSONL with the same keys.
 
     Image paths are taken relative to the table's folder; several rows may share an image.
+    ``split`` puts every image in that split instead of the ``split`` column.
     """
     path = Path(path)
     root = path.parent
     rows: list[dict] = []
     if path.suffix.lower() in (".jsonl", ".json"):
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".json" and '"images"' in text[:10000]:
+            raise DatasetError(f"{path} looks like a COCO or Karpathy JSON file ('images'), not a CSV/JSONL table: "
+                               f"use --dataset coco --annotations SPLIT={path}, or --dataset karpathy")
+        for lineno, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -225,7 +175,7 @@ def read_table(path: str | Path) -> list[CaptionRecord]:
             rows = list(csv.DictReader(fh))
     by_image: OrderedDict[str, CaptionRecord] = OrderedDict()
     for i, row in enumerate(rows, 1):
-        image, caption = row.get("image"), row.get("caption")
+        image, caption = (row.get("image"), row.get("caption")) if isinstance(row, dict) else (None, None)
         if not image or caption is None:
             raise DatasetError(f"{path}: row {i} needs 'image' and 'caption'")
         rec = by_image.get(image)
@@ -234,7 +184,7 @@ def read_table(path: str | Path) -> list[CaptionRecord]:
             rec = CaptionRecord(
                 image_id=image,
                 path=str(p if p.is_absolute() else root / p),
-                split=normalise_split(row.get("split") or "train"),
+                split=split or normalise_split(row.get("split") or "train"),
             )
             by_image[image] = rec
         if str(caption).strip():

@@ -2,7 +2,9 @@
    draw its attention grid (H x W, sums to 1) as a smooth heat map on a canvas over the image. */
 (function () {
   "use strict";
-  const cfg = window.CAPTIONER || {endpoint: "/v1/captions", readyz: "/readyz", maxUploadBytes: 20 * 1048576};
+  // Settings come as JSON data (the page's Content-Security-Policy runs no inline script).
+  const cfgEl = document.getElementById("captioner-config");
+  const cfg = cfgEl ? JSON.parse(cfgEl.textContent) : {endpoint: "/v1/captions", readyz: "/readyz", maxUploadBytes: 20 * 1048576};
   const $ = (id) => document.getElementById(id);
   const dropzone = $("dropzone"), fileInput = $("file-input"), photo = $("photo"), canvas = $("heatmap");
   const stage = $("stage"), dropHint = $("drop-hint"), busy = $("busy"), form = $("options");
