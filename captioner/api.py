@@ -27,8 +27,9 @@ DEFAULT_MODEL_NAME = "flickr8k-lite2"
 #: Upper bounds enforced for every caller (service, CLI, API).
 MAX_BEAM_SIZE = 10
 MAX_LENGTH_LIMIT = 60
-#: ``guidance`` values: ``concepts`` places the most likely visual concept in the caption
-#: (constrained beam search, when its probability reaches ``concept_threshold``); ``none`` is the plain model.
+#: ``guidance`` values: ``concepts`` places the most likely visual concept in the caption (constrained
+#: beam search, when its probability p reaches ``concept_threshold`` and the caption scores at most
+#: ``concept_weight`` x p below the plain one; defaults chosen on dev data); ``none`` is the plain model.
 GUIDANCE = ("concepts", "none")
 #: Concepts reported with a caption: at most this many, each at least this likely.
 CONCEPTS_SHOWN, CONCEPT_MIN_PROB = 5, 0.1
@@ -103,7 +104,7 @@ class Captioner:
         self.config = config
         self.encoder_cfg: EncoderConfig = encoder.config
         self.defaults: dict[str, Any] = {"beam_size": 3, "max_length": 30, "length_alpha": 0.0, "block_repeats": True,
-                                         "guidance": "concepts", "concept_threshold": 0.5}
+                                         "guidance": "concepts", "concept_threshold": 0.1, "concept_weight": 16.0}
         self.defaults.update(config.get("inference", {}))
         # visual concepts need the encoder's ImageNet head (EfficientNet-Lite, head stage)
         self.concept_map: ConceptMap | None = ConceptMap.load(vocab.itos) if isinstance(encoder, ConceptEncoder) else None
@@ -218,7 +219,8 @@ class Captioner:
 
         ``concepts`` (from :meth:`see`) are attached to the captions; with ``guidance="concepts"``
         (the default) an image whose top concept reaches ``concept_threshold`` gets a caption that
-        uses that word once (:func:`~captioner.search.constrained_beam_search`, beam size at least 2).
+        uses that word once (:func:`~captioner.search.constrained_beam_search`, beam size at least 2)
+        unless it scores more than ``concept_weight`` x its probability below the plain caption.
         """
         beam_size = int(self.defaults["beam_size"] if beam_size is None else beam_size)
         max_length = int(self.defaults["max_length"] if max_length is None else max_length)
@@ -230,10 +232,10 @@ class Captioner:
         common = dict(start_id=v.start_id, end_id=v.end_id, pad_id=v.pad_id, max_length=max_length,
                       block_repeats=bool(self.defaults["block_repeats"]), unk_id=v.unk_id)
         annotations = annotations.to(self.device)
-        required = self._required_words(concepts) if guidance == "concepts" and concepts else None
+        required, allowance = self._constraints(concepts) if guidance == "concepts" and concepts else (None, None)
         if required is not None and bool(required.any()):
             hyps = constrained_beam_search(self.decoder, annotations, required, beam_size=max(beam_size, n_best, 2),
-                                           length_alpha=alpha, n_best=n_best, **common)
+                                           length_alpha=alpha, n_best=n_best, allowance=allowance, **common)
         elif beam_size == 1 and n_best == 1:
             hyps = [[h] for h in greedy_search(self.decoder, annotations, **common)]
         else:
@@ -241,15 +243,21 @@ class Captioner:
                                length_alpha=alpha, n_best=n_best, **common)
         return [self._to_caption(h, cs) for h, cs in zip(hyps, concepts or [[] for _ in hyps])]
 
-    def _required_words(self, concepts: list[list[Concept]]) -> torch.Tensor:
-        """(B, V) bool: the vocabulary forms of each image's top concept when it is confident enough."""
+    def _constraints(self, concepts: list[list[Concept]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each image's top concept when its probability p reaches ``concept_threshold``.
+
+        Returns the (B, V) bool mask of its vocabulary forms and the (B,) score allowance
+        ``concept_weight`` x p that the caption using it may cost (None: any cost).
+        """
         assert self.concept_map is not None
         required = torch.zeros(len(concepts), len(self.vocab), dtype=torch.bool)
+        top = torch.tensor([cs[0].probability if cs else 0.0 for cs in concepts])  # (B,)
         for b, cs in enumerate(concepts):
             if cs and cs[0].probability >= float(self.defaults["concept_threshold"]):
                 for form in self.concept_map.forms[cs[0].word]:
                     required[b, self.vocab.stoi[form]] = True
-        return required
+        weight = self.defaults["concept_weight"]
+        return required, None if weight is None else float(weight) * top
 
     def _to_caption(self, hyps: list[Hypothesis], concepts: list[Concept]) -> Caption:
         H, W = self.grid

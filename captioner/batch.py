@@ -85,8 +85,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also record the next N-1 best captions as 'alternatives' (default: 1)")
     c.add_argument("--length-alpha", metavar="A", type=float, help="length penalty exponent (default: the checkpoint's)")
     c.add_argument("--guidance", choices=GUIDANCE,
-                   help="concepts: the caption names the most likely visual concept when it is confident; "
-                        "none: the plain model (default: the checkpoint's, concepts)")
+                   help="concepts: the caption names the most likely visual concept once, unless that costs "
+                        "the model too much; none: the plain model (default: the checkpoint's, concepts)")
     c.add_argument("--batch-size", metavar="B", type=_int_range(1), default=16,
                    help="images per encoder pass and beam search (default: 16)")
     c.add_argument("--workers", metavar="W", type=_int_range(0), default=default_workers(),

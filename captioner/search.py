@@ -173,6 +173,7 @@ def constrained_beam_search(
     n_best: int = 1,
     block_repeats: bool = True,
     unk_id: int | None = None,
+    allowance: torch.Tensor | None = None,
 ) -> list[list[Hypothesis]]:
     """Beam search in which a caption must use one of each image's ``required`` words, exactly once.
 
@@ -182,7 +183,8 @@ def constrained_beam_search(
     the word yet (state 0) and K that have (state 1); a required word moves a state-0 beam to state
     1, where the word may not come again. Scores stay the model's own log-probabilities, so the
     search places the word where the model finds it most likely. The result comes from state 1
-    when any of its beams is alive, else from state 0. Runs as one (B*2*K) batch.
+    when its best score is at most ``allowance`` (B,) below state 0's best (default: whenever a
+    state-1 beam is alive), else from state 0. Runs as one (B*2*K) batch.
     """
     K = beam_size
     n_best = max(1, min(n_best, K))
@@ -234,7 +236,10 @@ def constrained_beam_search(
 
     final = scores.view(-1) / length_penalty(lengths, length_alpha)  # (B*2K,)
     final = torch.where(torch.isfinite(final), final, torch.full_like(final, float("-inf")))
-    satisfied = torch.isfinite(final.view(B, 2, K)[:, 1]).any(dim=1)  # (B,)
+    best = final.view(B, 2, K).max(dim=2).values  # (B, 2) best score per state
+    satisfied = torch.isfinite(best[:, 1])  # (B,)
+    if allowance is not None:
+        satisfied &= best[:, 1] >= best[:, 0] - allowance.to(device)  # (B,)
     pool = torch.where(satisfied, 1, 0)  # (B,) the state the result comes from
     ranked = final.view(B, 2, K)[torch.arange(B, device=device), pool]  # (B, K)
     order = ranked.argsort(dim=1, descending=True)[:, :n_best] + (pool * K).unsqueeze(1)  # (B, n_best) within image

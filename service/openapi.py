@@ -106,7 +106,7 @@ def _schemas() -> dict[str, Any]:
                                  "description": "The next `n_best - 1` captions, best first (empty when `n_best` = 1)."},
                 "concepts": {"type": "array", "items": _ref("Concept"), "maxItems": 5,
                              "description": "Up to 5 visual concepts with probability >= 0.1, best first (empty for a model without an ImageNet head). "
-                                            "With `guidance=concepts` the caption uses the first one when it is confident."},
+                                            "With `guidance=concepts` the caption names the first one unless that costs the model too much."},
                 "image": {
                     "type": "object",
                     "additionalProperties": False,
@@ -190,8 +190,8 @@ def _caption_parameters(settings: Settings) -> list[dict[str, Any]]:
           "`grid`: each token carries its H x W attention grid; `overlay`: also a PNG heat map over the image "
           "(data URI); `none`: neither."),
         q("guidance", {"type": "string", "enum": list(GUIDANCE), "default": "concepts"},
-          "`concepts`: when the most likely visual concept is confident, the caption uses that word once "
-          "(constrained beam search); `none`: the plain model's caption."),
+          "`concepts`: the caption names the most likely visual concept once (constrained beam search) "
+          "unless that costs the model too much; `none`: the plain model's caption."),
     ]
 
 

@@ -114,6 +114,23 @@ def test_constrained_search_places_the_word_exactly_once_and_ends() -> None:
     assert guided[3][0].score == pytest.approx(plain[3][0].score)
 
 
+def test_allowance_keeps_the_plain_caption_when_the_word_costs_too_much() -> None:
+    decoder = tiny_decoder(seed=2)
+    annotations = torch.randn(2, 6, 16)
+    plain = beam_search(decoder, annotations, beam_size=3, max_length=15, **IDS)
+    required = torch.zeros(2, 12, dtype=torch.bool)
+    for b in range(2):
+        required[b, [w for w in range(3, 12) if w not in plain[b][0].ids][0]] = True
+    forced = constrained_beam_search(decoder, annotations, required, beam_size=3, max_length=15, **IDS)
+    costs = torch.tensor([plain[b][0].score - forced[b][0].score for b in range(2)])  # (2,) > 0: the word costs
+    assert bool((costs > 0).all())
+    allowance = torch.stack([costs[0] + 1e-3, costs[1] - 1e-3])  # enough for image 0, not for image 1
+    chosen = constrained_beam_search(decoder, annotations, required, beam_size=3, max_length=15,
+                                     allowance=allowance, **IDS)
+    assert chosen[0][0].ids == forced[0][0].ids
+    assert chosen[1][0].ids != forced[1][0].ids and not any(required[1, w] for w in chosen[1][0].ids)
+
+
 def test_constrained_search_without_constraints_is_the_plain_search() -> None:
     decoder = tiny_decoder(seed=1)
     annotations = torch.randn(3, 6, 16)
