@@ -87,7 +87,11 @@ class Caption:
 
 
 class Captioner:
-    """Encoder + decoder + vocabulary, ready to caption images on CPU or GPU."""
+    """Encoder + decoder + vocabulary, ready to caption images on CPU or GPU.
+
+    For an EfficientNet-Lite checkpoint ``encoder`` is a :class:`~captioner.concepts.ConceptEncoder`:
+    the caption encoder (its ``.encoder``) plus the packaged ImageNet head on the shared trunk.
+    """
 
     def __init__(
         self,

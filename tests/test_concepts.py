@@ -200,7 +200,11 @@ def cat_photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def checkpoint_224(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from conftest import build_tiny_checkpoint
 
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt224") / "tiny224", image_size=224)
+    folder = build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt224") / "tiny224", image_size=224)
+    config = json.loads((folder / "config.json").read_text())
+    config["inference"]["concept_weight"] = None  # place the concept whatever it costs the untrained decoder
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
 
 
 def test_cli_records_concepts_and_guidance_places_the_seen_word(cat_photo: Path, checkpoint_224: Path,

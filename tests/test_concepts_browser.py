@@ -1,6 +1,7 @@
 """The web page shows what the classifier sees and switches guidance (headless Debian chromium)."""
 from __future__ import annotations
 
+import json
 import re
 import threading
 from pathlib import Path
@@ -20,6 +21,9 @@ def server_224(tmp_path_factory: pytest.TempPathFactory):
     from conftest import build_tiny_checkpoint
 
     ckpt = build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny224", image_size=224)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["inference"]["concept_weight"] = None  # place the concept whatever it costs the untrained decoder
+    (ckpt / "config.json").write_text(json.dumps(config))
     app = create_app({"CAPTIONER_MODEL": str(ckpt), "CAPTIONER_LOAD_IN_BACKGROUND": False})
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
