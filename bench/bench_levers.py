@@ -101,7 +101,7 @@ def bench_draft(cap: Captioner, photos: list, repeats: int) -> dict:
 
 
 def bench_encoder(cap: Captioner, x: torch.Tensor, repeats: int, try_compile: bool) -> dict:
-    base_enc = cap.encoder
+    base_enc = getattr(cap.encoder, "encoder", cap.encoder)  # the caption encoder without the ImageNet head (concepts)
     with torch.inference_mode():
         ref = base_enc(x)  # (16, L, D)
 

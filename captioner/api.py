@@ -16,16 +16,23 @@ import numpy as np
 import torch
 
 from . import checkpoint
+from .concepts import Concept, ConceptEncoder, ConceptMap, ImageNetHead
 from .decoder import AttentionDecoder, DecoderConfig
 from .encoder import Encoder, EncoderConfig
 from .images import DEFAULT_MAX_PIXELS, ImageSource, load_image, preprocess
-from .search import Hypothesis, beam_search, greedy_search
+from .search import Hypothesis, beam_search, constrained_beam_search, greedy_search
 from .vocab import Vocabulary
 
 DEFAULT_MODEL_NAME = "flickr8k-lite2"
 #: Upper bounds enforced for every caller (service, CLI, API).
 MAX_BEAM_SIZE = 10
 MAX_LENGTH_LIMIT = 60
+#: ``guidance`` values: ``concepts`` places the most likely visual concept in the caption (constrained
+#: beam search, when its probability p reaches ``concept_threshold`` and the caption scores at most
+#: ``concept_weight`` x p below the plain one; defaults chosen on dev data); ``none`` is the plain model.
+GUIDANCE = ("concepts", "none")
+#: Concepts reported with a caption: at most this many, each at least this likely.
+CONCEPTS_SHOWN, CONCEPT_MIN_PROB = 5, 0.1
 
 
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
@@ -64,6 +71,7 @@ class Caption:
     score: float
     finished: bool = True
     alternatives: list["Caption"] = field(default_factory=list)
+    concepts: list[Concept] = field(default_factory=list)  # what the ImageNet classifier sees, best first
 
     def to_dict(self, attention: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -77,11 +85,16 @@ class Caption:
         }
         if self.alternatives:
             out["alternatives"] = [{"caption": a.text, "score": round(a.score, 4)} for a in self.alternatives]
+        out["concepts"] = [c.to_dict() for c in self.concepts]
         return out
 
 
 class Captioner:
-    """Encoder + decoder + vocabulary, ready to caption images on CPU or GPU."""
+    """Encoder + decoder + vocabulary, ready to caption images on CPU or GPU.
+
+    For an EfficientNet-Lite checkpoint ``encoder`` is a :class:`~captioner.concepts.ConceptEncoder`:
+    the caption encoder (its ``.encoder``) plus the packaged ImageNet head on the shared trunk.
+    """
 
     def __init__(
         self,
@@ -97,9 +110,18 @@ class Captioner:
         self.vocab = vocab
         self.config = config
         self.encoder_cfg: EncoderConfig = encoder.config
-        self.defaults: dict[str, Any] = {"beam_size": 3, "max_length": 30, "length_alpha": 0.0, "block_repeats": True}
+        self.defaults: dict[str, Any] = {"beam_size": 3, "max_length": 30, "length_alpha": 0.0, "block_repeats": True,
+                                         "guidance": "concepts", "concept_threshold": 0.1, "concept_weight": 16.0}
         self.defaults.update(config.get("inference", {}))
+        # visual concepts need the encoder's ImageNet head (EfficientNet-Lite, head stage)
+        self.concept_map: ConceptMap | None = ConceptMap.load(vocab.itos) if isinstance(encoder, ConceptEncoder) else None
+        self.concept_head: ImageNetHead | None = encoder.head if isinstance(encoder, ConceptEncoder) else None
         self.optimizations: list[str] = []  # CPU speed-ups applied by captioner.perf.optimize
+
+    @property
+    def caption_encoder(self) -> Encoder:
+        """The encoder whose annotation grid the decoder reads (without the ImageNet head)."""
+        return self.encoder.encoder if isinstance(self.encoder, ConceptEncoder) else self.encoder
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -133,16 +155,19 @@ class Captioner:
                 f"vocabulary has {len(vocab)} words but the decoder expects {dec_cfg.vocab_size}"
             )
         encoder = Encoder(enc_cfg, pretrained=True)
+        n_top = int(config.get("finetune_blocks") or 0)
+        # the ImageNet head runs the packaged last blocks on the shared trunk (built before fine-tuned weights load)
+        with_concepts = enc_cfg.backbone.startswith("efficientnet-lite") and enc_cfg.stage == "head"
+        head = ImageNetHead.packaged(encoder, n_top) if with_concepts else None
         decoder = AttentionDecoder(dec_cfg)
         load_state(decoder, weights, "decoder.", config.get("tied_weights", {}))
         enc_weights = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
-        n_top = int(config.get("finetune_blocks") or 0)
         if n_top:  # the frozen trunk stays at the packaged fp32 weights it was trained on (exports round to fp16)
             top = encoder.top_state_keys(n_top)
             enc_weights = {k: v for k, v in enc_weights.items() if k in top}
         if enc_weights:  # fine-tuned encoder blocks override the packaged ImageNet weights
             encoder.load_state_dict(enc_weights, strict=False)
-        cap = cls(encoder, decoder, vocab, config, device)
+        cap = cls(ConceptEncoder(encoder, head, n_top) if head is not None else encoder, decoder, vocab, config, device)
         if fast is None:
             fast = parse_flag(os.environ.get("CAPTIONER_FAST", "1"), "CAPTIONER_FAST")
         if fast and cap.device.type == "cpu":
@@ -172,7 +197,24 @@ class Captioner:
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, S, S) -> annotations (B, L, D)."""
-        return self.encoder(images.to(self.device))
+        return self.see(images)[0]
+
+    @torch.inference_mode()
+    def see(self, images: torch.Tensor) -> tuple[torch.Tensor, list[list[Concept]] | None]:
+        """images (B, 3, S, S) -> annotations (B, L, D) and each image's concepts (None without a concept head)."""
+        out = self.encoder(images.to(self.device))
+        if self.concept_map is None:
+            return out, None
+        annotations, class_probs = out  # (B, L, D), (B, 1000)
+        return annotations, self.concept_map.concepts(class_probs, CONCEPTS_SHOWN, CONCEPT_MIN_PROB)
+
+    @torch.inference_mode()
+    def concepts_from_trunk(self, trunk: torch.Tensor) -> list[list[Concept]]:
+        """Trunk maps (B, C, h, w) before the last ``finetune_blocks`` blocks (a trunk cache) -> concepts."""
+        if self.concept_head is None or self.concept_map is None:
+            raise ValueError(f"{self.name} has no ImageNet head for concepts")
+        class_probs = torch.softmax(self.concept_head(trunk.to(self.device).float()).float(), dim=-1)  # (B, 1000)
+        return self.concept_map.concepts(class_probs, CONCEPTS_SHOWN, CONCEPT_MIN_PROB)
 
     @torch.inference_mode()
     def decode(
@@ -182,24 +224,54 @@ class Captioner:
         max_length: int | None = None,
         n_best: int = 1,
         length_alpha: float | None = None,
+        concepts: list[list[Concept]] | None = None,
+        guidance: str | None = None,
     ) -> list[Caption]:
-        """annotations (B, L, D) -> one Caption per image (``n_best - 1`` alternatives attached)."""
+        """annotations (B, L, D) -> one Caption per image (``n_best - 1`` alternatives attached).
+
+        ``concepts`` (from :meth:`see`) are attached to the captions; with ``guidance="concepts"``
+        (the default) an image whose top concept reaches ``concept_threshold`` gets a caption that
+        uses that word once (:func:`~captioner.search.constrained_beam_search`, beam size at least 2)
+        unless it scores more than ``concept_weight`` x its probability below the plain caption.
+        """
         beam_size = int(self.defaults["beam_size"] if beam_size is None else beam_size)
         max_length = int(self.defaults["max_length"] if max_length is None else max_length)
         alpha = self.defaults["length_alpha"] if length_alpha is None else length_alpha
+        guidance = str(self.defaults["guidance"] if guidance is None else guidance)
         check_limits(beam_size, max_length, n_best)
+        check_guidance(guidance)
         v = self.vocab
         common = dict(start_id=v.start_id, end_id=v.end_id, pad_id=v.pad_id, max_length=max_length,
                       block_repeats=bool(self.defaults["block_repeats"]), unk_id=v.unk_id)
         annotations = annotations.to(self.device)
-        if beam_size == 1 and n_best == 1:
+        required, allowance = self._constraints(concepts) if guidance == "concepts" and concepts else (None, None)
+        if required is not None and bool(required.any()):
+            hyps = constrained_beam_search(self.decoder, annotations, required, beam_size=max(beam_size, n_best, 2),
+                                           length_alpha=alpha, n_best=n_best, allowance=allowance, **common)
+        elif beam_size == 1 and n_best == 1:
             hyps = [[h] for h in greedy_search(self.decoder, annotations, **common)]
         else:
             hyps = beam_search(self.decoder, annotations, beam_size=max(beam_size, n_best),
                                length_alpha=alpha, n_best=n_best, **common)
-        return [self._to_caption(h) for h in hyps]
+        return [self._to_caption(h, cs) for h, cs in zip(hyps, concepts or [[] for _ in hyps])]
 
-    def _to_caption(self, hyps: list[Hypothesis]) -> Caption:
+    def _constraints(self, concepts: list[list[Concept]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each image's top concept when its probability p reaches ``concept_threshold``.
+
+        Returns the (B, V) bool mask of its vocabulary forms and the (B,) score allowance
+        ``concept_weight`` x p that the caption using it may cost (None: any cost).
+        """
+        assert self.concept_map is not None
+        required = torch.zeros(len(concepts), len(self.vocab), dtype=torch.bool)
+        top = torch.tensor([cs[0].probability if cs else 0.0 for cs in concepts])  # (B,)
+        for b, cs in enumerate(concepts):
+            if cs and cs[0].probability >= float(self.defaults["concept_threshold"]):
+                for form in self.concept_map.forms[cs[0].word]:
+                    required[b, self.vocab.stoi[form]] = True
+        weight = self.defaults["concept_weight"]
+        return required, None if weight is None else float(weight) * top
+
+    def _to_caption(self, hyps: list[Hypothesis], concepts: list[Concept]) -> Caption:
         H, W = self.grid
         caps = []
         for h in hyps:
@@ -208,6 +280,7 @@ class Captioner:
             caps.append(Caption(" ".join(words), words, h.logprobs, attn, h.score, h.finished))
         best = caps[0]
         best.alternatives = caps[1:]
+        best.concepts = list(concepts)
         return best
 
     # ---------------------------------------------------------------- one call
@@ -224,18 +297,21 @@ class Captioner:
         n_best: int = 1,
         length_alpha: float | None = None,
         batch_size: int = 16,
+        guidance: str | None = None,
     ) -> Caption | list[Caption]:
         """Caption one image (path, bytes, file object or PIL image) or a list of them.
 
         Lists are processed in batches of ``batch_size``: one encoder pass and one
         batched beam search per batch. Raises ImageError for an unreadable image.
+        ``guidance="none"`` gives the plain model's caption (see :meth:`decode`).
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         out: list[Caption] = []
         for i in range(0, len(items), batch_size):
             batch = torch.stack([self.preprocess(x)[0] for x in items[i : i + batch_size]])  # (b, 3, S, S)
-            out += self.decode(self.encode(batch), beam_size, max_length, n_best, length_alpha)
+            annotations, concepts = self.see(batch)
+            out += self.decode(annotations, beam_size, max_length, n_best, length_alpha, concepts, guidance)
         return out[0] if single else out
 
 
@@ -247,6 +323,12 @@ def check_limits(beam_size: int, max_length: int, n_best: int) -> None:
         raise ValueError(f"max_length must be between 1 and {MAX_LENGTH_LIMIT}")
     if not 1 <= n_best <= MAX_BEAM_SIZE:
         raise ValueError(f"n_best must be between 1 and {MAX_BEAM_SIZE}")
+
+
+def check_guidance(guidance: str) -> None:
+    """Reject an unknown ``guidance`` value (ValueError)."""
+    if guidance not in GUIDANCE:
+        raise ValueError(f"guidance must be one of {', '.join(GUIDANCE)}")
 
 
 def load_state(module: torch.nn.Module, weights: dict[str, torch.Tensor], prefix: str, tied: dict[str, str]) -> None:

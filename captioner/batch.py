@@ -37,7 +37,7 @@ import numpy as np
 from .images import DEFAULT_MAX_PIXELS, ImageError, is_image_path, load_image
 
 FORMATS = ("jsonl", "csv", "json")
-CSV_FIELDS = ["image", "caption", "score", "tokens", "alternatives", "attention", "error", "error_code"]
+CSV_FIELDS = ["image", "caption", "score", "tokens", "alternatives", "attention", "error", "error_code", "concepts"]
 THUMB_SIDE = 384  # overlays are drawn on images scaled to at most this many pixels
 PROG = "captioner caption"
 
@@ -62,7 +62,7 @@ def default_workers() -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from .api import MAX_BEAM_SIZE, MAX_LENGTH_LIMIT
+    from .api import GUIDANCE, MAX_BEAM_SIZE, MAX_LENGTH_LIMIT
 
     c = sub.add_parser(
         "caption",
@@ -84,6 +84,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--n-best", metavar="N", type=_int_range(1, MAX_BEAM_SIZE), default=1,
                    help="also record the next N-1 best captions as 'alternatives' (default: 1)")
     c.add_argument("--length-alpha", metavar="A", type=float, help="length penalty exponent (default: the checkpoint's)")
+    c.add_argument("--guidance", choices=GUIDANCE,
+                   help="concepts: the caption names the most likely visual concept once, unless that costs "
+                        "the model too much; none: the plain model (default: the checkpoint's, concepts)")
     c.add_argument("--batch-size", metavar="B", type=_int_range(1), default=16,
                    help="images per encoder pass and beam search (default: 16)")
     c.add_argument("--workers", metavar="W", type=_int_range(0), default=default_workers(),
@@ -227,7 +230,7 @@ def scan_output(path: str, fmt: str) -> Scan:
 
 def _csv_row(rec: dict[str, Any]) -> dict[str, Any]:
     row = dict(rec)
-    for name in ("tokens", "alternatives"):
+    for name in ("tokens", "alternatives", "concepts"):
         if name in row:
             row[name] = json.dumps(row[name])
     return row
@@ -366,6 +369,7 @@ def iter_captions(
     n_best: int = 1,
     length_alpha: float | None = None,
     thumbs: bool = False,
+    guidance: str | None = None,
 ) -> Iterator[Result]:
     """Caption ``paths`` in order: decoding in ``workers`` processes overlaps batched encode + beam search."""
     import torch
@@ -380,7 +384,8 @@ def iter_captions(
     )
 
     def run_model(images: torch.Tensor) -> list:
-        return cap.decode(cap.encode(images), beam_size, max_length, n_best, length_alpha)  # (b, L, D) -> b captions
+        annotations, concepts = cap.see(images)  # (b, L, D), b concept lists
+        return cap.decode(annotations, beam_size, max_length, n_best, length_alpha, concepts, guidance)
 
     for batch in loader:
         captions: dict[int, Any] = {}
@@ -654,7 +659,7 @@ def _run(args: argparse.Namespace, fmt: str, dist: Dist) -> int:
     start = time.perf_counter()
     try:
         for res in iter_captions(cap, mine, args.batch_size, args.workers, args.beam_size, args.max_length,
-                                 args.n_best, args.length_alpha, thumbs=att_dir is not None):
+                                 args.n_best, args.length_alpha, thumbs=att_dir is not None, guidance=args.guidance):
             att = None
             if res.error is None and att_dir is not None:
                 try:

@@ -29,6 +29,7 @@ def add_data_args(p: argparse.ArgumentParser, split: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .api import GUIDANCE
     from .batch import _int_range  # the batch command's module is loaded for its sub-parser anyway
 
     parser = argparse.ArgumentParser(prog="captioner", description="Show, Attend and Tell image captioning")
@@ -119,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--beam-size", type=_positive_int, help="beam size (default: the checkpoint's)")
     e.add_argument("--max-length", type=_positive_int, help="longest caption in words (default: the checkpoint's)")
     e.add_argument("--length-alpha", type=float, help="length penalty exponent (default: the checkpoint's)")
+    e.add_argument("--guidance", choices=GUIDANCE,
+                   help="concepts or none, as in 'captioner caption' (default: the checkpoint's, concepts)")
     e.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java)")
     e.add_argument("--output", help="metrics JSON path (default: next to the checkpoint)")
     e.add_argument("--device", help="cpu or cuda (default: cuda if available)")
@@ -186,11 +189,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise DatasetError(f"no images with captions in split {args.split!r} of {args.data_dir}")
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     n_top = int(cap.config.get("finetune_blocks") or 0)
+    from .encoder import Encoder
+
     if cap.config.get("encoder_finetuned") and n_top:
         # fine-tuning left the trunk at its ImageNet weights: cache the trunk's maps (reused by later
         # runs) and finish them with the checkpoint's own last blocks, as in training
         from .api import load_state
-        from .encoder import Encoder
         from .train import records_from_trunk
 
         encoder = Encoder(cap.encoder_cfg)
@@ -203,14 +207,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         feats = torch.cat([cap.encode(cap.preprocess(r.path)[0][None]).cpu() for r in records])
         rows = {os.path.abspath(r.path): i for i, r in enumerate(records)}
     else:
-        feats, rows = cached_features(records, cap.encoder_cfg, cache_dir, cap.device, encoder=cap.encoder)
+        feats, rows = cached_features(records, cap.encoder_cfg, cache_dir, cap.device, encoder=cap.caption_encoder)
     beam = args.beam_size or int(cap.defaults["beam_size"])
     max_len = args.max_length or cap.defaults["max_length"]
     alpha = cap.defaults["length_alpha"] if args.length_alpha is None else args.length_alpha
-    metrics, hyps = evaluate_split(cap.decoder, feats, rows, records, cap.vocab, beam, max_len, alpha, cap.device,
-                                   meteor=not args.no_meteor, block_repeats=cap.defaults["block_repeats"], progress=True)
+    guidance = args.guidance or str(cap.defaults["guidance"])
+    if guidance == "concepts" and cap.concept_map is not None:  # decode as 'captioner caption' does
+        from .metrics import score
+
+        if n_top and cap.config.get("encoder_finetuned"):  # the ImageNet head runs on the cached trunk
+            c, h, w = Encoder(cap.encoder_cfg, pretrained=False).trunk_shape(n_top)
+            maps = trunk[torch.tensor([trunk_rows[os.path.abspath(r.path)] for r in records])]  # (N, h*w, C)
+            maps = maps.float().transpose(1, 2).reshape(len(records), c, h, w)  # (N, C, h, w)
+            concepts = [x for i in range(0, len(maps), 64) for x in cap.concepts_from_trunk(maps[i : i + 64])]
+        else:
+            concepts = [cap.see(cap.preprocess(r.path)[0][None])[1][0] for r in records]
+        index = torch.tensor([rows[os.path.abspath(r.path)] for r in records])
+        texts = [c.text for i in range(0, len(records), 100)
+                 for c in cap.decode(feats[index[i : i + 100]].float(), beam, max_len, 1, alpha, concepts[i : i + 100])]
+        hyps = {r.image_id: t for r, t in zip(records, texts)}
+        metrics = score(hyps, {r.image_id: r.captions for r in records}, meteor=not args.no_meteor)
+        metrics |= {"distinct_captions": len(set(texts)), "images": len(texts)}
+    else:
+        metrics, hyps = evaluate_split(cap.decoder, feats, rows, records, cap.vocab, beam, max_len, alpha, cap.device,
+                                       meteor=not args.no_meteor, block_repeats=cap.defaults["block_repeats"],
+                                       progress=True)
     result = metrics_report(metrics)
-    result |= {"split": args.split, "dataset": args.dataset, "beam_size": beam, "length_alpha": alpha,
+    result |= {"split": args.split, "dataset": args.dataset, "beam_size": beam, "length_alpha": alpha, "guidance": guidance,
                "checkpoint": str(ckpt), "model": cap.name, "optimizations": cap.optimizations}
     print(json.dumps(result))
     tag = f"{args.dataset}-{args.split}{f'-limit{args.limit}' if args.limit else ''}-beam{beam}{'-exact' if args.exact else ''}"

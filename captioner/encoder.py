@@ -173,7 +173,7 @@ class TrunkRows(nn.Module):
         return self.encoder.trunk(images, self.n_top).flatten(2).transpose(1, 2)  # (B, H*W, C)
 
 
-def _build_lite(config: EncoderConfig, pretrained: bool) -> nn.Module:
+def _build_lite(config: EncoderConfig, pretrained: bool, keep_classifier: bool = False) -> nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
     net = EfficientNet.from_name(config.backbone, image_size=config.image_size)
@@ -188,8 +188,8 @@ def _build_lite(config: EncoderConfig, pretrained: bool) -> nn.Module:
             ) from exc
         state = torch.load(weight_cls.get_model_file_path(), map_location="cpu", weights_only=True)
         net.load_state_dict(state)
-    # the classifier is never used; drop it to save memory
-    net._fc = nn.Identity()
+    if not keep_classifier:  # captions never use the classifier (captioner.concepts keeps its own copy)
+        net._fc = nn.Identity()
     return net
 
 

@@ -39,11 +39,10 @@ def fold_batchnorm(encoder: nn.Module) -> int:
     The batch norms become ``nn.Identity`` so the encoder's forward runs one op less per conv.
     Other backbones are left alone (returns 0).
     """
-    net = getattr(encoder, "net", encoder)
-    if not hasattr(net, "_blocks"):
-        return 0
+    nets = [getattr(encoder, "net", encoder), getattr(encoder, "head", None)]  # head: a ConceptEncoder's ImageNet head
+    nets = [net for net in nets if hasattr(net, "_blocks")]
     folded = 0
-    owners = [(net, _STEM_PAIRS)] + [(block, _BLOCK_PAIRS) for block in net._blocks]
+    owners = [(net, _STEM_PAIRS) for net in nets] + [(block, _BLOCK_PAIRS) for net in nets for block in net._blocks]
     for owner, pairs in owners:
         for conv_name, bn_name in pairs:
             conv, bn = getattr(owner, conv_name, None), getattr(owner, bn_name, None)
@@ -79,11 +78,14 @@ class ChunkedEncoder(nn.Module):
         self.inner, self.chunk = encoder, chunk
         self.config = getattr(encoder, "config", None)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, S, S) -> annotations (B, L, D)."""
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """images (B, 3, S, S) -> annotations (B, L, D), or each output of a multi-output encoder, concatenated."""
         if len(images) <= self.chunk:
             return self.inner(images)
-        return torch.cat([self.inner(part) for part in images.split(self.chunk)])
+        parts = [self.inner(part) for part in images.split(self.chunk)]
+        if isinstance(parts[0], tuple):  # e.g. a ConceptEncoder's (annotations, class probabilities)
+            return tuple(torch.cat(outs) for outs in zip(*parts))
+        return torch.cat(parts)
 
 
 def fast_encoder(encoder: nn.Module, chunk: int = 2) -> nn.Module:

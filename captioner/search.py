@@ -159,6 +159,101 @@ def beam_search(
     return results
 
 
+@torch.inference_mode()
+def constrained_beam_search(
+    decoder: AttentionDecoder,
+    annotations: torch.Tensor,
+    required: torch.Tensor,
+    start_id: int,
+    end_id: int,
+    pad_id: int = 0,
+    beam_size: int = 3,
+    max_length: int = 30,
+    length_alpha: float = 0.0,
+    n_best: int = 1,
+    block_repeats: bool = True,
+    unk_id: int | None = None,
+    allowance: torch.Tensor | None = None,
+) -> list[list[Hypothesis]]:
+    """Beam search in which a caption must use one of each image's ``required`` words, exactly once.
+
+    required (B, V) bool: the forms of one concept per image ("cat", "cats"); an all-False row
+    leaves that image unconstrained (its result is :func:`beam_search`'s). A constrained beam
+    search with one constraint (Anderson et al. 2017): every image keeps K beams that have not used
+    the word yet (state 0) and K that have (state 1); a required word moves a state-0 beam to state
+    1, where the word may not come again. Scores stay the model's own log-probabilities, so the
+    search places the word where the model finds it most likely. The result comes from state 1
+    when its best score is at most ``allowance`` (B,) below state 0's best (default: whenever a
+    state-1 beam is alive), else from state 0. Runs as one (B*2*K) batch.
+    """
+    K = beam_size
+    n_best = max(1, min(n_best, K))
+    B = annotations.shape[0]
+    device = annotations.device
+    memory, state = decoder.prepare(annotations)
+    expand = torch.arange(B, device=device).repeat_interleave(2 * K)  # (B*2K,) rows: image, state, beam
+    memory, state = memory.index_select(expand), state.index_select(expand)
+    need = required.to(device).unsqueeze(1)  # (B, 1, V)
+
+    scores = torch.full((B, 2, K), float("-inf"), device=device)
+    scores[:, 0, 0] = 0.0  # one live state-0 beam at t = 0
+    prev = torch.full((B * 2 * K,), start_id, dtype=torch.long, device=device)
+    done = torch.zeros(B * 2 * K, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B * 2 * K, dtype=torch.long, device=device)
+    hist_ids = torch.zeros(B * 2 * K, 0, dtype=torch.long, device=device)
+    hist_lp = torch.zeros(B * 2 * K, 0, device=device)
+    hist_alpha = torch.zeros(B * 2 * K, 0, memory.feats.shape[1], device=device)
+    base = (torch.arange(B, device=device) * 2 * K).unsqueeze(1)  # (B, 1)
+
+    for t in range(max_length):
+        logits, state, alpha = decoder.step(prev, state, memory)  # (B*2K, V), ..., (B*2K, L)
+        V = logits.shape[-1]
+        logp = _mask_logprobs(torch.log_softmax(logits.float(), dim=-1), prev, t, end_id, pad_id, start_id, block_repeats, unk_id)
+        logp[done] = float("-inf")
+        logp[done, pad_id] = 0.0
+        total = scores.unsqueeze(3) + logp.view(B, 2, K, V)  # (B, 2, K, V)
+        stay0 = total[:, 0].masked_fill(need, float("-inf"))  # (B, K, V) state 0 without the word
+        enter1 = total[:, 0].masked_fill(~need, float("-inf"))  # (B, K, V) state 0 -> 1 by using it
+        stay1 = total[:, 1].masked_fill(need, float("-inf"))  # (B, K, V) state 1, the word not again
+        s0, flat0 = stay0.reshape(B, K * V).topk(K, dim=1)  # (B, K): rows 0..K-1 of each image
+        s1, flat1 = torch.cat([enter1, stay1], 1).reshape(B, 2 * K * V).topk(K, dim=1)  # (B, K): rows 0..2K-1
+        scores = torch.stack([s0, s1], 1)  # (B, 2, K)
+        flat = torch.cat([flat0, flat1], 1)  # (B, 2K)
+        origin = (flat // V + base).view(-1)  # (B*2K,) row each new beam comes from
+        word = (flat % V).view(-1)  # (B*2K,)
+        word_lp = logp[origin, word]  # (B*2K,)
+
+        state = state.index_select(origin)
+        was_done = done.index_select(0, origin)
+        lengths = lengths.index_select(0, origin) + (~was_done).long()
+        hist_ids = torch.cat([hist_ids.index_select(0, origin), word.unsqueeze(1)], 1)
+        hist_lp = torch.cat([hist_lp.index_select(0, origin), word_lp.unsqueeze(1)], 1)
+        hist_alpha = torch.cat([hist_alpha.index_select(0, origin), alpha.index_select(0, origin).unsqueeze(1)], 1)
+        done = was_done | (word == end_id)
+        prev = word
+        if bool(done.all()):
+            break
+
+    final = scores.view(-1) / length_penalty(lengths, length_alpha)  # (B*2K,)
+    final = torch.where(torch.isfinite(final), final, torch.full_like(final, float("-inf")))
+    best = final.view(B, 2, K).max(dim=2).values  # (B, 2) best score per state
+    satisfied = torch.isfinite(best[:, 1])  # (B,)
+    if allowance is not None:
+        satisfied &= best[:, 1] >= best[:, 0] - allowance.to(device)  # (B,)
+    pool = torch.where(satisfied, 1, 0)  # (B,) the state the result comes from
+    ranked = final.view(B, 2, K)[torch.arange(B, device=device), pool]  # (B, K)
+    order = ranked.argsort(dim=1, descending=True)[:, :n_best] + (pool * K).unsqueeze(1)  # (B, n_best) within image
+    ids_c, lp_c, al_c, fin_c = hist_ids.cpu(), hist_lp.float().cpu(), hist_alpha.float().cpu(), final.cpu()
+    results = []
+    for b in range(B):
+        hyps = []
+        for k in order[b].tolist():
+            row = b * 2 * K + k
+            hyps.append(_finish(ids_c[row], lp_c[row], al_c[row], end_id, pad_id, float(fin_c[row])))
+        results.append(hyps)
+    return results
+
+
 def _finish(ids: torch.Tensor, lps: torch.Tensor, alphas: torch.Tensor, end_id: int, pad_id: int, score: float | None) -> Hypothesis:
     """Cut a padded history row at ``<end>`` into a Hypothesis (words only); score None = total log-prob."""
     id_list = ids.tolist()

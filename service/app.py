@@ -25,7 +25,7 @@ from flask import Flask, Request, Response, g, jsonify, render_template, request
 from markupsafe import Markup, escape
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from captioner.api import MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, Captioner
+from captioner.api import GUIDANCE, MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, Captioner
 from captioner.decode_pool import DecodePool, PoolBusy
 from captioner.images import ImageError, preprocess
 from captioner.overlay import overlay_png
@@ -175,7 +175,11 @@ def _params(state: ServiceState) -> tuple[DecodeSettings, str]:
     attention = (raw or "grid").strip().lower()
     if attention not in ATTENTION_MODES:
         raise ApiError(400, "invalid_parameter", f"attention must be one of {', '.join(ATTENTION_MODES)}, got {raw!r}")
-    return DecodeSettings(beam, max_length, n_best), attention
+    raw = request.form.get("guidance") if "guidance" in request.form else request.args.get("guidance")
+    guidance = (raw or str(cap.defaults["guidance"])).strip().lower()
+    if guidance not in GUIDANCE:
+        raise ApiError(400, "invalid_parameter", f"guidance must be one of {', '.join(GUIDANCE)}, got {raw!r}")
+    return DecodeSettings(beam, max_length, n_best, guidance), attention
 
 
 def _accepted_types() -> str:
@@ -357,10 +361,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             "tokens": tokens,
             "grid": [H, W],
             "alternatives": [{"caption": a.text, "score": round(float(a.score), 4)} for a in caption.alternatives],
+            "concepts": [c.to_dict() for c in caption.concepts],
             "image": {"width": int(original_size[0]), "height": int(original_size[1])},
             "model": {"name": cap.name, "version": cap.version},
             "parameters": {"beam_size": decode_settings.beam_size, "max_length": decode_settings.max_length,
-                           "n_best": decode_settings.n_best, "attention": attention},
+                           "n_best": decode_settings.n_best, "attention": attention,
+                           "guidance": decode_settings.guidance},
             "batch_size": result.batch_size,
             "timing_ms": {},
         }

@@ -57,6 +57,7 @@ class DecodeSettings:
     beam_size: int
     max_length: int
     n_best: int = 1
+    guidance: str | None = None  # None: the model's default (captioner.api.GUIDANCE)
 
 
 @dataclass
@@ -219,7 +220,7 @@ class MicroBatcher:
         start = time.perf_counter()
         try:
             batch = torch.stack([it.tensor for it in live])  # (B, 3, S, S)
-            annotations = self.captioner.encode(batch)  # (B, L, D)
+            annotations, concepts = self.captioner.see(batch)  # (B, L, D), B concept lists or None
         except Exception as exc:  # noqa: BLE001 - handed to every waiting request
             log.exception("encoder failed on a batch of %d", len(live))
             for it in live:
@@ -235,7 +236,8 @@ class MicroBatcher:
             try:
                 part = annotations if len(idxs) == len(live) else annotations[torch.tensor(idxs, device=annotations.device)]
                 captions = self.captioner.decode(
-                    part, beam_size=settings.beam_size, max_length=settings.max_length, n_best=settings.n_best
+                    part, beam_size=settings.beam_size, max_length=settings.max_length, n_best=settings.n_best,
+                    concepts=[concepts[i] for i in idxs] if concepts is not None else None, guidance=settings.guidance,
                 )
             except Exception as exc:  # noqa: BLE001
                 log.exception("decoder failed on a group of %d", len(idxs))

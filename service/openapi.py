@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from captioner import __version__
-from captioner.api import MAX_BEAM_SIZE, MAX_LENGTH_LIMIT
+from captioner.api import GUIDANCE, MAX_BEAM_SIZE, MAX_LENGTH_LIMIT
 
 from .config import Settings
 
@@ -72,6 +72,16 @@ def _schemas() -> dict[str, Any]:
             "required": ["caption", "score"],
             "properties": {"caption": {"type": "string"}, "score": number},
         },
+        "Concept": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["word", "probability"],
+            "properties": {
+                "word": {"type": "string", "description": "A caption-vocabulary word for what the encoder's ImageNet classifier sees."},
+                "probability": {"type": "number", "minimum": 0, "maximum": 1,
+                                "description": "Summed probability of the ImageNet classes that name this word."},
+            },
+        },
         "Model": {
             "type": "object",
             "additionalProperties": False,
@@ -86,7 +96,7 @@ def _schemas() -> dict[str, Any]:
         "CaptionResponse": {
             "type": "object",
             "additionalProperties": False,
-            "required": ["caption", "score", "tokens", "grid", "alternatives", "image", "model", "parameters", "batch_size", "timing_ms"],
+            "required": ["caption", "score", "tokens", "grid", "alternatives", "concepts", "image", "model", "parameters", "batch_size", "timing_ms"],
             "properties": {
                 "caption": {"type": "string", "description": "The best caption, words joined by spaces."},
                 "score": {"type": "number", "description": "Its search score (length-normalised log-probability)."},
@@ -95,6 +105,9 @@ def _schemas() -> dict[str, Any]:
                          "description": "[H, W] of every attention grid."},
                 "alternatives": {"type": "array", "items": _ref("Alternative"),
                                  "description": "The next `n_best - 1` captions, best first (empty when `n_best` = 1)."},
+                "concepts": {"type": "array", "items": _ref("Concept"), "maxItems": 5,
+                             "description": "Up to 5 visual concepts with probability >= 0.1, best first (empty for a model without an ImageNet head). "
+                                            "With `guidance=concepts` the caption names the first one unless that costs the model too much."},
                 "image": {
                     "type": "object",
                     "additionalProperties": False,
@@ -106,12 +119,13 @@ def _schemas() -> dict[str, Any]:
                 "parameters": {
                     "type": "object",
                     "additionalProperties": False,
-                    "required": ["beam_size", "max_length", "n_best", "attention"],
+                    "required": ["beam_size", "max_length", "n_best", "attention", "guidance"],
                     "properties": {
                         "beam_size": {"type": "integer"},
                         "max_length": {"type": "integer"},
                         "n_best": {"type": "integer"},
                         "attention": {"type": "string", "enum": ["none", "grid", "overlay"]},
+                        "guidance": {"type": "string", "enum": list(GUIDANCE)},
                     },
                     "description": "The settings used, defaults filled in.",
                 },
@@ -156,6 +170,7 @@ def _schemas() -> dict[str, Any]:
                 "max_length": {"type": "integer", "minimum": 1, "maximum": MAX_LENGTH_LIMIT},
                 "n_best": {"type": "integer", "minimum": 1, "maximum": MAX_BEAM_SIZE},
                 "attention": {"type": "string", "enum": ["none", "grid", "overlay"]},
+                "guidance": {"type": "string", "enum": list(GUIDANCE)},
             },
         },
     }
@@ -175,6 +190,9 @@ def _caption_parameters(settings: Settings) -> list[dict[str, Any]]:
         q("attention", {"type": "string", "enum": ["none", "grid", "overlay"], "default": "grid"},
           "`grid`: each token carries its H x W attention grid; `overlay`: also a PNG heat map over the image "
           "(data URI); `none`: neither."),
+        q("guidance", {"type": "string", "enum": list(GUIDANCE), "default": "concepts"},
+          "`concepts`: the caption names the most likely visual concept once (constrained beam search) "
+          "unless that costs the model too much; `none`: the plain model's caption."),
     ]
 
 

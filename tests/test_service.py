@@ -104,7 +104,7 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 class GatedCaptioner:
-    """Wraps a Captioner: ``encode`` waits for ``gate``; ``fail_next`` makes the next decode raise."""
+    """Wraps a Captioner: ``see`` (the batcher's encoder pass) waits for ``gate``; ``fail_next`` makes the next decode raise."""
 
     def __init__(self, real: Captioner, open_gate: bool = False) -> None:
         self.real = real
@@ -117,10 +117,10 @@ class GatedCaptioner:
     def __getattr__(self, name):
         return getattr(self.real, name)
 
-    def encode(self, images):
+    def see(self, images):
         self.entered.set()
         assert self.gate.wait(30)
-        return self.real.encode(images)
+        return self.real.see(images)
 
     def decode(self, annotations, **kwargs):
         if self.fail_next is not None:
@@ -182,7 +182,8 @@ def test_caption_multipart(client, spec, model):
         assert tok["logprob"] <= 0
     assert body["image"] == {"width": 96, "height": 72}
     assert body["model"] == {"name": "tiny-test", "version": "0.0"}
-    assert body["parameters"] == {"beam_size": 3, "max_length": 12, "n_best": 1, "attention": "grid"}
+    assert body["parameters"] == {"beam_size": 3, "max_length": 12, "n_best": 1, "attention": "grid",
+                                  "guidance": "concepts"}
     assert body["alternatives"] == []
     t = body["timing_ms"]
     assert set(t) == {"queue", "preprocess", "inference", "postprocess", "total"}
@@ -214,8 +215,8 @@ def test_raw_body_every_allowed_format(client, fmt, mode, content_type):
 
 
 def test_parameters_from_form_and_query(client):
-    body = client.post("/v1/captions?beam_size=2&n_best=2&max_length=5", data=multipart(jpeg(4))).get_json()
-    assert body["parameters"] == {"beam_size": 2, "max_length": 5, "n_best": 2, "attention": "grid"}
+    body = client.post("/v1/captions?beam_size=2&n_best=2&max_length=5&guidance=none", data=multipart(jpeg(4))).get_json()
+    assert body["parameters"] == {"beam_size": 2, "max_length": 5, "n_best": 2, "attention": "grid", "guidance": "none"}
     assert len(body["alternatives"]) == 1 and len(body["tokens"]) <= 5
     # A form field wins over the query parameter of the same name.
     body = client.post("/v1/captions?beam_size=2", data=multipart(jpeg(4), beam_size=1)).get_json()
@@ -253,7 +254,7 @@ def test_exif_orientation_and_original_size(client):
 @pytest.mark.parametrize(
     "query",
     ["beam_size=0", "beam_size=11", "beam_size=abc", "beam_size=3.5", "max_length=0", "max_length=61",
-     "n_best=0", "n_best=11", "attention=heatmap"],
+     "n_best=0", "n_best=11", "attention=heatmap", "guidance=sometimes"],
 )
 def test_invalid_parameters(client, spec, query):
     err = check_error(client.post(f"/v1/captions?{query}", data=multipart(jpeg())), 400, "invalid_parameter", spec)
@@ -604,11 +605,11 @@ class FakeCaptioner:
         self.encode_shapes: list[tuple] = []
         self.decode_calls: list[tuple] = []
 
-    def encode(self, images):
+    def see(self, images):
         self.encode_shapes.append(tuple(images.shape))
-        return images[:, :1, 0, 0].reshape(len(images), 1, 1)
+        return images[:, :1, 0, 0].reshape(len(images), 1, 1), None  # no concepts
 
-    def decode(self, annotations, beam_size, max_length, n_best):
+    def decode(self, annotations, beam_size, max_length, n_best, concepts=None, guidance=None):
         self.decode_calls.append((len(annotations), beam_size, max_length, n_best))
         return [f"img{int(a.item())}/b{beam_size}" for a in annotations]
 
@@ -653,8 +654,8 @@ def test_adaptive_wait_starts_a_lone_request_at_once_and_waits_for_incoming_ones
 def test_micro_batcher_max_batch_queue_limit_timeout_and_shutdown():
     fake = FakeCaptioner()
     gate = threading.Event()
-    real_encode = fake.encode
-    fake.encode = lambda x: (gate.wait(10), real_encode(x))[1]
+    real_see = fake.see
+    fake.see = lambda x: (gate.wait(10), real_see(x))[1]
     batcher = MicroBatcher(fake, max_batch=2, wait_ms=0, queue_size=3)
     with pytest.raises(BatcherClosed):
         batcher.submit(torch.zeros(3, 4, 4), DecodeSettings(1, 5))  # not started yet
@@ -714,7 +715,7 @@ def test_openapi_documents_every_route(app, spec):
     for name in set(re.findall(r"#/components/schemas/(\w+)", text)):
         assert name in spec["components"]["schemas"]
     caption_op = spec["paths"]["/v1/captions"]["post"]
-    assert {p["name"] for p in caption_op["parameters"]} == {"beam_size", "max_length", "n_best", "attention"}
+    assert {p["name"] for p in caption_op["parameters"]} == {"beam_size", "max_length", "n_best", "attention", "guidance"}
     assert {"200", "400", "413", "415", "500", "503", "504"} <= set(caption_op["responses"])
     assert set(caption_op["requestBody"]["content"]) == {"multipart/form-data", "image/*", "application/octet-stream"}
 

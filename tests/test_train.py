@@ -129,15 +129,15 @@ def test_finetune_blocks_train_from_a_trunk_cache(dataset: Path, tmp_path: Path)
     image = sorted(rows)[0]
     from captioner.train import top_features
 
-    via_cache = top_features(cap.encoder, feats[[rows[image]]], 2, "cpu").float()
+    via_cache = top_features(cap.encoder.encoder, feats[[rows[image]]], 2, "cpu").float()  # the caption encoder
     direct = cap.encode(cap.preprocess(image)[0][None]).float()
     assert torch.allclose(via_cache, direct, atol=0.05, rtol=0.02)
     assert main(["evaluate", "--checkpoint", str(out / "best"), "--dataset", "custom", "--data-dir", str(dataset),
                  "--split", "dev", "--no-meteor", "--cache-dir", str(tmp_path / "cache")]) == 0
     # an fp16 export keeps the trained blocks; the frozen trunk loads from the packaged fp32 weights
     assert main(["export", "--checkpoint", str(out / "best"), "--output", str(tmp_path / "export")]) == 0
-    exported = Captioner.load(tmp_path / "export", device="cpu", fast=False).encoder.state_dict()
-    top = cap.encoder.top_state_keys(2)
+    exported = Captioner.load(tmp_path / "export", device="cpu", fast=False).encoder.encoder.state_dict()
+    top = cap.encoder.encoder.top_state_keys(2)
     assert top and all(torch.equal(exported[k], stock[k]) for k in stock if k not in top)
     assert all(torch.equal(exported[k], saved[k].half().to(saved[k].dtype)) for k in top if saved[k].is_floating_point())
     with pytest.raises(SystemExit, match="cannot split off the last 99"):

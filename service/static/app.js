@@ -65,6 +65,7 @@
     data.append("beam_size", $("beam-size").value);
     data.append("n_best", $("n-best").value);
     if ($("max-length").value) data.append("max_length", $("max-length").value);
+    data.append("guidance", $("guidance").value);
     data.append("attention", "grid");
     busy.hidden = false; errorEl.hidden = true;
     const started = performance.now();
@@ -121,6 +122,15 @@
       captionEl.append(b, document.createTextNode(" "));
     });
     if (!body.tokens.length) captionEl.textContent = "(empty caption)";
+
+    const concepts = $("concepts"); concepts.innerHTML = "";
+    (body.concepts || []).forEach((c) => {
+      const li = document.createElement("li");
+      const s = document.createElement("span"); s.className = "score"; s.textContent = `${Math.round(c.probability * 100)}%`;
+      li.append(document.createTextNode(c.word), s);
+      concepts.append(li);
+    });
+    $("concepts-block").hidden = !(body.concepts || []).length;
 
     const alts = $("alternatives"); alts.innerHTML = "";
     body.alternatives.forEach((a) => {

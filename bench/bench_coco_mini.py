@@ -1,0 +1,117 @@
+"""Everyday photos beyond Flickr8k: object recall, CIDEr-D and METEOR on coco_mini.
+
+    python bench/bench_coco_mini.py [--data ../shared/data/coco_mini] [--guidance concepts none]
+
+Runs ``captioner caption`` with its defaults (and once per extra ``--guidance`` value) over the
+folder's images, then reports
+- object recall: over every (image, object) pair of ``objects.json`` other than "person", the
+  share whose caption names the object (its COCO name, a plural, or a synonym from ``SYNONYMS``);
+- coco-caption CIDEr-D and METEOR (captioner.metrics) against the 5 human captions;
+- human agreement: each image's first caption scored against the other four, for scale.
+Writes bench/results/coco_mini.json (the captions included).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from captioner.metrics import score  # noqa: E402
+from captioner.vocab import tokenize  # noqa: E402
+
+# The benchmark's own synonym table (the product never sees it): COCO category -> words that name it.
+SYNONYMS: dict[str, list[str]] = {
+    "dining table": ["table", "desk"], "tv": ["tv", "television", "monitor", "screen"],
+    "couch": ["couch", "sofa"], "cell phone": ["phone", "cellphone"], "motorcycle": ["motorcycle", "motorbike"],
+    "teddy bear": ["teddy", "bear"], "airplane": ["airplane", "plane", "jet", "aircraft"],
+    "bicycle": ["bicycle", "bike"], "laptop": ["laptop", "computer"], "refrigerator": ["refrigerator", "fridge"],
+    "microwave": ["microwave"], "oven": ["oven", "stove"], "sink": ["sink"], "toilet": ["toilet"],
+    "cup": ["cup", "mug"], "car": ["car", "taxi", "vehicle"], "truck": ["truck"], "boat": ["boat", "ship"],
+    "train": ["train"], "bed": ["bed"], "cow": ["cow", "cattle", "bull", "calf"], "cat": ["cat", "kitten"],
+    "dog": ["dog", "puppy"], "sheep": ["sheep", "lamb"], "bear": ["bear"], "giraffe": ["giraffe"],
+    "zebra": ["zebra"], "elephant": ["elephant"], "banana": ["banana"], "sandwich": ["sandwich"],
+    "pizza": ["pizza"], "cake": ["cake"], "bowl": ["bowl"], "book": ["book"], "umbrella": ["umbrella"],
+    "suitcase": ["suitcase", "luggage"], "chair": ["chair"], "keyboard": ["keyboard"],
+    "fire hydrant": ["hydrant"], "parking meter": ["meter"], "toothbrush": ["toothbrush"],
+    "baseball bat": ["bat"],
+}
+
+
+def plural(word: str) -> str:
+    if word.endswith(("s", "sh", "ch", "x")):
+        return word + "es"
+    if word.endswith("y") and word[-2:-1] not in "aeiou":
+        return word[:-1] + "ies"
+    return word + "s"
+
+
+def names(category: str, text: str) -> bool:
+    """Does the caption name this COCO category (a synonym or its plural; multi-word names as a phrase)?"""
+    words = tokenize(text)
+    joined = " " + " ".join(words) + " "
+    for name in SYNONYMS.get(category, [category]):
+        for form in (name, plural(name)):
+            if f" {form} " in joined:
+                return True
+    return False
+
+
+def recall(captions: dict[str, str], objects: dict[str, list[str]]) -> tuple[int, int]:
+    pairs = [(img, obj) for img, objs in objects.items() for obj in objs if obj != "person" and img in captions]
+    return sum(names(obj, captions[img]) for img, obj in pairs), len(pairs)
+
+
+def run_cli(images: list[Path], guidance: str | None, extra: list[str]) -> tuple[dict[str, dict], float]:
+    cmd = [sys.executable, "-m", "captioner.cli", "caption", *map(str, images), "-q", *extra]
+    if guidance:
+        cmd += ["--guidance", guidance]
+    t = time.perf_counter()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return {Path(r["image"]).name: r for r in map(json.loads, out.splitlines())}, time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_mini"))
+    ap.add_argument("--guidance", nargs="*", default=["none"], help="extra runs with these --guidance values")
+    ap.add_argument("--cli-args", default="", help="extra arguments for captioner caption, e.g. '--beam-size 5'")
+    ap.add_argument("--output", default=str(Path(__file__).resolve().parent / "results" / "coco_mini.json"))
+    args = ap.parse_args()
+    data = Path(args.data)
+    coco = json.loads((data / "captions.json").read_text())
+    file_of = {im["id"]: im["file_name"] for im in coco["images"]}
+    refs: dict[str, list[str]] = {}
+    for a in coco["annotations"]:
+        refs.setdefault(file_of[a["image_id"]], []).append(a["caption"])
+    objects: dict[str, list[str]] = json.loads((data / "objects.json").read_text())  # file name -> categories
+    images = sorted(data / "images" / f for f in refs)
+
+    results: dict[str, dict] = {}
+    human = {f: rs[0] for f, rs in refs.items()}
+    hit, n = recall(human, objects)
+    m = score(human, {f: rs[1:] for f, rs in refs.items()})
+    results["human (1 vs 4)"] = {"object_recall": round(100 * hit / n, 1), "hits": hit, "pairs": n,
+                                 "cider_d": round(m["cider"], 1), "meteor": round(m["meteor"] or 0, 1)}
+    for guidance in [None, *args.guidance]:
+        records, secs = run_cli(images, guidance, args.cli_args.split())
+        caps = {f: r["caption"] for f, r in records.items()}
+        hit, n = recall(caps, objects)
+        m = score(caps, refs)
+        label = f"captioner caption{' --guidance ' + guidance if guidance else ' (defaults)'}"
+        results[label] = {"object_recall": round(100 * hit / n, 1), "hits": hit, "pairs": n,
+                          "cider_d": round(m["cider"], 1), "meteor": round(m["meteor"] or 0, 1),
+                          "bleu4": round(m["bleu4"], 1), "seconds": round(secs, 1),
+                          "captions": {f: {"caption": r["caption"], "concepts": r.get("concepts", [])}
+                                       for f, r in records.items()}}
+    for label, r in results.items():
+        print(f"{label:40s} recall {r['object_recall']:5.1f}% ({r['hits']}/{r['pairs']})  "
+              f"CIDEr-D {r['cider_d']:5.1f}  METEOR {r['meteor']:4.1f}")
+    Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Visual concepts: caption words for what the encoder's ImageNet classifier sees.
+
+EfficientNet-Lite ships a 1000-class ImageNet classifier. A captioning checkpoint fine-tunes the
+last blocks of the encoder, so the classifier belongs with the *original* last blocks:
+:class:`ImageNetHead` holds packaged copies of those blocks, the conv head and the classifier, and
+:class:`ConceptEncoder` runs it on the trunk map the caption encoder computes anyway, so the extra
+cost is a few blocks on a 9x9 map.
+
+:class:`ConceptMap` turns class probabilities into word probabilities with the reviewed mapping in
+``resources/imagenet_concepts.json`` (written by ``scripts/make_concept_map.py``): a word's
+probability is the summed probability of the classes that name it (every dog breed says "dog").
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .encoder import Encoder, _build_lite
+
+MAPPING_FILE = "imagenet_concepts.json"
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A caption word the classifier sees in the image, with its probability."""
+
+    word: str
+    probability: float
+
+    def to_dict(self) -> dict[str, float | str]:
+        return {"word": self.word, "probability": round(self.probability, 4)}
+
+
+class ImageNetHead(nn.Module):
+    """The packaged network's last ``n_top`` blocks, conv head and classifier: trunk map -> logits.
+
+    Attribute names follow EfficientNet's (``_blocks``, ``_conv_head``, ``_bn1``) so that
+    :func:`captioner.perf.fold_batchnorm` folds its batch norms like the encoder's.
+    """
+
+    def __init__(self, net: nn.Module, n_top: int) -> None:
+        super().__init__()
+        blocks = list(net._blocks)
+        self._blocks = nn.ModuleList(copy.deepcopy(blocks[len(blocks) - n_top :]))
+        self._conv_head, self._bn1 = copy.deepcopy(net._conv_head), copy.deepcopy(net._bn1)
+        self._swish, self._fc = copy.deepcopy(net._swish), copy.deepcopy(net._fc)
+
+    @classmethod
+    def packaged(cls, encoder: Encoder, n_top: int) -> "ImageNetHead":
+        """The head for ``encoder``'s backbone with the packaged ImageNet weights (EfficientNet-Lite only)."""
+        encoder._check_cut(n_top)
+        net = _build_lite(encoder.config, pretrained=True, keep_classifier=True)
+        return cls(net, n_top).eval().requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """trunk map (B, C, h, w) -> ImageNet logits (B, 1000)."""
+        for block in self._blocks:
+            x = block(x)  # (B, C', h', w')
+        x = self._swish(self._bn1(self._conv_head(x)))  # (B, 1280, h', w')
+        return self._fc(x.mean(dim=(2, 3)))  # (B, 1000)
+
+
+class ConceptEncoder(nn.Module):
+    """Caption encoder + ImageNet head sharing one trunk: images -> (annotations, class probabilities)."""
+
+    def __init__(self, encoder: Encoder, head: ImageNetHead, n_top: int) -> None:
+        super().__init__()
+        self.encoder, self.head, self.n_top = encoder, head, n_top
+        self.config = encoder.config
+
+    @property
+    def net(self) -> nn.Module:  # captioner.perf folds the encoder's batch norms through this attribute
+        return self.encoder.net
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, S, S) -> annotations (B, L, D), class probabilities (B, 1000)."""
+        x = self.encoder.trunk(images, self.n_top)  # (B, C, h, w)
+        return self.encoder.top(x, self.n_top), torch.softmax(self.head(x).float(), dim=-1)
+
+
+class ConceptMap:
+    """ImageNet class -> caption words, restricted to one vocabulary."""
+
+    def __init__(self, class_words: list[list[str]], vocab_words: list[str]) -> None:
+        known = set(vocab_words)
+        self.words = sorted({w for ws in class_words for w in ws if w in known})
+        index = {w: i for i, w in enumerate(self.words)}
+        matrix = torch.zeros(len(class_words), len(self.words))  # (1000, W)
+        for c, ws in enumerate(class_words):
+            for w in ws:
+                if w in index:
+                    matrix[c, index[w]] = 1.0
+        self.matrix = matrix
+        self.forms = {w: [f for f in (w, w + "s", w + "es") if f in known] for w in self.words}
+
+    @classmethod
+    def load(cls, vocab_words: list[str], path: str | Path | None = None) -> "ConceptMap":
+        """The packaged mapping (or ``path``), keeping the words of ``vocab_words``."""
+        text = (Path(path).read_text() if path else
+                resources.files("captioner.resources").joinpath(MAPPING_FILE).read_text(encoding="utf-8"))
+        classes = sorted(json.loads(text)["classes"], key=lambda c: c["index"])
+        return cls([c["words"] for c in classes], vocab_words)
+
+    def word_probs(self, class_probs: torch.Tensor) -> torch.Tensor:
+        """class probabilities (B, 1000) -> word probabilities (B, W), each at most 1."""
+        return (class_probs.float().cpu() @ self.matrix).clamp_max(1.0)  # (B, W)
+
+    def concepts(self, class_probs: torch.Tensor, top: int = 5, min_prob: float = 0.1) -> list[list[Concept]]:
+        """For each image, its ``top`` most likely words with probability >= ``min_prob``, best first."""
+        probs = self.word_probs(class_probs)  # (B, W)
+        values, index = probs.topk(min(top, probs.shape[1]), dim=1)  # (B, top)
+        return [[Concept(self.words[i], float(p)) for p, i in zip(vs.tolist(), ix.tolist()) if p >= min_prob]
+                for vs, ix in zip(values, index)]
