@@ -53,8 +53,8 @@ MUTATIONS: list[Mutation] = [
              "return ((5.0 + length.float()) / 6.0) ** alpha", "return ((5.0 + length.float()) / 6.0) ** -alpha",
              SEARCH_TESTS),
     Mutation("beam-score-x100", "captioner/search.py",
-             "final = scores.view(-1) / length_penalty(lengths, length_alpha)",
-             "final = 100 * scores.view(-1) / length_penalty(lengths, length_alpha)", SEARCH_TESTS),
+             "final = scores.view(-1) / length_penalty(lengths, length_alpha)  # (B*K,)",
+             "final = 100 * scores.view(-1) / length_penalty(lengths, length_alpha)  # (B*K,)", SEARCH_TESTS),
     Mutation("batch-sigterm-handler-removed", "captioner/batch.py",
              "old = signal.signal(signal.SIGTERM, _on_sigterm) if", "old = None if", BATCH_TESTS),
     Mutation("batch-no-per-image-retry", "captioner/batch.py",
@@ -125,10 +125,14 @@ MUTATIONS: list[Mutation] = [
              "return tensors", ("tests/test_checkpoint_api.py",)),
     # ---- more of the search, training, preprocessing, the batch CLI and the service
     Mutation("finished-beams-not-frozen", "captioner/search.py",
-             "logp[done, pad_id] = 0.0", "logp[done] = logp[done]", SEARCH_TESTS),
+             "logp[done, pad_id] = 0.0\n        cand = ", "logp[done] = logp[done]\n        cand = ", SEARCH_TESTS),
     Mutation("beam-length-counts-padding", "captioner/search.py",
-             "lengths = lengths.index_select(0, origin) + (~was_done).long()",
-             "lengths = lengths.index_select(0, origin) + 1", SEARCH_TESTS),
+             "word_lp = logp[origin, word]  # (B*K,)\n\n        state = state.index_select(origin)\n"
+             "        was_done = done.index_select(0, origin)\n"
+             "        lengths = lengths.index_select(0, origin) + (~was_done).long()",
+             "word_lp = logp[origin, word]  # (B*K,)\n\n        state = state.index_select(origin)\n"
+             "        was_done = done.index_select(0, origin)\n"
+             "        lengths = lengths.index_select(0, origin) + 1", SEARCH_TESTS),
     Mutation("label-smoothing-dropped", "captioner/train.py",
              "ce = F.cross_entropy(logits[mask], targets[mask], label_smoothing=label_smoothing)",
              "ce = F.cross_entropy(logits[mask], targets[mask])", ("tests/test_training_math.py",)),
