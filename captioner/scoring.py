@@ -20,6 +20,7 @@ from typing import Any
 
 from .cli_args import HelpFormatter, add_dataset_args, add_split_arg
 from .datasets import CaptionRecord, DatasetError, load_records
+from .datasets.records import parse_jsonl
 
 
 def metrics_report(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -46,12 +47,7 @@ def read_captions(path: str | Path) -> list[tuple[str, str | None]]:
             return [(str(k), v if isinstance(v, str) and v.strip() else None) for k, v in data["captions"].items()]
         rows = data if isinstance(data, list) else []
     else:
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DatasetError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+        rows = parse_jsonl(text, path)
     out = []
     for i, row in enumerate(rows, 1):
         if not isinstance(row, dict) or not row.get("image"):

@@ -150,6 +150,18 @@ def read_coco(path: str | Path, image_dir: str | Path, split: str | None) -> lis
     ]
 
 
+def parse_jsonl(text: str, path: str | Path) -> list:
+    """The JSON value of every non-blank line of ``text`` (read from ``path``, named in errors)."""
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+    return rows
+
+
 def read_table(path: str | Path, split: str | None = None) -> list[CaptionRecord]:
     """CSV (header with ``image``, ``caption``[, ``split``]) or JSONL with the same keys.
 
@@ -164,12 +176,7 @@ def read_table(path: str | Path, split: str | None = None) -> list[CaptionRecord
         if path.suffix.lower() == ".json" and '"images"' in text[:10000]:
             raise DatasetError(f"{path} looks like a COCO or Karpathy JSON file ('images'), not a CSV/JSONL table: "
                                f"use --dataset coco --annotations SPLIT={path}, or --dataset karpathy")
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DatasetError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+        rows = parse_jsonl(text, path)
     else:
         with path.open(newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
