@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -191,3 +192,35 @@ def gunicorn_server(tmp_path: Path, env_extra: dict[str, str], ready_timeout: fl
             except subprocess.TimeoutExpired:  # pragma: no cover
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+
+
+@pytest.fixture
+def fake_gs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A ``gs`` first on PATH that leaves a marker (the returned path) when run; Pillow's EPS plugin would run it."""
+    from PIL import EpsImagePlugin
+
+    marker = tmp_path / "gs-ran"
+    fake = tmp_path / "bin" / "gs"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\ntouch {marker}\nexit 0\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # forget a cached "no Ghostscript here"
+    return marker
+
+
+@contextmanager
+def live_app_server(app) -> Iterator[str]:
+    """Serve a Flask app on a free loopback port in a thread; yields its base URL and closes the app after."""
+    from werkzeug.serving import make_server
+
+    from service.app import EXTENSION_KEY
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        app.extensions[EXTENSION_KEY].close()

@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from pathlib import Path
 
 import pytest
-from werkzeug.serving import make_server
 
-from service.app import EXTENSION_KEY, create_app
+from service.app import create_app
 from test_service_browser import CHROMIUM, CHROMIUM_ARGS, screenshot_path
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow,
@@ -18,19 +16,15 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow,
 
 @pytest.fixture(scope="module")
 def server_224(tmp_path_factory: pytest.TempPathFactory):
-    from conftest import build_tiny_checkpoint
+    from conftest import build_tiny_checkpoint, live_app_server
 
     ckpt = build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny224", image_size=224)
     config = json.loads((ckpt / "config.json").read_text())
     config["inference"]["concept_weight"] = None  # place the concept whatever it costs the untrained decoder
     (ckpt / "config.json").write_text(json.dumps(config))
     app = create_app({"CAPTIONER_MODEL": str(ckpt), "CAPTIONER_LOAD_IN_BACKGROUND": False})
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    app.extensions[EXTENSION_KEY].close()
+    with live_app_server(app) as url:
+        yield url
 
 
 def test_page_shows_concepts_and_guidance_menu(server_224: str, tmp_path: Path) -> None:

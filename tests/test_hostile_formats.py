@@ -10,14 +10,13 @@ from __future__ import annotations
 import functools
 import io
 import json
-import os
 import struct
 import time
 import zlib
 from pathlib import Path
 
 import pytest
-from PIL import EpsImagePlugin, Image
+from PIL import Image
 
 from captioner.api import Captioner
 from captioner.cli import main
@@ -168,19 +167,6 @@ def test_other_formats_are_refused_by_the_loader(fmt: str) -> None:
 
 
 # ---------------------------------------------------------------- IPTC wrapping
-@pytest.fixture
-def fake_gs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A ``gs`` first on PATH that leaves a marker when run (Pillow's EPS plugin would run it)."""
-    marker = tmp_path / "gs-ran"
-    fake = tmp_path / "bin" / "gs"
-    fake.parent.mkdir()
-    fake.write_text(f"#!/bin/sh\ntouch {marker}\nexit 0\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # forget a cached "no Ghostscript here"
-    return marker
-
-
 WRAPPED = {
     "iptc-eps": lambda: iptc(EPS),
     "iptc-png-8000x8000-rgba": lambda: iptc(rgba_png_zeros(8000)),

@@ -534,17 +534,9 @@ def test_upload_file_names_and_bytes_never_reach_the_file_system(app, filename: 
     assert not [p for p in touched if re.search(r"passwd|shadow|win\.ini|pwn|xxxxxxxx", p)], touched
 
 
-def test_eps_is_never_handed_to_ghostscript(app, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_eps_is_never_handed_to_ghostscript(app, fake_gs: Path) -> None:
     """Pillow renders EPS by running ``gs`` on a temporary copy of the upload; EPS is not opened at all."""
-    from PIL import EpsImagePlugin
-
-    marker = tmp_path / "gs-ran"
-    fake = tmp_path / "bin" / "gs"
-    fake.parent.mkdir()
-    fake.write_text(f"#!/bin/sh\ntouch {marker}\nexit 0\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # forget a cached "no Ghostscript here"
+    marker = fake_gs
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
     r = app.test_client().post("/v1/captions", data=eps, content_type="application/octet-stream")
     assert r.status_code == 400 and r.get_json()["error"]["code"] == "undecodable"

@@ -10,14 +10,12 @@ import base64
 import os
 import re
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
-from werkzeug.serving import make_server
 
-from conftest import image_bytes, make_image
-from service.app import EXTENSION_KEY, create_app
+from conftest import image_bytes, live_app_server, make_image
+from service.app import create_app
 
 CHROMIUM = shutil.which("chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -49,12 +47,8 @@ DROP_JS = """([b64, name, type]) => {
 @pytest.fixture(scope="module")
 def live_server(tiny_checkpoint):
     app = create_app({"CAPTIONER_MODEL": str(tiny_checkpoint), "CAPTIONER_LOAD_IN_BACKGROUND": False})
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    app.extensions[EXTENSION_KEY].close()
+    with live_app_server(app) as url:
+        yield url
 
 
 @pytest.fixture
