@@ -148,15 +148,8 @@ def beam_search(
     final = scores.view(-1) / length_penalty(lengths, length_alpha)  # (B*K,)
     final = torch.where(torch.isfinite(final), final, torch.full_like(final, float("-inf")))
     order = final.view(B, K).argsort(dim=1, descending=True)[:, :n_best]  # (B, n_best)
-    ids_c, lp_c, al_c, fin_c = hist_ids.cpu(), hist_lp.float().cpu(), hist_alpha.float().cpu(), final.cpu()
-    results = []
-    for b in range(B):
-        hyps = []
-        for k in order[b].tolist():
-            row = b * K + k
-            hyps.append(_finish(ids_c[row], lp_c[row], al_c[row], end_id, pad_id, float(fin_c[row])))
-        results.append(hyps)
-    return results
+    rows = order + base  # (B, n_best) history rows, best first
+    return _collect(rows, hist_ids, hist_lp, hist_alpha, final, end_id, pad_id)
 
 
 @torch.inference_mode()
@@ -243,15 +236,18 @@ def constrained_beam_search(
     pool = torch.where(satisfied, 1, 0)  # (B,) the state the result comes from
     ranked = final.view(B, 2, K)[torch.arange(B, device=device), pool]  # (B, K)
     order = ranked.argsort(dim=1, descending=True)[:, :n_best] + (pool * K).unsqueeze(1)  # (B, n_best) within image
+    rows = order + base  # (B, n_best) history rows, best first
+    return _collect(rows, hist_ids, hist_lp, hist_alpha, final, end_id, pad_id)
+
+
+def _collect(
+    rows: torch.Tensor, hist_ids: torch.Tensor, hist_lp: torch.Tensor, hist_alpha: torch.Tensor,
+    final: torch.Tensor, end_id: int, pad_id: int,
+) -> list[list[Hypothesis]]:
+    """rows (B, n) history rows to return per image, best first -> their Hypotheses (scores from ``final``)."""
     ids_c, lp_c, al_c, fin_c = hist_ids.cpu(), hist_lp.float().cpu(), hist_alpha.float().cpu(), final.cpu()
-    results = []
-    for b in range(B):
-        hyps = []
-        for k in order[b].tolist():
-            row = b * 2 * K + k
-            hyps.append(_finish(ids_c[row], lp_c[row], al_c[row], end_id, pad_id, float(fin_c[row])))
-        results.append(hyps)
-    return results
+    return [[_finish(ids_c[r], lp_c[r], al_c[r], end_id, pad_id, float(fin_c[r])) for r in image_rows]
+            for image_rows in rows.cpu().tolist()]
 
 
 def _finish(ids: torch.Tensor, lps: torch.Tensor, alphas: torch.Tensor, end_id: int, pad_id: int, score: float | None) -> Hypothesis:
