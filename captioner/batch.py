@@ -34,6 +34,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from .commands.common import int_range
 from .images import DEFAULT_MAX_PIXELS, ImageError, is_image_path, load_image
 
 FORMATS = ("jsonl", "csv", "json")
@@ -43,19 +44,6 @@ PROG = "captioner caption"
 
 
 # ---------------------------------------------------------------------------- arguments
-def _int_range(lo: int, hi: int | None = None):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-        if value < lo or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}" if hi else f"must be >= {lo}")
-        return value
-
-    return parse
-
-
 def default_workers() -> int:
     """Decoding processes: one core is left for the model (0 = decode in the main process)."""
     return max(0, min(4, (os.cpu_count() or 1) - 1))
@@ -77,19 +65,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--format", choices=FORMATS, help="record format (default: from the output's extension, else jsonl)")
     c.add_argument("--resume", action="store_true", help="skip images already in --output and append the rest")
     c.add_argument("--attention-dir", metavar="DIR", help="write per-word attention overlays (PNG) and grids (.npz) here")
-    c.add_argument("--beam-size", metavar="K", type=_int_range(1, MAX_BEAM_SIZE),
+    c.add_argument("--beam-size", metavar="K", type=int_range(1, MAX_BEAM_SIZE),
                    help=f"beam width, 1..{MAX_BEAM_SIZE} (default: the checkpoint's)")
-    c.add_argument("--max-length", metavar="N", type=_int_range(1, MAX_LENGTH_LIMIT),
+    c.add_argument("--max-length", metavar="N", type=int_range(1, MAX_LENGTH_LIMIT),
                    help=f"maximum caption words, 1..{MAX_LENGTH_LIMIT} (default: the checkpoint's)")
-    c.add_argument("--n-best", metavar="N", type=_int_range(1, MAX_BEAM_SIZE), default=1,
+    c.add_argument("--n-best", metavar="N", type=int_range(1, MAX_BEAM_SIZE), default=1,
                    help="also record the next N-1 best captions as 'alternatives' (default: 1)")
     c.add_argument("--length-alpha", metavar="A", type=float, help="length penalty exponent (default: the checkpoint's)")
     c.add_argument("--guidance", choices=GUIDANCE,
                    help="concepts: the caption names the most likely visual concept once, unless that costs "
                         "the model too much; none: the plain model (default: the checkpoint's, concepts)")
-    c.add_argument("--batch-size", metavar="B", type=_int_range(1), default=16,
+    c.add_argument("--batch-size", metavar="B", type=int_range(1), default=16,
                    help="images per encoder pass and beam search (default: 16)")
-    c.add_argument("--workers", metavar="W", type=_int_range(0), default=default_workers(),
+    c.add_argument("--workers", metavar="W", type=int_range(0), default=default_workers(),
                    help=f"image-decoding processes, 0 = none (default here: {default_workers()})")
     c.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     c.add_argument("--exact", action="store_true",

@@ -37,7 +37,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .cli_args import HelpFormatter, add_dataset_args
+from .commands.common import HelpFormatter, add_dataset_args
 from .datasets import CaptionRecord, DatasetError, find_annotations, load_records, read_dataset
 from .datasets.records import normalise_split, read_karpathy
 from .images import ImageError, is_image_path, load_image

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli_args import HelpFormatter, add_dataset_args, add_split_arg
+from .commands.common import HelpFormatter, add_dataset_args, add_split_arg
 from .datasets import CaptionRecord, DatasetError, load_records
 from .datasets.records import parse_jsonl
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from conftest import make_image
 
 from captioner import data_tools
-from captioner.cli import main
+from captioner.commands.main import main
 from captioner.datasets import find_annotations, load_records
 
 CAPS = {"a.png": ["a red square on grass", "red square"], "b.png": ["a blue ball in the sky", "blue ball"],

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from captioner import batch
-from captioner.cli import main
+from captioner.commands.main import main
 from conftest import assert_scored_by_the_model, image_bytes, make_image
 
 BIN = Path(sys.executable).parent

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from captioner.api import Captioner
-from captioner.cli import main
+from captioner.commands.main import main
 from conftest import make_image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ SLOW_CLI = textwrap.dedent(
         time.sleep(0.4)
         return real(self, *a, **k)
     Captioner.decode = slow
-    from captioner.cli import main
+    from captioner.commands.main import main
     sys.exit(main(sys.argv[1:]))
     """
 )

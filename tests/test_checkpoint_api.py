@@ -144,7 +144,7 @@ def test_caption_api_accepts_paths_bytes_and_pil(tiny_checkpoint: Path, tmp_path
 
 
 def test_export_stores_fp16_and_decoding_defaults(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    from captioner.cli import main
+    from captioner.commands.main import main
 
     out = tmp_path / "shipped"
     assert main(["export", "--checkpoint", str(tiny_checkpoint), "--output", str(out), "--beam-size", "5",

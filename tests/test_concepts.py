@@ -209,7 +209,7 @@ def checkpoint_224(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_cli_records_concepts_and_guidance_places_the_seen_word(cat_photo: Path, checkpoint_224: Path,
                                                                 tmp_path: Path) -> None:
-    from captioner.cli import main
+    from captioner.commands.main import main
 
     records = {}
     for guidance in ("concepts", "none"):

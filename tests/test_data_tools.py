@@ -18,7 +18,7 @@ from conftest import image_bytes, make_image
 from PIL import Image
 
 from captioner import data_tools
-from captioner.cli import main
+from captioner.commands.main import main
 from captioner.datasets import load_records
 
 CAPS = ["a dog runs on the grass", "a cat sits on a red ball", "a man throws a blue ball",

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from captioner.cli import main
+from captioner.commands.main import main
 from conftest import write_caption_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,7 +47,7 @@ WRAPPER = textwrap.dedent(
         log.write(json.dumps({"loss": stats["loss"]}) + "\\n"); log.flush()
         return stats
     C.save, T.train_one_epoch = save, epoch
-    from captioner.cli import main
+    from captioner.commands.main import main
     sys.exit(main(sys.argv[1:]))
     """
 )

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from captioner import checkpoint
 from captioner.api import Captioner
-from captioner.cli import main
+from captioner.commands.main import main
 from conftest import REPO, clean_env, gunicorn_server, image_bytes, make_image, write_caption_dataset
 
 pytestmark = pytest.mark.slow
@@ -59,7 +59,7 @@ KILLER = textwrap.dedent(
         os.replace = hooked
     else:
         shutil.rmtree = hooked
-    from captioner.cli import main
+    from captioner.commands.main import main
     sys.exit(main(sys.argv[1:]))
     """
 )
@@ -152,7 +152,7 @@ SLOW_CLI = textwrap.dedent(
         time.sleep(0.15)
         return real(*args, **kwargs)
     batch.make_record = slow
-    from captioner.cli import main
+    from captioner.commands.main import main
     sys.exit(main(sys.argv[1:]))
     """
 )

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from captioner.api import Captioner
-from captioner.cli import main
+from captioner.commands.main import main
 from conftest import TINY_CAPTIONS, make_image, write_caption_dataset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),

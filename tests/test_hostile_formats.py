@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from captioner.api import Captioner
-from captioner.cli import main
+from captioner.commands.main import main
 from captioner.decode_pool import DecodePool, PoolBusy
 from captioner.images import ALLOWED_FORMATS, ImageError, load_image
 from service.app import EXTENSION_KEY, create_app

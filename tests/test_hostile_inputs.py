@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from captioner.api import MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, Captioner
-from captioner.cli import main
+from captioner.commands.main import main
 from captioner.images import DEFAULT_MAX_PIXELS
 from service.app import EXTENSION_KEY, create_app
 from conftest import assert_scored_by_the_model, image_bytes, make_image

@@ -8,7 +8,7 @@ import pytest
 from conftest import make_image
 
 from captioner import data_tools
-from captioner.cli import main
+from captioner.commands.main import main
 from captioner.datasets import DatasetError, load_records
 
 SPLIT_IMAGES = {"train": ["t0.jpg", "t1.jpg", "t2.jpg"], "dev": ["d0.jpg"], "test": ["e0.jpg", "e1.jpg"]}

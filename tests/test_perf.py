@@ -9,7 +9,7 @@ import torch
 
 from captioner import checkpoint
 from captioner.api import Captioner
-from captioner.cli import main as cli_main
+from captioner.commands.main import main as cli_main
 from captioner.perf import ChunkedEncoder, fold_batchnorm
 from conftest import build_tiny_checkpoint, make_image
 

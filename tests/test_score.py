@@ -9,7 +9,7 @@ import pytest
 from conftest import make_image
 from pycocoevalcap.cider.cider import Cider
 
-from captioner.cli import main
+from captioner.commands.main import main
 
 REFS = {
     "dog.jpg": ["A brown dog runs on the grass .", "A dog is running across a field .", "The dog plays outside ."],

@@ -10,7 +10,7 @@ import pytest
 import torch
 from pycocoevalcap.cider.cider import Cider
 
-from captioner.cli import main
+from captioner.commands.main import main
 from captioner.decoder import AttentionDecoder, DecoderConfig
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 

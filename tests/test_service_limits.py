@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from captioner.api import MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, Captioner
-from captioner.cli import main
+from captioner.commands.main import main
 from service.app import API_CSP, EXTENSION_KEY, PAGE_CSP, create_app
 from service.config import ENV_VARS, GUNICORN_ENV_VARS, available_cpus, load_settings
 from conftest import image_bytes, make_image

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from captioner.cli import main
+from captioner.commands.main import main
 
 CAPTIONS = {
     0: ["a red square on grass", "red square"],
@@ -72,7 +72,7 @@ KILLER = textwrap.dedent(
                     os.kill(os.getpid(), signal.SIGKILL)
         return real(model, encoder, loader, *a, **k)
     T.train_one_epoch = dying
-    from captioner.cli import main
+    from captioner.commands.main import main
     sys.exit(main(sys.argv[1:]))
     """
 )

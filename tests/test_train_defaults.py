@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from test_train import CAPTIONS, log_lines, train_args
 
-from captioner.cli import build_parser, main
+from captioner.commands.main import build_parser, main
 from captioner.train import warmup_steps
 from captioner.tuning import tune_decoding
 
@@ -89,7 +89,7 @@ def test_log_file_has_real_lr_and_no_progress_bars(dataset: Path, tmp_path: Path
     argv = _without(train_args(dataset, out, 3, "--lr", "2e-4"), "--lr")
     argv.remove("--quiet")
     with (tmp_path / "log").open("w") as log:
-        subprocess.run([sys.executable, "-m", "captioner.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
+        subprocess.run([sys.executable, "-m", "captioner.commands.main", *argv], stdout=log, stderr=subprocess.STDOUT,
                        check=True, timeout=600)
     text = (tmp_path / "log").read_text()
     assert "\r" not in text and "batch/s" not in text and "it/s" not in text

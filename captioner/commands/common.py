@@ -1,9 +1,33 @@
-"""Argument helpers shared by the command-line parsers: dataset options and a help formatter."""
+"""Argument helpers shared by the command parsers: number types, dataset options and a help formatter."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
-from .datasets import ANNOTATIONS_HELP, DATASETS, SPLITS
+from ..datasets import ANNOTATIONS_HELP, DATASETS, SPLITS
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def int_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer in [lo, hi] (no upper bound when hi is None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}" if hi else f"must be >= {lo}")
+        return value
+
+    return parse
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -35,3 +59,12 @@ def add_dataset_args(p: argparse.ArgumentParser, default: str | None) -> None:
                    help="folder holding the dataset's images (COCO file_name and Karpathy filename are looked up "
                         "here) and, unless --annotations is given, its caption files")
     p.add_argument("--annotations", action="append", metavar="[SPLIT=]FILE", help=ANNOTATIONS_HELP)
+
+
+def add_data_args(p: argparse.ArgumentParser, split: bool = False) -> None:
+    """Dataset options plus --limit and --cache-dir (train and evaluate)."""
+    add_dataset_args(p, default="flickr8k")
+    p.add_argument("--limit", type=positive_int, help="use only the first N images of each split (quick runs)")
+    p.add_argument("--cache-dir", help="feature cache folder (default: $CAPTIONER_CACHE or .cache/captioner)")
+    if split:
+        add_split_arg(p)

@@ -1,0 +1,55 @@
+"""``captioner`` entry point: the command registry, the top-level parser and error handling."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ..datasets import DatasetError
+
+#: The subcommands, in ``--help`` order; each is ``captioner.commands.<name>``.
+COMMANDS = ("train", "evaluate", "export", "caption", "score", "data")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``captioner`` parser with every registered command's sub-parser."""
+    parser = argparse.ArgumentParser(prog="captioner", description="Show, Attend and Tell image captioning")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"{__package__}.{name}").add_parser(sub)
+    return parser
+
+
+#: Packages of an optional extra (pyproject.toml) -> that extra; inference needs none of them.
+EXTRA_OF = {"nltk": "train", "pycocoevalcap": "train", "matplotlib": "train"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from ..checkpoint import CheckpointError
+    from ..images import ImageError
+
+    try:
+        return int(args.func(args) or 0)
+    except (DatasetError, CheckpointError, ImageError, FileNotFoundError) as exc:
+        print(f"captioner {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # a command of an extra the install lacks (pyproject.toml)
+        extra = EXTRA_OF.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"captioner {args.command}: error: {exc.name} is not installed; it comes with the [{extra}] extra: "
+              f"pip install 'captioner[{extra}]'", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
