@@ -184,7 +184,7 @@ def get(port: int, path: str, timeout: float = 10) -> tuple[int, dict]:
 def default_checkpoint(workdir: Path) -> Path:
     sys.path.insert(0, str(REPO))
     from captioner import checkpoint
-    from captioner.api import default_model_path
+    from captioner.settings import default_model_path
 
     try:
         return checkpoint.resolve(default_model_path())

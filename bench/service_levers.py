@@ -15,7 +15,8 @@ import torch
 from flask import Flask
 
 from bench.common import apply_levers, parse_levers
-from captioner.api import Captioner, default_model_path
+from captioner.api import Captioner
+from captioner.settings import default_model_path
 from service.app import create_app as service_app
 
 

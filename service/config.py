@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from captioner.api import MAX_BEAM_SIZE, default_model_path, parse_flag
+from captioner.settings import MAX_BEAM_SIZE, default_model_path, parse_flag
 from captioner.images import DEFAULT_MAX_PIXELS
 
 from .logs import parse_log_format

@@ -160,7 +160,7 @@ def test_installed_wheel_captions_from_an_empty_folder(fresh_venv, tmp_path):
 import json, sys
 import captioner
 from captioner import Captioner
-from captioner.api import default_model_path
+from captioner.settings import default_model_path
 assert not any(p and {str(REPO)!r} in p and 'site-packages' not in p for p in sys.path), sys.path
 for extra in {EXTRAS_ONLY!r}:
     try:

@@ -13,7 +13,7 @@ from .common import HelpFormatter, add_data_args, positive_int
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``captioner evaluate``."""
-    from ..api import GUIDANCE
+    from ..settings import GUIDANCE
 
     e = sub.add_parser("evaluate", help="score a checkpoint on a dataset split", formatter_class=HelpFormatter)
     add_data_args(e, split=True)
@@ -35,10 +35,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import checkpoint
-    from ..api import Captioner, default_model_path
+    from ..api import Captioner
     from ..datasets import load_records
     from ..scoring import metrics_report
-    from ..train import cached_features, default_cache_dir, evaluate_split
+    from ..settings import default_cache_dir, default_model_path
+    from ..train import cached_features, evaluate_split
 
     ckpt = checkpoint.resolve(args.checkpoint or default_model_path())
     cap = Captioner.load(ckpt, device=args.device, fast=False if args.exact else None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..encoder import BACKBONES, STAGES
+from ..settings import BACKBONES, STAGES
 from .common import HelpFormatter, add_data_args, int_range, positive_int
 
 

@@ -1,0 +1,61 @@
+"""The library's settings: ``CAPTIONER_*`` environment variables, default paths and the decoding limits.
+
+Standard library only, so the command-line parsers (``captioner --help``) and the service's
+configuration read these without importing torch. The service's own variables are the
+``ENV_VARS`` table in ``service/config.py``; the ones read here are:
+
+- ``CAPTIONER_MODEL``: the checkpoint folder used when none is given (:func:`default_model_path`);
+- ``CAPTIONER_CACHE``: the feature cache folder (:func:`default_cache_dir`);
+- ``CAPTIONER_FAST``: the CPU speed-ups of ``Captioner.load`` (an on/off word, :func:`parse_flag`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: The shipped model, a folder of ``models/`` (see :func:`default_model_path`).
+DEFAULT_MODEL_NAME = "flickr8k-lite2"
+#: Upper bounds enforced for every caller (service, CLI, API).
+MAX_BEAM_SIZE = 10
+MAX_LENGTH_LIMIT = 60
+#: ``guidance`` values: ``concepts`` places the most likely visual concept in the caption (constrained
+#: beam search, when its probability p reaches ``concept_threshold`` and the caption scores at most
+#: ``concept_weight`` x p below the plain one; defaults chosen on dev data); ``none`` is the plain model.
+GUIDANCE = ("concepts", "none")
+#: Encoder choices of ``captioner train`` (``captioner.encoder`` builds them): backbones and the layer attended over.
+BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "resnet50", "resnet101")
+STAGES = ("head", "stride16")
+
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
+
+
+def parse_flag(text: str, name: str) -> bool:
+    """An on/off setting such as ``$CAPTIONER_FAST``: 1/true/yes/on or 0/false/no/off/empty (any case)."""
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError(f"{name} must be a boolean (1/0, true/false), got {text!r}")
+
+
+def default_model_path() -> Path:
+    """``$CAPTIONER_MODEL``, else the shipped model: ``captioner/models/`` in an installed wheel (package
+    data, see pyproject.toml), the repository's ``models/`` folder in a source checkout."""
+    env = os.environ.get("CAPTIONER_MODEL")
+    if env:
+        return Path(env)
+    package = Path(__file__).resolve().parent
+    packaged = package / "models" / DEFAULT_MODEL_NAME
+    return packaged if packaged.is_dir() else package.parent / "models" / DEFAULT_MODEL_NAME
+
+
+def default_workers() -> int:
+    """Image-decoding processes of batch captioning: one core is left for the model (0: decode in this process)."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def default_cache_dir() -> Path:
+    """The feature cache folder: ``$CAPTIONER_CACHE``, else ``.cache/captioner`` under the current folder."""
+    return Path(os.environ.get("CAPTIONER_CACHE", ".cache/captioner"))
