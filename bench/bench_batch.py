@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import LEVERS_HELP, load_captioner, parse_levers, machine, write_sample_jpegs  # noqa: E402
-from captioner.batch import default_workers, expand, iter_captions  # noqa: E402
+from captioner.batch import expand, iter_captions  # noqa: E402
+from captioner.settings import default_workers  # noqa: E402
 from captioner.images import ImageError  # noqa: E402
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner import batch
+from captioner import batch, outputs
 from captioner.commands.main import main
 from conftest import assert_scored_by_the_model, image_bytes, make_image
 
@@ -143,7 +143,7 @@ def test_resume_recovers_parts_of_killed_torchrun_job(images_dir: Path, tiny_che
 def test_json_format_valid_after_interrupt_and_resume(images_dir: Path, tiny_checkpoint: Path, tmp_path: Path,
                                                        monkeypatch) -> None:
     out = tmp_path / "out.json"
-    real = batch.make_record
+    real = outputs.make_record
     calls = []
 
     def interrupted(*args, **kwargs):  # Ctrl-C after two records
@@ -152,10 +152,10 @@ def test_json_format_valid_after_interrupt_and_resume(images_dir: Path, tiny_che
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(batch, "make_record", interrupted)
+    monkeypatch.setattr(outputs, "make_record", interrupted)
     assert caption(tiny_checkpoint, str(images_dir), "-o", str(out)) == 130
     assert len(json.loads(out.read_text())) == 2  # still a valid JSON array
-    monkeypatch.setattr(batch, "make_record", real)
+    monkeypatch.setattr(outputs, "make_record", real)
 
     assert caption(tiny_checkpoint, str(images_dir), "-o", str(out), "--resume") == 0
     recs = json.loads(out.read_text())
@@ -175,7 +175,7 @@ def test_csv_format_and_resume(folder: Path, tiny_checkpoint: Path, tmp_path: Pa
     out = tmp_path / "out.csv"
     assert caption(tiny_checkpoint, str(folder), "-o", str(out), "--n-best", "2") == 1
     rows = list(csv.DictReader(out.open(newline="")))
-    assert list(rows[0]) == batch.CSV_FIELDS
+    assert list(rows[0]) == outputs.CSV_FIELDS
     assert [Path(r["image"]).name for r in rows] == GOOD + BROKEN
     assert [t["word"] for t in json.loads(rows[0]["tokens"])] == rows[0]["caption"].split()
     assert len(json.loads(rows[0]["alternatives"])) == 1
@@ -216,8 +216,8 @@ def test_attention_dir(folder: Path, tiny_checkpoint: Path, tmp_path: Path) -> N
     for f in att.rglob("*"):  # nothing outside the folder, no temporary files left, inputs untouched
         assert f.resolve().is_relative_to(att.resolve()) and ".tmp" not in f.name
     assert {p: hashlib.sha1(p.read_bytes()).hexdigest() for p in inputs} == hashes
-    assert batch.attention_name("../../etc/passwd").startswith("passwd-")
-    assert "/" not in batch.attention_name("a/..\\..jpg")
+    assert outputs.attention_name("../../etc/passwd").startswith("passwd-")
+    assert "/" not in outputs.attention_name("a/..\\..jpg")
 
 
 @pytest.mark.parametrize("bad", [["--beam-size", "0"], ["--beam-size", "11"], ["--format", "xml"], ["--resume"],

@@ -146,12 +146,12 @@ def test_kills_during_checkpoint_saving_never_lose_last(dataset: Path, tmp_path:
 SLOW_CLI = textwrap.dedent(
     """
     import sys, time
-    from captioner import batch
-    real = batch.make_record
+    from captioner import outputs
+    real = outputs.make_record
     def slow(*args, **kwargs):  # the model is tiny: slow the writing down so that the kill lands mid-run
         time.sleep(0.15)
         return real(*args, **kwargs)
-    batch.make_record = slow
+    outputs.make_record = slow
     from captioner.commands.main import main
     sys.exit(main(sys.argv[1:]))
     """
