@@ -6,9 +6,8 @@ from pathlib import Path
 
 from conftest import make_image
 
-from captioner import data_tools
 from captioner.commands.main import main
-from captioner.datasets import find_annotations, load_records
+from captioner.datasets import find_annotations, load_records, verify
 
 CAPS = {"a.png": ["a red square on grass", "red square"], "b.png": ["a blue ball in the sky", "blue ball"],
         "c.png": ["a green dog runs", "green dog"]}
@@ -38,7 +37,7 @@ def test_lookup_skips_the_lemma_file(tmp_path: Path) -> None:
 
 def test_verify_manifest_and_training_name_the_same_files(tmp_path: Path) -> None:
     root = make_flickr_with_lemma(tmp_path / "f8k")
-    manifest = data_tools.verify_dataset("flickr8k", root, progress=False)
+    manifest = verify.verify_dataset("flickr8k", root, progress=False)
     assert manifest["caption_file"] == "Flickr8k.token.txt"
     out = tmp_path / "run"
     assert main(["train", "--dataset", "flickr8k", "--data-dir", str(root), "--output", str(out), "--epochs", "1",

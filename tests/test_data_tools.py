@@ -17,9 +17,9 @@ import pytest
 from conftest import image_bytes, make_image
 from PIL import Image
 
-from captioner import data_tools
+from captioner.commands import data as data_command
 from captioner.commands.main import main
-from captioner.datasets import load_records
+from captioner.datasets import download, load_records, stats, verify
 
 CAPS = ["a dog runs on the grass", "a cat sits on a red ball", "a man throws a blue ball",
         "two dogs play in the snow", "a girl rides a red bike", "the dog sits on the grass"]
@@ -115,7 +115,7 @@ def make_custom(root: Path, fmt: str = "csv", quirks: bool = False) -> Path:
 # ---------------------------------------------------------------- verify
 def test_verify_flickr_reports_every_injected_quirk(tmp_path: Path) -> None:
     root = make_flickr(tmp_path / "f8k")
-    m = data_tools.verify_dataset("flickr8k", root, progress=False, max_bad_fraction=0.2)
+    m = verify.verify_dataset("flickr8k", root, progress=False, max_bad_fraction=0.2)
     kinds = _kinds(m)
     assert m["usable"]  # warnings only
     assert kinds["caption_entry_without_image"]["examples"] == ["ghost.jpg"]
@@ -133,12 +133,12 @@ def test_verify_flickr_reports_every_injected_quirk(tmp_path: Path) -> None:
     assert set(m["annotation_files"]) == {"Flickr8k.token.txt", "Flickr_8k.trainImages.txt",
                                           "Flickr_8k.devImages.txt", "Flickr_8k.testImages.txt"}
     # 1 of 10 split images broken is above the default 5%: fatal
-    strict = data_tools.verify_dataset("flickr8k", root, progress=False)
+    strict = verify.verify_dataset("flickr8k", root, progress=False)
     assert not strict["usable"] and _kinds(strict)["too_many_bad_images"]["count"] == 1
 
 
 def test_verify_clean_flickr_has_no_problems(tmp_path: Path) -> None:
-    m = data_tools.verify_dataset("flickr8k", make_flickr(tmp_path / "f8k", quirks=False), progress=False)
+    m = verify.verify_dataset("flickr8k", make_flickr(tmp_path / "f8k", quirks=False), progress=False)
     assert m["usable"] and m["problems"] == []
     assert m["counts"]["images_decoded"] == 8
 
@@ -147,7 +147,7 @@ def test_verify_flickr_split_overlap_and_unlisted_images_are_found(tmp_path: Pat
     root = make_flickr(tmp_path / "f8k", quirks=False)
     (root / "Flickr_8k.testImages.txt").write_text("c0.jpg\nc1.jpg\na0.jpg\n")  # a0 is also in train
     _jpeg(root / "images", "stray.jpg", 77)  # an image no caption entry mentions
-    m = data_tools.verify_dataset("flickr8k", root, progress=False)
+    m = verify.verify_dataset("flickr8k", root, progress=False)
     kinds = _kinds(m)
     assert not m["usable"] and kinds["split_overlap"]["severity"] == "fatal"
     assert kinds["split_overlap"]["examples"] == ["a0.jpg (train+test)"]
@@ -155,7 +155,7 @@ def test_verify_flickr_split_overlap_and_unlisted_images_are_found(tmp_path: Pat
 
 
 def test_verify_karpathy_json(tmp_path: Path) -> None:
-    m = data_tools.verify_dataset("karpathy", make_karpathy(tmp_path / "kp"), progress=False, max_bad_fraction=0.25)
+    m = verify.verify_dataset("karpathy", make_karpathy(tmp_path / "kp"), progress=False, max_bad_fraction=0.25)
     assert m["usable"]
     assert {s: v["images"] for s, v in m["splits"].items()} == {"train": 2, "dev": 1, "test": 2}
     assert _kinds(m)["caption_entry_without_image"]["examples"] == ["gone.jpg"]
@@ -165,7 +165,7 @@ def test_verify_karpathy_json(tmp_path: Path) -> None:
 def test_verify_coco_json(tmp_path: Path) -> None:
     root = make_coco(tmp_path / "coco")
     (root / "val2014" / "COCO_val2014_000000000005.jpg").write_bytes(b"not a jpeg")
-    m = data_tools.verify_dataset("coco", root, progress=False, max_bad_fraction=0.1)
+    m = verify.verify_dataset("coco", root, progress=False, max_bad_fraction=0.1)
     kinds = _kinds(m)
     assert m["splits"]["train"]["images"] == 3 and m["splits"]["dev"]["images"] == 2
     assert kinds["undecodable_images"]["examples"][0].startswith("COCO_val2014_000000000005.jpg")
@@ -175,14 +175,14 @@ def test_verify_coco_json(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 def test_verify_custom_table(tmp_path: Path, fmt: str) -> None:
-    m = data_tools.verify_dataset("custom", make_custom(tmp_path / "mine", fmt), progress=False)
+    m = verify.verify_dataset("custom", make_custom(tmp_path / "mine", fmt), progress=False)
     assert m["usable"] and m["problems"] == []
     assert {s: v["images"] for s, v in m["splits"].items()} == {"train": 5, "dev": 2, "test": 1}
     assert m["caption_file"] == f"captions.{fmt}"
 
 
 def test_verify_custom_table_quirks(tmp_path: Path) -> None:
-    m = data_tools.verify_dataset("custom", make_custom(tmp_path / "mine", "jsonl", quirks=True), progress=False)
+    m = verify.verify_dataset("custom", make_custom(tmp_path / "mine", "jsonl", quirks=True), progress=False)
     kinds = _kinds(m)
     assert not m["usable"] and kinds["split_overlap"]["examples"] == ["photos/p0.jpg (test+train)"]
     assert kinds["empty_captions"]["examples"] == ["row 18: photos/p1.jpg"]
@@ -191,7 +191,7 @@ def test_verify_custom_table_quirks(tmp_path: Path) -> None:
 
 def test_verify_unreadable_dataset_is_fatal(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    m = data_tools.verify_dataset("flickr8k", tmp_path / "empty", progress=False)
+    m = verify.verify_dataset("flickr8k", tmp_path / "empty", progress=False)
     assert not m["usable"] and m["problems"][0]["kind"] == "unreadable"
 
 
@@ -222,7 +222,7 @@ def test_verify_cli_writes_manifest_outside_data_dir(tmp_path: Path, monkeypatch
 # ---------------------------------------------------------------- stats
 def test_stats_custom_figures_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = make_custom(tmp_path / "mine", "csv")
-    figures, lengths = data_tools.dataset_stats("custom", root, min_counts=(1, 2))
+    figures, lengths = stats.dataset_stats("custom", root, min_counts=(1, 2))
     assert figures["images"] == 8 and figures["captions"] == 16
     assert figures["splits"]["train"]["captions"] == 10 and figures["splits"]["test"]["images"] == 1
     train_caps = [CAPS[(i + j) % len(CAPS)] for i in range(5) for j in range(2)]
@@ -248,19 +248,19 @@ def test_stats_custom_figures_and_plot(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_stats_flickr_includes_no_split_images(tmp_path: Path) -> None:
-    figures, _ = data_tools.dataset_stats("flickr8k", make_flickr(tmp_path / "f8k"))
+    figures, _ = stats.dataset_stats("flickr8k", make_flickr(tmp_path / "f8k"))
     assert figures["splits"]["none"]["images"] == 2  # extra.jpg and ghost.jpg
     assert figures["splits"]["none"]["images_on_disk"] == 1
 
 
 def test_min_counts_parser_rejects_bad_values() -> None:
-    assert data_tools._min_counts("5,1,3") == (1, 3, 5)
+    assert data_command.min_counts("5,1,3") == (1, 3, 5)
     with pytest.raises(argparse.ArgumentTypeError, match=">= 1"):
-        data_tools._min_counts("0,2")
+        data_command.min_counts("0,2")
     with pytest.raises(argparse.ArgumentTypeError, match="comma-separated integers, got 'a'"):
-        data_tools._min_counts("a")
+        data_command.min_counts("a")
     with pytest.raises(argparse.ArgumentTypeError, match=">= 1"):
-        data_tools._min_counts(" , ")
+        data_command.min_counts(" , ")
 
 
 # ---------------------------------------------------------------- download (loopback only)
@@ -330,7 +330,7 @@ def _flickr_archives(tmp_path: Path) -> dict[str, bytes]:
 def test_download_file_resumes_with_range(tmp_path: Path) -> None:
     payload = bytes(range(256)) * 400
     with _Server({"f.bin": payload}, truncate={"f.bin"}) as srv:
-        digest = data_tools.download_file(f"{srv.url}/f.bin", tmp_path / "f.bin", retries=2, backoff=0, progress=False)
+        digest = download.download_file(f"{srv.url}/f.bin", tmp_path / "f.bin", retries=2, backoff=0, progress=False)
     assert (tmp_path / "f.bin").read_bytes() == payload and digest == hashlib.sha256(payload).hexdigest()
     assert srv.requests == [("f.bin", None), ("f.bin", f"bytes={len(payload) // 2}-")]
     assert not (tmp_path / "f.bin.part").exists()
@@ -340,36 +340,36 @@ def test_download_file_resumes_an_earlier_partial_and_handles_servers_ignoring_r
     payload = b"0123456789" * 1000
     (tmp_path / "a.bin.part").write_bytes(payload[:3000])  # left by an interrupted run
     with _Server({"a.bin": payload}) as srv:
-        data_tools.download_file(f"{srv.url}/a.bin", tmp_path / "a.bin", progress=False)
+        download.download_file(f"{srv.url}/a.bin", tmp_path / "a.bin", progress=False)
     assert srv.requests == [("a.bin", "bytes=3000-")] and (tmp_path / "a.bin").read_bytes() == payload
     (tmp_path / "b.bin.part").write_bytes(b"garbage!")
     with _Server({"b.bin": payload}, honour_range=False) as srv:
-        data_tools.download_file(f"{srv.url}/b.bin", tmp_path / "b.bin", progress=False)
+        download.download_file(f"{srv.url}/b.bin", tmp_path / "b.bin", progress=False)
     assert (tmp_path / "b.bin").read_bytes() == payload  # restarted from byte 0
 
 
 def test_download_file_checksum_mismatch_and_http_errors(tmp_path: Path) -> None:
     with _Server({"x.bin": b"abc"}) as srv:
-        with pytest.raises(data_tools.DownloadError, match="does not match"):
-            data_tools.download_file(f"{srv.url}/x.bin", tmp_path / "x.bin", sha256="0" * 64, progress=False)
+        with pytest.raises(download.DownloadError, match="does not match"):
+            download.download_file(f"{srv.url}/x.bin", tmp_path / "x.bin", sha256="0" * 64, progress=False)
         assert not (tmp_path / "x.bin").exists() and not (tmp_path / "x.bin.part").exists()
         good = hashlib.sha256(b"abc").hexdigest()
-        assert data_tools.download_file(f"{srv.url}/x.bin", tmp_path / "x.bin", sha256=good, progress=False) == good
-        with pytest.raises(data_tools.DownloadError, match="404"):
-            data_tools.download_file(f"{srv.url}/nope.bin", tmp_path / "nope.bin", progress=False)
-    with pytest.raises(data_tools.DownloadError, match="http"):
-        data_tools.download_file("file:///etc/passwd", tmp_path / "p", progress=False)
+        assert download.download_file(f"{srv.url}/x.bin", tmp_path / "x.bin", sha256=good, progress=False) == good
+        with pytest.raises(download.DownloadError, match="404"):
+            download.download_file(f"{srv.url}/nope.bin", tmp_path / "nope.bin", progress=False)
+    with pytest.raises(download.DownloadError, match="http"):
+        download.download_file("file:///etc/passwd", tmp_path / "p", progress=False)
 
 
 def test_download_flickr8k_from_loopback_mirror_then_verify(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     archives = _flickr_archives(tmp_path)
     dest = tmp_path / "data" / "flickr8k"
     with _Server(archives, truncate={"Flickr8k_Dataset.zip"}) as srv:
-        digests = data_tools.download_dataset("flickr8k", dest, url_base=srv.url, progress=False, backoff=0,
+        digests = download.download_dataset("flickr8k", dest, url_base=srv.url, progress=False, backoff=0,
                                               allow_unverified=True)
         n_requests = len(srv.requests)
         # a rerun finds everything done and fetches nothing
-        assert data_tools.download_dataset("flickr8k", dest, url_base=srv.url, progress=False,
+        assert download.download_dataset("flickr8k", dest, url_base=srv.url, progress=False,
                                            checksums=digests) == digests
         assert len(srv.requests) == n_requests
     assert ("Flickr8k_Dataset.zip", f"bytes={len(archives['Flickr8k_Dataset.zip']) // 2}-") in srv.requests
@@ -377,12 +377,12 @@ def test_download_flickr8k_from_loopback_mirror_then_verify(tmp_path: Path, caps
     assert (dest / "Flicker8k_Dataset" / "a0.jpg").is_file() and (dest / "Flickr8k.token.txt").is_file()
     assert not (dest / "__MACOSX").exists() and not (dest / "Flickr8k.lemma.token.txt").exists()
     assert (dest / "archives" / "SHA256SUMS").read_text().count("\n") == 2
-    m = data_tools.verify_dataset("flickr8k", dest, progress=False)
+    m = verify.verify_dataset("flickr8k", dest, progress=False)
     assert m["usable"] and m["problems"] == [] and m["splits"]["train"]["usable_images"] == 4
 
 
 def test_download_cli_manual_dataset_prints_instructions(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["data", "download", "--dataset", "flickr8k", "--dest", str(tmp_path / "d")]) == data_tools.EXIT_MANUAL
+    assert main(["data", "download", "--dataset", "flickr8k", "--dest", str(tmp_path / "d")]) == data_command.EXIT_MANUAL
     out = capsys.readouterr().out
     assert "request form" in out and "--url-base" in out
     assert not (tmp_path / "d").exists()
@@ -412,7 +412,7 @@ def test_download_refuses_archives_without_a_checksum(tmp_path: Path, capsys: py
         good = [f"--sha256={n}={hashlib.sha256(b).hexdigest()}" for n, b in archives.items()]
         assert main([*argv, *good]) == 0  # every archive pinned: downloaded and verified
         assert capsys.readouterr().out.count("verified") == len(archives)
-    public = [f for source in data_tools.SOURCES.values() for f in source.files if f.url]
+    public = [f for source in download.SOURCES.values() for f in source.files if f.url]
     assert public and all(f.url.startswith("https://") for f in public), [f.url for f in public]
     # every archive with a public URL carries a pinned checksum; only the request-form Flickr archives do not
     assert all(re.fullmatch(r"[0-9a-f]{64}", f.sha256 or "") for f in public), [f.name for f in public if not f.sha256]
@@ -422,8 +422,8 @@ def test_safe_extract_refuses_path_traversal(tmp_path: Path) -> None:
     for evil in ("../evil.txt", "/abs/evil.txt", "a/../../evil.txt", "C:/evil.txt"):
         archive = tmp_path / "evil.zip"
         archive.write_bytes(_zip({"ok.txt": b"ok", evil: b"boom"}))
-        with pytest.raises(data_tools.DownloadError, match="unsafe"):
-            data_tools.safe_extract(archive, tmp_path / "out", progress=False)
+        with pytest.raises(download.DownloadError, match="unsafe"):
+            download.safe_extract(archive, tmp_path / "out", progress=False)
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "out" / "ok.txt").exists()
     # a symbolic link inside a zip
     link = zipfile.ZipInfo("link")
@@ -432,8 +432,8 @@ def test_safe_extract_refuses_path_traversal(tmp_path: Path) -> None:
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr(link, "/etc/passwd")
     (tmp_path / "link.zip").write_bytes(buf.getvalue())
-    with pytest.raises(data_tools.DownloadError, match="link"):
-        data_tools.safe_extract(tmp_path / "link.zip", tmp_path / "out2", progress=False)
+    with pytest.raises(download.DownloadError, match="link"):
+        download.safe_extract(tmp_path / "link.zip", tmp_path / "out2", progress=False)
     # tar: traversal and symlinks are refused too, plain members unpack
     for name, kind in (("../t.txt", tarfile.REGTYPE), ("sl", tarfile.SYMTYPE)):
         tbuf = io.BytesIO()
@@ -443,19 +443,19 @@ def test_safe_extract_refuses_path_traversal(tmp_path: Path) -> None:
             info.linkname = "/etc/passwd" if kind == tarfile.SYMTYPE else ""
             tf.addfile(info, io.BytesIO(b""))
         (tmp_path / "t.tar.gz").write_bytes(tbuf.getvalue())
-        with pytest.raises(data_tools.DownloadError):
-            data_tools.safe_extract(tmp_path / "t.tar.gz", tmp_path / "out3", progress=False)
+        with pytest.raises(download.DownloadError):
+            download.safe_extract(tmp_path / "t.tar.gz", tmp_path / "out3", progress=False)
     tbuf = io.BytesIO()
     with tarfile.open(fileobj=tbuf, mode="w:gz") as tf:
         info = tarfile.TarInfo("flickr30k-images/1.jpg")
         info.size = 3
         tf.addfile(info, io.BytesIO(b"jpg"))
     (tmp_path / "ok.tar.gz").write_bytes(tbuf.getvalue())
-    data_tools.safe_extract(tmp_path / "ok.tar.gz", tmp_path / "out4", progress=False)
+    download.safe_extract(tmp_path / "ok.tar.gz", tmp_path / "out4", progress=False)
     assert (tmp_path / "out4" / "flickr30k-images" / "1.jpg").read_bytes() == b"jpg"
-    with pytest.raises(data_tools.DownloadError, match="neither"):
+    with pytest.raises(download.DownloadError, match="neither"):
         (tmp_path / "n.bin").write_bytes(b"x")
-        data_tools.safe_extract(tmp_path / "n.bin", tmp_path / "out5", progress=False)
+        download.safe_extract(tmp_path / "n.bin", tmp_path / "out5", progress=False)
 
 
 # ---------------------------------------------------------------- COCO 2017 + Karpathy split -> custom CSV
@@ -480,18 +480,18 @@ def test_prepare_coco2017_karpathy_table(tmp_path: Path, capsys: pytest.CaptureF
     assert recs["../coco2017/val2017/000000000002.jpg"].split == "test"
     assert recs["../coco2017/train2017/000000000003.jpg"].split == "train"  # restval counts as train
     assert len(recs["../coco2017/train2017/000000000001.jpg"].captions) == 2
-    m = data_tools.verify_dataset("custom", out.parent, annotations=out, progress=False, max_bad_fraction=0.3)
+    m = verify.verify_dataset("custom", out.parent, annotations=out, progress=False, max_bad_fraction=0.3)
     assert m["usable"] and m["counts"]["missing_images"] == 1
 
 
 def test_parse_checksums() -> None:
-    assert data_tools._parse_checksums(["a.zip=" + "AB" * 32]) == {"a.zip": "ab" * 32}
-    with pytest.raises(data_tools.DownloadError):
-        data_tools._parse_checksums(["a.zip"])
+    assert download.parse_checksums(["a.zip=" + "AB" * 32]) == {"a.zip": "ab" * 32}
+    with pytest.raises(download.DownloadError):
+        download.parse_checksums(["a.zip"])
 
 
 def test_sources_are_consistent() -> None:
-    for name, src in data_tools.SOURCES.items():
+    for name, src in download.SOURCES.items():
         assert src.files, name
         assert bool(src.manual) == any(f.url is None for f in src.files), name
         for f in src.files:

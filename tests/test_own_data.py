@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import make_image
 
-from captioner import data_tools
 from captioner.commands.main import main
-from captioner.datasets import DatasetError, load_records
+from captioner.datasets import DatasetError, load_records, verify
 
 SPLIT_IMAGES = {"train": ["t0.jpg", "t1.jpg", "t2.jpg"], "dev": ["d0.jpg"], "test": ["e0.jpg", "e1.jpg"]}
 
@@ -46,7 +45,7 @@ def test_coco_one_file_per_split(tmp_path: Path) -> None:
         assert [r.image_id for r in recs] == names and all(r.split == split for r in recs)
         assert recs[0].captions == [f"A photo {names[0]} number 0.", f"A photo {names[0]} number 1."]
     assert len(load_records("coco", images, "all", annotations=ann)) == 6
-    m = data_tools.verify_dataset("coco", images, ann, progress=False)
+    m = verify.verify_dataset("coco", images, ann, progress=False)
     assert m["usable"] and m["problems"] == []
     assert {s: v["usable_images"] for s, v in m["splits"].items()} == {"train": 3, "dev": 1, "test": 2}
     assert m["annotations"] == ann and len(m["annotation_files"]) == 3
@@ -56,7 +55,7 @@ def test_coco_file_without_split_says_how_to_give_one(tmp_path: Path) -> None:
     images, files = coco_files(tmp_path)
     with pytest.raises(DatasetError, match=r"name no split.*--annotations train="):
         load_records("coco", images, "train", annotations=[str(files["train"])])
-    m = data_tools.verify_dataset("coco", images, [str(files["train"])], progress=False)
+    m = verify.verify_dataset("coco", images, [str(files["train"])], progress=False)
     assert not m["usable"] and m["splits"] == {"all": {"images": 3, "usable_images": 3, "captions": 6}}
 
 
@@ -117,7 +116,7 @@ def test_karpathy_json_with_dataset_karpathy(tmp_path: Path) -> None:
     for split, names in SPLIT_IMAGES.items():
         recs = load_records("karpathy", tmp_path, split, annotations="my_split.json")
         assert [r.image_id for r in recs] == names
-    m = data_tools.verify_dataset("karpathy", tmp_path, ["my_split.json"], progress=False)
+    m = verify.verify_dataset("karpathy", tmp_path, ["my_split.json"], progress=False)
     assert m["usable"] and {s: v["images"] for s, v in m["splits"].items()} == {"train": 3, "dev": 1, "test": 2}
 
 
@@ -180,7 +179,7 @@ def test_verify_does_not_report_folders_outside_the_data_dir(tmp_path: Path) -> 
     rows = [{"image": str(outside / n), "caption": f"a photo of {n}", "split": s}
             for s, names in SPLIT_IMAGES.items() for n in names]
     (data / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    m = data_tools.verify_dataset("custom", data, progress=False)
+    m = verify.verify_dataset("custom", data, progress=False)
     assert m["usable"] and "images_without_captions" not in {p["kind"] for p in m["problems"]}
 
 

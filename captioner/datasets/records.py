@@ -17,6 +17,8 @@ from pathlib import Path
 
 DATASETS = ("flickr8k", "flickr30k", "coco", "karpathy", "custom")
 SPLITS = ("train", "dev", "test", "all")
+#: The splits a model is trained, validated and tested on, in that order.
+EVAL_SPLITS = ("train", "dev", "test")
 _SPLIT_ALIASES = {"val": "dev", "validation": "dev", "restval": "train", "valid": "dev"}
 
 
@@ -40,6 +42,11 @@ def normalise_split(split: str) -> str:
     if s not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     return s
+
+
+def split_order(splits: set[str]) -> list[str]:
+    """``splits`` for reports: train, dev, test first, then any others by name."""
+    return [s for s in EVAL_SPLITS if s in splits] + sorted(s for s in splits if s not in EVAL_SPLITS)
 
 
 def read_flickr_tokens(token_file: str | Path, split_lists: dict[str, Path], image_root: str | Path) -> list[CaptionRecord]:
