@@ -184,8 +184,12 @@ def iter_captions(
     if not paths:
         return
     loader = DataLoader(
-        ImageFiles(paths, cap.encoder_cfg, thumbs), batch_size=batch_size, num_workers=workers, collate_fn=collate,
-        worker_init_fn=single_thread_worker if workers else None, pin_memory=cap.device.type == "cuda",
+        ImageFiles(paths, cap.encoder_cfg, thumbs),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        worker_init_fn=single_thread_worker if workers else None,
+        pin_memory=cap.device.type == "cuda",
         prefetch_factor=2 if workers else None,
     )
 

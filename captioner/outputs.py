@@ -279,9 +279,14 @@ def write_attention(folder: Path, result: Result, protected: set[str]) -> str:
     assert c is not None, "attention files of a failed input"
     name = attention_name(result.path)
     buf = io.BytesIO()
-    np.savez_compressed(buf, attention=c.attention.astype(np.float32), tokens=np.array(c.tokens, dtype=str),
-                        logprobs=np.array(c.logprobs, dtype=np.float32), image=np.array(result.path),
-                        caption=np.array(c.text))
+    np.savez_compressed(
+        buf,
+        attention=c.attention.astype(np.float32),
+        tokens=np.array(c.tokens, dtype=str),
+        logprobs=np.array(c.logprobs, dtype=np.float32),
+        image=np.array(result.path),
+        caption=np.array(c.text),
+    )
     pngs = folder / name
     pngs.mkdir(parents=True, exist_ok=True)
     for stale in pngs.glob("[0-9][0-9]-*.png"):  # from an earlier, longer caption of this image

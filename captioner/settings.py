@@ -8,6 +8,7 @@ configuration read these without importing torch. The service's own variables ar
 - ``CAPTIONER_CACHE``: the feature cache folder (:func:`default_cache_dir`);
 - ``CAPTIONER_FAST``: the CPU speed-ups of ``Captioner.load`` (an on/off word, :func:`parse_flag`).
 """
+
 from __future__ import annotations
 
 import os

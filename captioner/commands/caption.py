@@ -34,34 +34,70 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="caption image files, folders, globs or a list on stdin",
         description="Caption many images in batches; one record per image (see docs/cli.md).",
     )
-    c.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="image files, folders, glob patterns ('photos/**/*.jpg'), or - to read paths from stdin")
+    c.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image files, folders, glob patterns ('photos/**/*.jpg'), or - to read paths from stdin",
+    )
     c.add_argument("-r", "--recursive", action="store_true", help="also take images from sub-folders")
-    c.add_argument("--checkpoint", metavar="DIR",
-                   help="checkpoint folder (default: $CAPTIONER_MODEL or the shipped model)")
+    c.add_argument(
+        "--checkpoint", metavar="DIR", help="checkpoint folder (default: $CAPTIONER_MODEL or the shipped model)"
+    )
     c.add_argument("-o", "--output", metavar="FILE", help="output file (default: stdout)")
     c.add_argument("--format", choices=FORMATS, help="record format (default: from the output's extension, else jsonl)")
     c.add_argument("--resume", action="store_true", help="skip images already in --output and append the rest")
-    c.add_argument("--attention-dir", metavar="DIR",
-                   help="write per-word attention overlays (PNG) and grids (.npz) here")
-    c.add_argument("--beam-size", metavar="K", type=int_range(1, MAX_BEAM_SIZE),
-                   help=f"beam width, 1..{MAX_BEAM_SIZE} (default: the checkpoint's)")
-    c.add_argument("--max-length", metavar="N", type=int_range(1, MAX_LENGTH_LIMIT),
-                   help=f"maximum caption words, 1..{MAX_LENGTH_LIMIT} (default: the checkpoint's)")
-    c.add_argument("--n-best", metavar="N", type=int_range(1, MAX_BEAM_SIZE), default=1,
-                   help="also record the next N-1 best captions as 'alternatives' (default: 1)")
-    c.add_argument("--length-alpha", metavar="A", type=float,
-                   help="length penalty exponent (default: the checkpoint's)")
-    c.add_argument("--guidance", choices=GUIDANCE,
-                   help="concepts: the caption names the most likely visual concept once, unless that costs "
-                        "the model too much; none: the plain model (default: the checkpoint's, concepts)")
-    c.add_argument("--batch-size", metavar="B", type=int_range(1), default=16,
-                   help="images per encoder pass and beam search (default: 16)")
-    c.add_argument("--workers", metavar="W", type=int_range(0), default=default_workers(),
-                   help=f"image-decoding processes, 0 = none (default here: {default_workers()})")
+    c.add_argument(
+        "--attention-dir", metavar="DIR", help="write per-word attention overlays (PNG) and grids (.npz) here"
+    )
+    c.add_argument(
+        "--beam-size",
+        metavar="K",
+        type=int_range(1, MAX_BEAM_SIZE),
+        help=f"beam width, 1..{MAX_BEAM_SIZE} (default: the checkpoint's)",
+    )
+    c.add_argument(
+        "--max-length",
+        metavar="N",
+        type=int_range(1, MAX_LENGTH_LIMIT),
+        help=f"maximum caption words, 1..{MAX_LENGTH_LIMIT} (default: the checkpoint's)",
+    )
+    c.add_argument(
+        "--n-best",
+        metavar="N",
+        type=int_range(1, MAX_BEAM_SIZE),
+        default=1,
+        help="also record the next N-1 best captions as 'alternatives' (default: 1)",
+    )
+    c.add_argument(
+        "--length-alpha", metavar="A", type=float, help="length penalty exponent (default: the checkpoint's)"
+    )
+    c.add_argument(
+        "--guidance",
+        choices=GUIDANCE,
+        help="concepts: the caption names the most likely visual concept once, unless that costs "
+        "the model too much; none: the plain model (default: the checkpoint's, concepts)",
+    )
+    c.add_argument(
+        "--batch-size",
+        metavar="B",
+        type=int_range(1),
+        default=16,
+        help="images per encoder pass and beam search (default: 16)",
+    )
+    c.add_argument(
+        "--workers",
+        metavar="W",
+        type=int_range(0),
+        default=default_workers(),
+        help=f"image-decoding processes, 0 = none (default here: {default_workers()})",
+    )
     c.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
-    c.add_argument("--exact", action="store_true",
-                   help="run the fp32 model exactly as trained, without the CPU speed-ups (int8 decoder, ...)")
+    c.add_argument(
+        "--exact",
+        action="store_true",
+        help="run the fp32 model exactly as trained, without the CPU speed-ups (int8 decoder, ...)",
+    )
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary (errors are still shown)")
     c.set_defaults(func=run, _parser=c)
 
@@ -152,8 +188,11 @@ def _plan(args: argparse.Namespace, fmt: str, ddp: Distributed) -> tuple[dict[st
                 writer.close()
             status = scan.status if scan else {}
             todo = [p for p in paths if outputs.path_key(p) not in status]
-            plan = {"todo": todo, "skipped": len(paths) - len(todo),
-                    "failed_before": sum(status.get(outputs.path_key(p), False) for p in paths)}
+            plan = {
+                "todo": todo,
+                "skipped": len(paths) - len(todo),
+                "failed_before": sum(status.get(outputs.path_key(p), False) for p in paths),
+            }
         except (ValueError, OSError) as exc:
             plan = {"error": str(exc)}
     return ddp.broadcast(plan), writer
@@ -168,8 +207,9 @@ def _run(args: argparse.Namespace, fmt: str, ddp: Distributed) -> int:
         print(f"{PROG}: error: {plan['error']}", file=sys.stderr)
         return 2
     mine = plan["todo"][ddp.rank :: ddp.world]
-    sink = writer if ddp.world == 1 else outputs.RecordWriter(outputs.part_path(args.output, ddp.rank, ddp.world),
-                                                              "jsonl")
+    sink = (
+        writer if ddp.world == 1 else outputs.RecordWriter(outputs.part_path(args.output, ddp.rank, ddp.world), "jsonl")
+    )
     assert sink is not None
     start = time.perf_counter()
     done, failed = _caption_all(args, cap, mine, sink, ddp)
@@ -184,14 +224,17 @@ def _run(args: argparse.Namespace, fmt: str, ddp: Distributed) -> int:
     if ddp.is_main and not args.quiet:
         rate = (done + failed) / elapsed if elapsed > 0 else 0.0
         before = f" ({plan['failed_before']} in an earlier run)" if plan["failed_before"] else ""
-        print(f"{PROG}: {done} captioned, {plan['skipped']} skipped, {failed + plan['failed_before']} failed{before}"
-              f" in {elapsed:.1f} s ({rate:.2f} images/s)" + (f" -> {args.output}" if args.output else ""),
-              file=sys.stderr)
+        print(
+            f"{PROG}: {done} captioned, {plan['skipped']} skipped, {failed + plan['failed_before']} failed{before}"
+            f" in {elapsed:.1f} s ({rate:.2f} images/s)" + (f" -> {args.output}" if args.output else ""),
+            file=sys.stderr,
+        )
     return 1 if failed or plan["failed_before"] else 0
 
 
-def _caption_all(args: argparse.Namespace, cap: Captioner, paths: list[str], sink: outputs.RecordWriter,
-                 ddp: Distributed) -> tuple[int, int]:
+def _caption_all(
+    args: argparse.Namespace, cap: Captioner, paths: list[str], sink: outputs.RecordWriter, ddp: Distributed
+) -> tuple[int, int]:
     """Caption ``paths`` into ``sink`` (and attention files), with a progress bar; returns (done, failed)."""
     from tqdm import tqdm
 
@@ -202,12 +245,28 @@ def _caption_all(args: argparse.Namespace, cap: Captioner, paths: list[str], sin
         att_dir.mkdir(parents=True, exist_ok=True)
     protected = {os.path.realpath(p) for p in paths} if att_dir else set()
     done = failed = 0
-    bar = tqdm(total=len(paths), unit="img", file=sys.stderr,
-               disable=args.quiet or not ddp.is_main or not paths, mininterval=1.0, dynamic_ncols=True,
-               desc=f"rank 0/{ddp.world}" if ddp.world > 1 else "captioning")
+    bar = tqdm(
+        total=len(paths),
+        unit="img",
+        file=sys.stderr,
+        disable=args.quiet or not ddp.is_main or not paths,
+        mininterval=1.0,
+        dynamic_ncols=True,
+        desc=f"rank 0/{ddp.world}" if ddp.world > 1 else "captioning",
+    )
     try:
-        for res in iter_captions(cap, paths, args.batch_size, args.workers, args.beam_size, args.max_length,
-                                 args.n_best, args.length_alpha, thumbs=att_dir is not None, guidance=args.guidance):
+        for res in iter_captions(
+            cap,
+            paths,
+            args.batch_size,
+            args.workers,
+            args.beam_size,
+            args.max_length,
+            args.n_best,
+            args.length_alpha,
+            thumbs=att_dir is not None,
+            guidance=args.guidance,
+        ):
             att = None
             if res.error is None and att_dir is not None:
                 try:

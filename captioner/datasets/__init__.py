@@ -18,8 +18,14 @@ if TYPE_CHECKING:
     from .samples import CaptionPairs, ImageGroupedBatches, collate_pairs
 
 #: Names of the torch-bound modules -> their module.
-_LAZY = {"FeatureCache": "features", "cache_identity": "features", "cache_key": "features",
-         "CaptionPairs": "samples", "ImageGroupedBatches": "samples", "collate_pairs": "samples"}
+_LAZY = {
+    "FeatureCache": "features",
+    "cache_identity": "features",
+    "cache_key": "features",
+    "CaptionPairs": "samples",
+    "ImageGroupedBatches": "samples",
+    "collate_pairs": "samples",
+}
 
 __all__ = [
     "ANNOTATIONS_HELP",
