@@ -43,6 +43,15 @@ def test_help_imports_no_heavy_package(argv: list[str]) -> None:
     assert heavy_modules(code) == []
 
 
+def test_usage_errors_answer_before_torch_loads(tmp_path: Path) -> None:
+    code = (f"from captioner.commands.main import main\ntry:\n    main(['caption', {str(tmp_path)!r}, '--resume'])\n"
+            "except SystemExit as e:\n    assert e.code == 2, e.code")
+    assert heavy_modules(code) == []
+    code = f"from captioner.commands.main import main\nassert main(['data', 'stats', '--dataset', 'custom', " \
+           f"'--data-dir', {str(tmp_path / 'none')!r}]) == 2"
+    assert "torch" not in heavy_modules(code)
+
+
 def test_package_names_are_imported_on_first_use() -> None:
     assert heavy_modules("import captioner, captioner.settings, captioner.datasets") == []
     assert "torch" in heavy_modules("import captioner\ncaptioner.Captioner")

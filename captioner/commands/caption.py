@@ -125,10 +125,6 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``captioner caption``; returns the exit status (0 ok, 1 some input failed)."""
-    from datetime import timedelta
-
-    from ..distributed import Distributed
-
     fmt = outputs.output_format(args.output, args.format)
     if args.resume and not args.output:
         _usage(args, "--resume needs --output")
@@ -136,6 +132,10 @@ def run(args: argparse.Namespace) -> int:
         _usage(args, f"--output {args.output} is a folder")
     if args.inputs.count("-") > 1:
         _usage(args, "'-' (read paths from stdin) may be given only once")
+    from datetime import timedelta
+
+    from ..distributed import Distributed  # torch: after the usage checks, which answer at once
+
     # the ranks meet twice, around a whole run of captioning: gloo (CPU objects), a long timeout
     ddp = Distributed(backend="gloo", timeout=timedelta(hours=24))
     if ddp.world > 1 and not args.output:

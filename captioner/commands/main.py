@@ -26,17 +26,26 @@ def build_parser() -> argparse.ArgumentParser:
 EXTRA_OF = {"nltk": "train", "pycocoevalcap": "train", "matplotlib": "train"}
 
 
+#: Errors that are bad input, not bugs (a message and exit status 2), by module; looked up in sys.modules
+#: when something was raised, so that a command which never loaded a model does not import torch for them.
+INPUT_ERRORS = {"captioner.checkpoint": "CheckpointError", "captioner.images": "ImageError"}
+
+
+def input_errors() -> tuple[type[Exception], ...]:
+    """DatasetError, FileNotFoundError and the :data:`INPUT_ERRORS` whose modules are loaded (only those can
+    have been raised)."""
+    loaded = tuple(getattr(sys.modules[m], name) for m, name in INPUT_ERRORS.items() if m in sys.modules)
+    return (DatasetError, FileNotFoundError, *loaded)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from ..checkpoint import CheckpointError
-    from ..images import ImageError
-
     try:
         return int(args.func(args) or 0)
-    except (DatasetError, CheckpointError, ImageError, FileNotFoundError) as exc:
+    except input_errors() as exc:
         print(f"captioner {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:  # a command of an extra the install lacks (pyproject.toml)
