@@ -385,6 +385,7 @@ def test_batch_cli(case: Case, tiny_checkpoint: Path, tmp_path: Path, load_once:
 # ---------------------------------------------------------------- bounded memory
 MEMORY_PROBE = r"""
 import ctypes, gc, json, sys
+import torch  # preprocess imports it on first use; loaded here so that no file's growth counts torch itself
 from captioner.images import load_image, preprocess, ImageError
 libc = ctypes.CDLL("libc.so.6")
 def status_mb(field):
