@@ -115,7 +115,7 @@ class Annotations:
 def checkpoint_annotations(cap: Captioner, folder: Path, records: list[CaptionRecord], cache_dir: Path) -> Annotations:
     """``records``' annotations as the checkpoint in ``folder`` (loaded as ``cap``) sees them, as in training.
 
-    A frozen encoder's come from the feature cache. Fine-tuning left the trunk at its ImageNet
+    A frozen encoder's come from the feature cache (built when missing). Fine-tuning left the trunk at its ImageNet
     weights: the trunk's maps are cached (reused by later runs) and finished by the checkpoint's
     own last blocks, taken at full precision from ``folder``. A fine-tuned encoder without a record
     of where it was cut encodes each image whole.
@@ -132,7 +132,9 @@ def checkpoint_annotations(cap: Captioner, folder: Path, records: list[CaptionRe
     if cap.config.get("encoder_finetuned"):
         feats = torch.cat([cap.encode(cap.preprocess(r.path)[0][None]).cpu() for r in records])  # (N, L, D)
         return Annotations(feats, {os.path.abspath(r.path): i for i, r in enumerate(records)})
-    feats, rows = cached_features(records, cap.encoder_cfg, cache_dir, cap.device, encoder=cap.caption_encoder)
+    # a frozen encoder is the packaged one: the cache builds its own copy (the loaded model's encoder may be
+    # wrapped by CPU speed-ups that also return the ImageNet head's probabilities)
+    feats, rows = cached_features(records, cap.encoder_cfg, cache_dir, cap.device)
     return Annotations(feats, rows)
 
 
