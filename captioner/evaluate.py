@@ -175,7 +175,7 @@ def evaluate_checkpoint(
             c.text
             for i in range(0, len(records), 100)
             for c in cap.decode(
-                feats[i : i + 100].float(), beam_size, max_length, 1, length_alpha, concepts[i : i + 100]
+                feats[i : i + 100].float(), beam_size, max_length, 1, length_alpha, concepts[i : i + 100], guidance
             )
         ]
         return score_texts(texts, records, meteor)

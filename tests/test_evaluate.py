@@ -41,3 +41,54 @@ def test_evaluate_builds_the_missing_feature_cache(tiny_checkpoint: Path, tmp_pa
     assert result["images"] == 2 and set(result["captions"]) == {"img/2.png", "img/3.png"}
     caches = [FeatureCache(p) for p in cache.glob("features-*")]
     assert len(caches) == 1 and caches[0].complete() and len(caches[0].index["paths"]) == 2
+
+
+def test_guidance_asked_for_is_the_guidance_decoded(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--guidance concepts on a checkpoint whose stored default is none: the captions are decoded with concepts."""
+    import shutil
+
+    from captioner import checkpoint
+    from captioner.api import Captioner
+
+    folder = tmp_path / "plain-by-default"
+    shutil.copytree(tiny_checkpoint, folder)
+    checkpoint.update_config(folder, {"inference": {"guidance": "none"}})
+    decoded_with, real = [], Captioner.decode
+
+    def decode(
+        self, annotations, beam_size=None, max_length=None, n_best=1, length_alpha=None, concepts=None, guidance=None
+    ):
+        decoded_with.append(self.defaults["guidance"] if guidance is None else guidance)
+        return real(self, annotations, beam_size, max_length, n_best, length_alpha, concepts, guidance)
+
+    monkeypatch.setattr(Captioner, "decode", decode)
+    data = write_caption_dataset(tmp_path / "data", CAPTIONS, dev={2, 3})
+    out = tmp_path / "eval.json"
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(folder),
+                "--dataset",
+                "custom",
+                "--data-dir",
+                str(data),
+                "--split",
+                "dev",
+                "--no-meteor",
+                "--guidance",
+                "concepts",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--exact",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert json.loads(out.read_text())["guidance"] == "concepts"
+    assert decoded_with == ["concepts"]
