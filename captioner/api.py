@@ -322,4 +322,3 @@ def check_guidance(guidance: str) -> None:
     """Reject an unknown ``guidance`` value (ValueError)."""
     if guidance not in GUIDANCE:
         raise ValueError(f"guidance must be one of {', '.join(GUIDANCE)}")
-
