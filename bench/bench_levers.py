@@ -184,8 +184,8 @@ def bench_int8_quality(cap: Captioner, data_dir: str, split: str, beam: int) -> 
     import os
 
     from captioner.datasets import FeatureCache, cache_key, load_records
+    from captioner.evaluate import evaluate_split
     from captioner.settings import default_cache_dir
-    from captioner.train import evaluate_split
 
     records = load_records("flickr8k", data_dir, split)
     paths = sorted({os.path.abspath(r.path) for r in records})

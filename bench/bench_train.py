@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_train.py [--checkpoint DIR] [--cache DIR] [--steps 16] [--extract-images 96]
     .venv/bin/python bench/bench_train.py --steps 3 --extract-images 8 --checkpoint runs/demo/best   # smoke run
 
-1. **Decoder training** runs the real training step (``captioner.train.train_one_epoch``:
+1. **Decoder training** runs the real training step (``captioner.xe.train_one_epoch``:
    image-grouped batches of ``--batch-size`` images with all their captions, teacher forcing,
    cross-entropy + doubly stochastic attention, AdamW, gradient clipping) on ``--steps`` batches
    after ``--warmup-steps`` untimed ones. Features are synthetic fp16 grids of the model's shape
@@ -29,7 +29,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -42,7 +41,7 @@ from captioner import checkpoint  # noqa: E402
 from captioner.datasets import FeatureCache, ImageGroupedBatches, collate_pairs  # noqa: E402
 from captioner.decoder import AttentionDecoder, DecoderConfig  # noqa: E402
 from captioner.encoder import Encoder, EncoderConfig  # noqa: E402
-from captioner.train import train_one_epoch  # noqa: E402
+from captioner.xe import XeOptions, train_one_epoch  # noqa: E402
 
 #: Flickr8k training captions (30,000) by token count incl. <start>/<end>, words cut at 30 as in training.
 FLICKR8K_LENGTHS = {
@@ -94,7 +93,7 @@ def bench_decoder(args: argparse.Namespace, dec_cfg: DecoderConfig, shape: tuple
     decoder = AttentionDecoder(dec_cfg)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-3, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    train_args = SimpleNamespace(label_smoothing=0.1, alpha_c=1.0, grad_clip=5.0)
+    train_args = XeOptions(label_smoothing=0.1, alpha_c=1.0, grad_clip=5.0, finetune_blocks=0)
     batches = list(ImageGroupedBatches(pairs, args.batch_size, torch.Generator().manual_seed(0)))
     need = args.warmup_steps + args.steps
     if len(batches) < need:
@@ -118,7 +117,7 @@ def bench_decoder(args: argparse.Namespace, dec_cfg: DecoderConfig, shape: tuple
 
 def bench_extraction(args: argparse.Namespace, enc_cfg: EncoderConfig) -> dict:
     encoder = Encoder(enc_cfg)
-    if args.levers is None:  # as shipped: captioner.train.cached_features builds caches with this copy
+    if args.levers is None:  # as shipped: captioner.datasets.features.cached_features builds caches with this copy
         encoder, levers = perf.fast_encoder(encoder), ["fold_bn", "channels_last", "encode_chunk2"]
     else:
         levers = parse_levers(args.levers)

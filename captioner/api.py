@@ -19,7 +19,7 @@ from .concepts import Concept, ConceptEncoder, ConceptMap, ImageNetHead
 from .decoder import AttentionDecoder, DecoderConfig
 from .encoder import Encoder, EncoderConfig
 from .images import DEFAULT_MAX_PIXELS, ImageSource, load_image, preprocess
-from .search import Hypothesis, beam_search, constrained_beam_search, greedy_search
+from .search import Hypothesis, best_hypotheses, constrained_beam_search
 from .settings import GUIDANCE, MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, default_model_path, parse_flag
 from .vocab import Vocabulary
 
@@ -127,13 +127,8 @@ class Captioner:
         with_concepts = enc_cfg.backbone.startswith("efficientnet-lite") and enc_cfg.stage == "head"
         head = ImageNetHead.packaged(encoder, n_top) if with_concepts else None
         decoder = AttentionDecoder(dec_cfg)
-        load_state(decoder, weights, "decoder.", config.get("tied_weights", {}))
-        enc_weights = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
-        if n_top:  # the frozen trunk stays at the packaged fp32 weights it was trained on (exports round to fp16)
-            top = encoder.top_state_keys(n_top)
-            enc_weights = {k: v for k, v in enc_weights.items() if k in top}
-        if enc_weights:  # fine-tuned encoder blocks override the packaged ImageNet weights
-            encoder.load_state_dict(enc_weights, strict=False)
+        checkpoint.load_decoder(decoder, weights, config)
+        checkpoint.load_encoder(encoder, weights, n_top)  # fine-tuned blocks override the packaged ImageNet weights
         cap = cls(ConceptEncoder(encoder, head, n_top) if head is not None else encoder, decoder, vocab, config, device)
         if fast is None:
             fast = parse_flag(os.environ.get("CAPTIONER_FAST", "1"), "CAPTIONER_FAST")
@@ -215,11 +210,9 @@ class Captioner:
         if required is not None and bool(required.any()):
             hyps = constrained_beam_search(self.decoder, annotations, required, beam_size=max(beam_size, n_best, 2),
                                            length_alpha=alpha, n_best=n_best, allowance=allowance, **common)
-        elif beam_size == 1 and n_best == 1:
-            hyps = [[h] for h in greedy_search(self.decoder, annotations, **common)]
         else:
-            hyps = beam_search(self.decoder, annotations, beam_size=max(beam_size, n_best),
-                               length_alpha=alpha, n_best=n_best, **common)
+            hyps = best_hypotheses(self.decoder, annotations, beam_size=beam_size, length_alpha=alpha, n_best=n_best,
+                                   **common)
         return [self._to_caption(h, cs) for h, cs in zip(hyps, concepts or [[] for _ in hyps])]
 
     def _constraints(self, concepts: list[list[Concept]]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -296,15 +289,3 @@ def check_guidance(guidance: str) -> None:
     """Reject an unknown ``guidance`` value (ValueError)."""
     if guidance not in GUIDANCE:
         raise ValueError(f"guidance must be one of {', '.join(GUIDANCE)}")
-
-
-def load_state(module: torch.nn.Module, weights: dict[str, torch.Tensor], prefix: str, tied: dict[str, str]) -> None:
-    """Load ``prefix``-ed weights into ``module``, strictly except for tied copies stored once."""
-    state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    tied_here = {k[len(prefix):] for k in tied if k.startswith(prefix)}
-    missing = [k for k in missing if k not in tied_here]
-    if missing or unexpected:
-        raise checkpoint.CheckpointError(
-            f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )

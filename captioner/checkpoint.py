@@ -2,14 +2,21 @@
 
 A checkpoint is a folder::
 
-    model.safetensors     decoder weights (and fine-tuned encoder weights, prefixed ``encoder.``)
-    config.json           format version, model name/version, encoder + decoder config, inference defaults
+    model.safetensors     decoder weights, prefixed ``decoder.`` (and fine-tuned encoder weights, prefixed
+                          ``encoder.``); a tensor shared by several names (tied weights) is stored once
+    config.json           format version, model name/version, encoder + decoder config, inference defaults,
+                          training record (:func:`model_config`), ``tied_weights`` (name -> the stored name)
     vocab.json            the vocabulary, so weights and words always travel together
     trainer_state.*       (training checkpoints only) optimiser/scheduler/RNG state for --resume
+
+This module is the only one that knows the format: training saves with :func:`model_weights`
+and :func:`model_config`, models load with :func:`load_decoder` and :func:`load_encoder`,
+``captioner export`` ships with :func:`export`.
 
 Folders are written to a temporary sibling and swapped in with renames, so a
 kill during saving never leaves a half-written checkpoint under the final name.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,12 +24,15 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from .encoder import Encoder
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -30,6 +40,7 @@ CONFIG = "config.json"
 VOCAB = "vocab.json"
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
+DECODER, ENCODER = "decoder.", "encoder."  # weight name prefixes
 
 
 class CheckpointError(ValueError):
@@ -142,8 +153,77 @@ def save(
     return folder
 
 
+def model_config(
+    name: str,
+    version: str,
+    encoder: dict,
+    decoder: dict,
+    inference: dict,
+    training: dict,
+    finetune_blocks: int = 0,
+) -> dict:
+    """A checkpoint's config.json (less ``format_version`` and ``tied_weights``, which :func:`save` adds).
+
+    ``encoder``/``decoder`` are the model configs as dicts; ``finetune_blocks`` n > 0 records that
+    the encoder's last n blocks were trained (their weights are stored, the trunk is not trained).
+    """
+    return {
+        "name": name,
+        "version": version,
+        "encoder": encoder,
+        "encoder_finetuned": bool(finetune_blocks),
+        "finetune_blocks": finetune_blocks,
+        "decoder": decoder,
+        "inference": inference,
+        "training": training,
+    }
+
+
+def model_weights(decoder: torch.nn.Module, encoder: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The weights to save: the decoder's, and the encoder's when it is stored (fine-tuned), under their prefixes."""
+    state = {f"{DECODER}{k}": v for k, v in decoder.state_dict(keep_vars=False).items()}
+    if encoder is not None:
+        state |= {f"{ENCODER}{k}": v for k, v in encoder.state_dict().items()}
+    return state
+
+
+def load_state(module: torch.nn.Module, weights: dict[str, torch.Tensor], prefix: str, tied: dict[str, str]) -> None:
+    """Load ``prefix``-ed weights into ``module``, strictly except for tied copies stored once."""
+    state = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    tied_here = {k[len(prefix) :] for k in tied if k.startswith(prefix)}
+    missing = [k for k in missing if k not in tied_here]
+    if missing or unexpected:
+        raise CheckpointError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def load_decoder(decoder: torch.nn.Module, weights: dict[str, torch.Tensor], config: dict) -> None:
+    """Load a checkpoint's decoder weights (``weights`` from :func:`read_weights`, ``config`` its config.json)."""
+    load_state(decoder, weights, DECODER, config.get("tied_weights", {}))
+
+
+def load_encoder(encoder: Encoder, weights: dict[str, torch.Tensor], finetune_blocks: int) -> None:
+    """Load a checkpoint's fine-tuned encoder weights over ``encoder`` (built with its packaged ImageNet weights).
+
+    With ``finetune_blocks`` n > 0 only the last n blocks and the head are taken: the frozen trunk
+    stays at the packaged fp32 weights it was trained on (an export stores it rounded to fp16).
+    Without, every stored encoder weight is taken (none: the encoder stays as packaged).
+    """
+    state = {k[len(ENCODER) :]: v for k, v in weights.items() if k.startswith(ENCODER)}
+    if finetune_blocks:
+        top = encoder.top_state_keys(finetune_blocks)
+        if top - state.keys():
+            raise CheckpointError(
+                f"the checkpoint records {finetune_blocks} fine-tuned encoder blocks but lacks "
+                f"their weights: missing {sorted(top - state.keys())[:5]}"
+            )
+        state = {k: v for k, v in state.items() if k in top}
+    if state:
+        encoder.load_state_dict(state, strict=False)
+
+
 def update_config(path: str | os.PathLike, changes: dict[str, Any]) -> dict:
-    """Merge ``changes`` into a checkpoint's config.json (dict values one level deep); the file is swapped in atomically."""
+    """Merge ``changes`` into a checkpoint's config.json (dict values one level deep), swapped in atomically."""
     folder = resolve(path)
     config = read_config(folder)
     for key, value in changes.items():
@@ -156,6 +236,40 @@ def update_config(path: str | os.PathLike, changes: dict[str, Any]) -> dict:
     finally:
         tmp.unlink(missing_ok=True)
     return config
+
+
+def export(
+    sources: list[str | os.PathLike],
+    output: str | os.PathLike,
+    half: bool = True,
+    inference: dict[str, Any] | None = None,
+    name: str | None = None,
+    version: str | None = None,
+) -> Path:
+    """Copy a checkpoint for shipping: no trainer state, fp16 storage unless ``half`` is False.
+
+    Several ``sources`` (checkpoints of one run) are averaged weight by weight. ``inference``
+    values that are not None replace the stored decoding defaults; ``name``/``version``, when
+    given, the model's. Returns the written folder.
+    """
+    folders = [resolve(s) for s in sources]
+    config = read_config(folders[0])
+    config.pop("format_version", None)
+    tied = config.pop("tied_weights", {})
+    if len(folders) > 1:
+        weights = average_weights(folders)
+        config["averaged_from"] = [str(f) for f in folders]
+    else:
+        weights = read_weights(folders[0])
+    for key, target in tied.items():  # re-create the shared entries so save() can detect the ties
+        weights[key] = weights[target]
+    config.setdefault("inference", {}).update({k: v for k, v in (inference or {}).items() if v is not None})
+    if name:
+        config["name"] = name
+    if version:
+        config["version"] = version
+    vocab = json.loads((folders[0] / VOCAB).read_text())
+    return save(output, weights, config, vocab, half=half)
 
 
 def load_trainer_state(path: str | os.PathLike) -> dict | None:
@@ -201,8 +315,12 @@ def _split_tensors(obj: Any, flat: dict[str, torch.Tensor], prefix: str) -> Any:
         flat[prefix] = torch.from_numpy(obj.copy())
         return {"__ndarray__": prefix}
     if isinstance(obj, dict):
-        return {"__dict__": [[_split_tensors(k, flat, f"{prefix}.k{i}"), _split_tensors(v, flat, f"{prefix}.{i}")]
-                             for i, (k, v) in enumerate(obj.items())]}
+        return {
+            "__dict__": [
+                [_split_tensors(k, flat, f"{prefix}.k{i}"), _split_tensors(v, flat, f"{prefix}.{i}")]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
     if isinstance(obj, tuple):
         return {"__tuple__": [_split_tensors(v, flat, f"{prefix}.{i}") for i, v in enumerate(obj)]}
     if isinstance(obj, list):

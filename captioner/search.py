@@ -1,15 +1,17 @@
-"""Greedy and batched beam search over a batch of images.
+"""Greedy and batched beam search over a batch of images, and sampling for SCST.
 
-Both run all images of a batch together (beam search: B images x K beams as one
+The searches run all images of a batch together (beam search: B images x K beams as one
 (B*K) batch through the decoder), compute the attention projection of each
 image's grid once, stop as soon as every hypothesis has emitted ``<end>``, and
-always stop after ``max_length`` words even if ``<end>`` never comes.
+always stop after ``max_length`` words even if ``<end>`` never comes. Every
+decoding path bans the same tokens (:func:`_mask_logprobs`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .decoder import AttentionDecoder
 
@@ -263,3 +265,65 @@ def _finish(ids: torch.Tensor, lps: torch.Tensor, alphas: torch.Tensor, end_id: 
         score=total if score is None else score,
         finished=finished,
     )
+
+
+@torch.inference_mode()
+def best_hypotheses(
+    decoder: AttentionDecoder,
+    annotations: torch.Tensor,
+    start_id: int,
+    end_id: int,
+    pad_id: int = 0,
+    beam_size: int = 3,
+    max_length: int = 30,
+    length_alpha: float = 0.0,
+    n_best: int = 1,
+    block_repeats: bool = True,
+    unk_id: int | None = None,
+) -> list[list[Hypothesis]]:
+    """annotations (B, L, D) -> each image's ``n_best`` hypotheses: greedy for one beam and one hypothesis, else
+    :func:`beam_search` with ``max(beam_size, n_best)`` beams."""
+    common = dict(start_id=start_id, end_id=end_id, pad_id=pad_id, max_length=max_length, block_repeats=block_repeats,
+                  unk_id=unk_id)
+    if beam_size == 1 and n_best == 1:
+        return [[h] for h in greedy_search(decoder, annotations, **common)]
+    return beam_search(decoder, annotations, beam_size=max(beam_size, n_best), length_alpha=length_alpha,
+                       n_best=n_best, **common)
+
+
+def sample(
+    decoder: AttentionDecoder, annotations: torch.Tensor, samples: int, max_length: int,
+    start_id: int, end_id: int, pad_id: int, unk_id: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw ``samples`` captions per image from the decoder, keeping the graph (SCST's candidates).
+
+    annotations (B, L, D) -> ids (B*S, T), their log-probs (B*S, T) with gradients and
+    the mask (B*S, T) of real words (``<end>`` included, padding after it excluded).
+    Row ``b * S + s`` is sample ``s`` of image ``b``. ``<pad>``, ``<start>``, ``<unk>``
+    and an empty caption are never drawn, as in the searches (repeats may be).
+    """
+    B = annotations.shape[0]
+    device = annotations.device
+    memory, state = decoder.prepare(annotations)
+    expand = torch.arange(B, device=device).repeat_interleave(samples)  # (B*S,)
+    memory, state = memory.index_select(expand), state.index_select(expand)
+    N = B * samples
+    prev = torch.full((N,), start_id, dtype=torch.long, device=device)
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    ids, lps, masks = [], [], []
+    for t in range(max_length):
+        logits, state, _ = decoder.step(prev, state, memory)  # (N, V)
+        logits = _mask_logprobs(logits.float(), prev, t, end_id, pad_id, start_id, False, unk_id)  # (N, V)
+        logp = F.log_softmax(logits, dim=-1)  # (N, V): renormalised over the allowed words
+        with torch.no_grad():
+            word = torch.multinomial(logp.exp(), 1).squeeze(1)  # (N,)
+        word = torch.where(done, torch.full_like(word, pad_id), word)  # (N,)
+        lp = logp.gather(1, word.unsqueeze(1)).squeeze(1)  # (N,)
+        masks.append(~done)
+        lps.append(torch.where(done, torch.zeros_like(lp), lp))
+        ids.append(word)
+        done = done | (word == end_id)  # (N,)
+        prev = word
+        if bool(done.all()):
+            break
+    return torch.stack(ids, 1), torch.stack(lps, 1), torch.stack(masks, 1)  # (N, T) each

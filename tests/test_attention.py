@@ -6,7 +6,7 @@ import torch
 
 from captioner.attention import SoftAttention
 from captioner.decoder import AttentionDecoder, DecoderConfig, Memory
-from captioner.train import caption_loss
+from captioner.xe import caption_loss
 
 B, L, D, H, A = 3, 7, 10, 12, 8
 

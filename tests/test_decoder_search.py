@@ -8,7 +8,7 @@ import torch
 
 from captioner.decoder import AttentionDecoder, DecoderConfig, Memory, State
 from captioner.search import beam_search, greedy_search
-from captioner.train import caption_loss
+from captioner.xe import caption_loss
 from captioner.vocab import Vocabulary
 from conftest import TINY_CAPTIONS
 

@@ -14,7 +14,9 @@ from captioner.commands.main import main
 from captioner.decoder import AttentionDecoder, DecoderConfig
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-from captioner.scst import CaptionReward, CiderD, MeteorLite, SentenceBleu, sample, scst_loss
+from captioner.rewards import CaptionReward, CiderD, MeteorLite, SentenceBleu
+from captioner.scst import scst_loss
+from captioner.search import sample
 from captioner.vocab import Vocabulary
 
 START, END, PAD, UNK = 1, 2, 0, 3

@@ -127,7 +127,7 @@ def test_finetune_blocks_train_from_a_trunk_cache(dataset: Path, tmp_path: Path)
     cap = Captioner.load(out / "best", device="cpu", fast=False)
     feats, rows = caches[0].load()
     image = sorted(rows)[0]
-    from captioner.train import top_features
+    from captioner.datasets.features import top_features
 
     via_cache = top_features(cap.encoder.encoder, feats[[rows[image]]], 2, "cpu").float()  # the caption encoder
     direct = cap.encode(cap.preprocess(image)[0][None]).float()

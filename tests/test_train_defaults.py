@@ -11,7 +11,7 @@ import pytest
 from test_train import CAPTIONS, log_lines, train_args
 
 from captioner.commands.main import build_parser, main
-from captioner.train import warmup_steps
+from captioner.schedule import warmup_steps
 from captioner.tuning import tune_decoding
 
 
@@ -35,13 +35,11 @@ def _without(argv: list[str], *flags: str) -> list[str]:
 
 
 def test_warmup_scales_with_the_epoch() -> None:
-    args = argparse.Namespace(warmup_steps=None, warmup_epochs=0.5)
-    assert warmup_steps(args, steps_per_epoch=40, total_steps=120) == 20
-    assert warmup_steps(args, steps_per_epoch=400, total_steps=1200) == 200
-    args.warmup_epochs = 2
-    assert warmup_steps(args, steps_per_epoch=40, total_steps=120) == 80
-    args.warmup_steps = 500  # given in steps: capped at a tenth of the run, as before
-    assert warmup_steps(args, steps_per_epoch=40, total_steps=120) == 12
+    assert warmup_steps(None, 0.5, steps_per_epoch=40, total_steps=120) == 20
+    assert warmup_steps(None, 0.5, steps_per_epoch=400, total_steps=1200) == 200
+    assert warmup_steps(None, 2, steps_per_epoch=40, total_steps=120) == 80
+    # given in steps: capped at a tenth of the run, as before
+    assert warmup_steps(500, 2, steps_per_epoch=40, total_steps=120) == 12
 
 
 def test_tuning_picks_the_best_setting_and_the_smaller_beam_on_ties() -> None:

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from captioner.train import caption_loss, lr_factor
+from captioner.schedule import lr_factor
+from captioner.xe import caption_loss
 
 
 def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_the_floor() -> None:

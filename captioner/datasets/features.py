@@ -8,7 +8,11 @@ encoder is never reused by mistake.
 A *trunk* cache (``trunk_blocks=n``) stores the feature map before the encoder's last
 ``n`` blocks instead, as rows (N, H*W, C): fine-tuning those blocks then trains from the
 cache too (``captioner train --finetune-blocks n``).
+
+:func:`cached_features` is what training and evaluation call: the cache for a list of records,
+built when missing; :func:`records_from_trunk` finishes trunk rows with a fine-tuned encoder's top.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,9 +25,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..encoder import Encoder, EncoderConfig
+from ..encoder import Encoder, EncoderConfig, TrunkRows
 from ..images import ImageError, load_and_preprocess
 from ..progress import bar_disabled
+from .records import CaptionRecord
 
 
 class _ImageFiles(Dataset):
@@ -109,14 +114,23 @@ class FeatureCache:
         else:
             arr = np.lib.format.open_memmap(self.array_path, mode="w+", dtype=np.float16, shape=shape)
             start = 0
-            idx = {"paths": [os.path.abspath(p) for p in paths], "encoder": identity, "done": 0,
-                   "shape": list(shape), "failed": []}
+            idx = {
+                "paths": [os.path.abspath(p) for p in paths],
+                "encoder": identity,
+                "done": 0,
+                "shape": list(shape),
+                "failed": [],
+            }
             self._write_index(idx)
         if start >= len(paths):
             return
         encoder = encoder.to(device).eval()
-        loader = DataLoader(_ImageFiles(paths[start:], cfg), batch_size=batch_size, num_workers=num_workers,
-                            worker_init_fn=_single_thread)
+        loader = DataLoader(
+            _ImageFiles(paths[start:], cfg),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            worker_init_fn=_single_thread,
+        )
         row = start
         bar = tqdm(total=len(paths), initial=start, desc="encoding images", unit="img", disable=bar_disabled(progress))
         with torch.inference_mode():
@@ -146,3 +160,86 @@ class FeatureCache:
         tmp = self.index_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(idx))
         os.replace(tmp, self.index_path)
+
+
+def cached_features(
+    records: list[CaptionRecord],
+    enc_cfg: EncoderConfig,
+    cache_dir: Path,
+    device: torch.device,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    encoder: Encoder | None = None,
+    trunk_blocks: int = 0,
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """Encode ``records``' images once (resumable) and return (features (N, L, D) fp16, path -> row).
+
+    With ``trunk_blocks`` n > 0 the rows are the map before the encoder's last n blocks,
+    (N, H*W, C), for :meth:`Encoder.top` to finish (encoder fine-tuning).
+    """
+    paths = sorted({os.path.abspath(r.path) for r in records})
+    identity = cache_identity(enc_cfg, trunk_blocks)
+    cache = FeatureCache(cache_dir / f"features-{cache_key(paths, enc_cfg, trunk_blocks)}")
+    if not cache.complete():
+        # a complete cache of the same encoder that already holds every image will do (e.g. the
+        # train+dev cache when evaluating on dev)
+        for other in sorted(cache_dir.glob("features-*")):
+            candidate = FeatureCache(other)
+            idx = candidate.index
+            if candidate.complete() and idx.get("encoder") == identity and set(paths) <= set(idx["paths"]):
+                return candidate.load()
+    if not cache.complete():
+        encoder = encoder or Encoder(enc_cfg)
+        row_shape = None
+        module: torch.nn.Module = encoder
+        if trunk_blocks:
+            c, h, w = encoder.trunk_shape(trunk_blocks)
+            row_shape, module = (h * w, c), TrunkRows(encoder, trunk_blocks)
+        if torch.device(device).type == "cpu":  # folded BN + channels-last + chunks of 2: same features, faster
+            from ..perf import fast_encoder
+
+            module = fast_encoder(module)
+        cache.build(
+            paths,
+            module,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            trunk_blocks=trunk_blocks,
+            row_shape=row_shape,
+        )
+    return cache.load()
+
+
+def top_features(
+    encoder: Encoder,
+    trunk_feats: torch.Tensor,
+    n_top: int,
+    device: torch.device | str,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Trunk-cache rows (N, H*W, C) -> annotations (N, L, D) fp16 through the encoder's last ``n_top`` blocks."""
+    c, h, w = encoder.trunk_shape(n_top)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(trunk_feats), batch_size):
+            x = trunk_feats[i : i + batch_size].to(device).float()  # (b, H*W, C)
+            out.append(encoder.top(x.transpose(1, 2).reshape(-1, c, h, w), n_top).cpu().half())
+    return torch.cat(out)
+
+
+def records_from_trunk(
+    encoder: Encoder,
+    trunk: torch.Tensor,
+    trunk_rows: dict[str, int],
+    records: list[CaptionRecord],
+    n_top: int,
+    device: torch.device | str,
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """``records``' trunk-cache rows through the encoder's last ``n_top`` blocks.
+
+    Returns (annotations (N, L, D), path -> row), in the order of ``records``.
+    """
+    paths = [os.path.abspath(r.path) for r in records]
+    feats = top_features(encoder, trunk[torch.tensor([trunk_rows[p] for p in paths])], n_top, device)
+    return feats, {p: i for i, p in enumerate(paths)}
