@@ -31,9 +31,14 @@ from contextlib import contextmanager
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+from .protocols import BatchModel
+
+if TYPE_CHECKING:
+    from captioner.api import Caption
 
 log = logging.getLogger("service.batching")
 
@@ -62,7 +67,7 @@ class DecodeSettings:
 
 @dataclass
 class BatchResult:
-    caption: Any  # captioner.Caption
+    caption: Caption
     batch_size: int  # images in the encoder batch this request was part of
     group_size: int  # images decoded together with the same settings
     queue_ms: float  # submit -> batch start
@@ -73,7 +78,7 @@ class BatchResult:
 class _Item:
     tensor: torch.Tensor
     settings: DecodeSettings
-    future: Future
+    future: Future[BatchResult]
     enqueued: float
 
 
@@ -82,7 +87,7 @@ class MicroBatcher:
 
     def __init__(
         self,
-        captioner: Any,
+        captioner: BatchModel,
         max_batch: int = 16,
         wait_ms: float = 10.0,
         queue_size: int = 64,
@@ -145,7 +150,7 @@ class MicroBatcher:
             with self._lock:
                 self._incoming -= 1
 
-    def submit(self, tensor: torch.Tensor, settings: DecodeSettings) -> Future:
+    def submit(self, tensor: torch.Tensor, settings: DecodeSettings) -> Future[BatchResult]:
         """Queue one preprocessed image (3, S, S). Raises QueueFull or BatcherClosed at once."""
         if not self.running:
             raise BatcherClosed("the model is not being served")
