@@ -7,6 +7,7 @@ other exception (500 ``internal``, logged with its traceback, worker kept alive)
 from __future__ import annotations
 
 import logging
+import re
 
 from flask import Flask, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -31,6 +32,14 @@ HTTP_CODES = {
     501: "not_implemented",
     503: "unavailable",
 }
+
+_PATH = re.compile(r"""(?<![\w.<>/])(?:~|\.{1,2})?(?:/[^\s'"<>/]+)+/?""")
+
+
+def public_message(message: str) -> str:
+    """Drop object reprs ("<_io.BytesIO object at 0x...>") and file system paths from messages that are
+    answered to clients (paths are logged, never sent)."""
+    return _PATH.sub("<path>", re.sub(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>", "", message))
 
 
 class ApiError(Exception):
