@@ -31,8 +31,10 @@ from .state import EXTENSION_KEY, ServiceState
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 #: The pages load only their own scripts, styles and fonts, show uploads (blob:) and overlays (data:),
 #: call only this origin, and may not be framed (clickjacking).
-PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 #: API answers are data: nothing in them may load or run, nor be framed.
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
 
@@ -44,7 +46,10 @@ class InMemoryRequest(Request):
     """
 
     def _get_file_stream(
-        self, total_content_length: int | None, content_type: str | None, filename: str | None = None,
+        self,
+        total_content_length: int | None,
+        content_type: str | None,
+        filename: str | None = None,
         content_length: int | None = None,
     ) -> IO[bytes]:
         return io.BytesIO()
@@ -112,4 +117,4 @@ def _use_gunicorn_logging() -> None:
             logger.propagate = False
 
 
-__all__ = ["create_app", "ServiceState", "InMemoryRequest", "EXTENSION_KEY", "API_CSP", "PAGE_CSP"]
+__all__ = ["API_CSP", "EXTENSION_KEY", "PAGE_CSP", "InMemoryRequest", "ServiceState", "create_app"]

@@ -23,7 +23,7 @@ from captioner.images import ImageError, preprocess
 from captioner.overlay import overlay_png
 
 from . import logs
-from .batching import BatchResult, BatcherClosed, BatchTimeout, DecodeSettings, QueueFull
+from .batching import BatcherClosed, BatchResult, BatchTimeout, DecodeSettings, QueueFull
 from .errors import ApiError, public_message
 from .protocols import Batcher, ServedModel
 from .state import ServiceState, current_state
@@ -61,14 +61,23 @@ def create() -> Response:
     body = caption.to_dict(attention=attention != "none", overlays=overlays, complete=True) | {
         "image": {"width": int(original_size[0]), "height": int(original_size[1])},
         "model": {"name": cap.name, "version": cap.version},
-        "parameters": {"beam_size": decode_settings.beam_size, "max_length": decode_settings.max_length,
-                       "n_best": decode_settings.n_best, "attention": attention, "guidance": decode_settings.guidance},
+        "parameters": {
+            "beam_size": decode_settings.beam_size,
+            "max_length": decode_settings.max_length,
+            "n_best": decode_settings.n_best,
+            "attention": attention,
+            "guidance": decode_settings.guidance,
+        },
         "batch_size": result.batch_size,
     }
     now = time.perf_counter()
-    body["timing_ms"] = {"queue": round(result.queue_ms, 2), "preprocess": _ms(preprocess_s),
-                         "inference": round(result.inference_ms, 2), "postprocess": _ms(now - t_post),
-                         "total": _ms(now - t0)}
+    body["timing_ms"] = {
+        "queue": round(result.queue_ms, 2),
+        "preprocess": _ms(preprocess_s),
+        "inference": round(result.inference_ms, 2),
+        "postprocess": _ms(now - t_post),
+        "total": _ms(now - t0),
+    }
     return jsonify(body)
 
 
@@ -86,12 +95,21 @@ def _serving(state: ServiceState) -> tuple[ServedModel, Batcher]:
 
 def _overloaded(state: ServiceState, batcher: Batcher) -> ApiError:
     state.metrics.rejected.labels("overloaded").inc()
-    return ApiError(503, "overloaded", "too many requests are waiting for the model; retry later",
-                    {"Retry-After": str(batcher.retry_after())})
+    return ApiError(
+        503,
+        "overloaded",
+        "too many requests are waiting for the model; retry later",
+        {"Retry-After": str(batcher.retry_after())},
+    )
 
 
 def _prepare(
-    state: ServiceState, cap: ServedModel, batcher: Batcher, data: bytes, overlay: bool, t0: float,
+    state: ServiceState,
+    cap: ServedModel,
+    batcher: Batcher,
+    data: bytes,
+    overlay: bool,
+    t0: float,
 ) -> tuple[torch.Tensor, tuple[int, int], Image.Image | None]:
     """Upload bytes -> (model input (3, S, S), original (width, height), overlay-sized thumbnail or None)."""
     settings, size = state.settings, cap.encoder_cfg.image_size
@@ -104,14 +122,21 @@ def _prepare(
             # overlays are drawn on the image, so then it is decoded large enough for them.
             # Only the model-sized square and an overlay-sized thumbnail come back from the decoder.
             decoded = state.decoder.decode(
-                data, size, max_pixels=settings.max_pixels,
+                data,
+                size,
+                max_pixels=settings.max_pixels,
                 draft_size=max(size, settings.overlay_max_side) if overlay else size,
                 thumbnail_side=settings.overlay_max_side if overlay else 0,
-                deadline=time.monotonic() + settings.request_timeout_s - (time.perf_counter() - t0))
+                deadline=time.monotonic() + settings.request_timeout_s - (time.perf_counter() - t0),
+            )
         except PoolBusy:
             state.metrics.rejected.labels("decode_busy").inc()
-            raise ApiError(503, "overloaded", "too many uploads are waiting to be decoded; retry later",
-                           {"Retry-After": str(max(1, math.ceil(settings.decode_timeout_s)))}) from None
+            raise ApiError(
+                503,
+                "overloaded",
+                "too many uploads are waiting to be decoded; retry later",
+                {"Retry-After": str(max(1, math.ceil(settings.decode_timeout_s)))},
+            ) from None
         except ImageError as exc:
             state.metrics.rejected.labels(exc.code).inc()
             status, code = IMAGE_ERRORS.get(exc.code, (400, "undecodable"))
@@ -122,7 +147,9 @@ def _prepare(
         return tensor, decoded.original_size, decoded.thumbnail
 
 
-def _infer(state: ServiceState, batcher: Batcher, tensor: torch.Tensor, settings: DecodeSettings, t0: float) -> BatchResult:
+def _infer(
+    state: ServiceState, batcher: Batcher, tensor: torch.Tensor, settings: DecodeSettings, t0: float
+) -> BatchResult:
     """Run one image (3, S, S) through the micro-batcher within the request's time limit."""
     limit = state.settings.request_timeout_s
     remaining = limit - (time.perf_counter() - t0)
@@ -134,8 +161,9 @@ def _infer(state: ServiceState, batcher: Batcher, tensor: torch.Tensor, settings
         raise _overloaded(state, batcher) from None
     except BatchTimeout:
         state.metrics.rejected.labels("timeout").inc()
-        raise ApiError(504, "timeout", f"no caption within the limit of {limit:g} s",
-                       {"Retry-After": str(batcher.retry_after())}) from None
+        raise ApiError(
+            504, "timeout", f"no caption within the limit of {limit:g} s", {"Retry-After": str(batcher.retry_after())}
+        ) from None
     except BatcherClosed as exc:
         raise ApiError(503, "unavailable", str(exc), {"Retry-After": "5"}) from None
 
@@ -153,7 +181,9 @@ def int_param(name: str, low: int, high: int, default: int) -> int:
     try:
         value = int(raw.strip())
     except ValueError:
-        raise ApiError(400, "invalid_parameter", f"{name} must be an integer between {low} and {high}, got {raw!r}") from None
+        raise ApiError(
+            400, "invalid_parameter", f"{name} must be an integer between {low} and {high}, got {raw!r}"
+        ) from None
     if not low <= value <= high:
         raise ApiError(400, "invalid_parameter", f"{name} must be between {low} and {high}, got {value}")
     return value
@@ -186,7 +216,9 @@ def upload_bytes() -> bytes:
             raise ApiError(400, "missing_image", "no 'image' file field in the form; " + ACCEPTED)
         part_type = (upload.mimetype or "").lower()
         if part_type and not (part_type.startswith("image/") or part_type in RAW_TYPES):
-            raise ApiError(415, "unsupported_media_type", f"the 'image' part has Content-Type {part_type}; expected image/*")
+            raise ApiError(
+                415, "unsupported_media_type", f"the 'image' part has Content-Type {part_type}; expected image/*"
+            )
         data = upload.read()
     elif mimetype.startswith("image/") or mimetype in RAW_TYPES:
         data = request.get_data(cache=False)  # 413 when Content-Length is above MAX_CONTENT_LENGTH

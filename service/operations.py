@@ -26,11 +26,15 @@ def readyz() -> Response:
     cap = state.captioner if state.ready else None
     body: dict[str, Any] = {"status": state.status}
     if cap is not None:
-        body["model"] = {"name": cap.name, "version": cap.version,
-                         "optimizations": list(getattr(cap, "optimizations", []))}
+        body["model"] = {
+            "name": cap.name,
+            "version": cap.version,
+            "optimizations": list(getattr(cap, "optimizations", [])),
+        }
         return jsonify(body)
     message = {"failed": public_message(state.error or ""), "stopped": "the service is shutting down"}.get(
-        state.status, "the model is loading and warming up")
+        state.status, "the model is loading and warming up"
+    )
     body["error"] = {"code": "not_ready", "message": message}
     response = jsonify(body)
     response.status_code = 503

@@ -24,12 +24,15 @@ def md_code(text: str) -> Markup:
 @pages.get("/")
 def index() -> str:
     """Upload an image, read its caption, see where each word looked."""
-    return render_template("index.html", settings=current_state().settings, max_beam=MAX_BEAM_SIZE,
-                           max_length=MAX_LENGTH_LIMIT)
+    return render_template(
+        "index.html", settings=current_state().settings, max_beam=MAX_BEAM_SIZE, max_length=MAX_LENGTH_LIMIT
+    )
 
 
 @pages.get("/docs")
 def docs() -> str:
     """The OpenAPI document as a web page."""
     spec = openapi.build_spec(current_state().settings)
-    return render_template("docs.html", spec=spec, operations=openapi.operations(spec), schemas=openapi.schema_texts(spec))
+    return render_template(
+        "docs.html", spec=spec, operations=openapi.operations(spec), schemas=openapi.schema_texts(spec)
+    )

@@ -7,6 +7,7 @@ process) and keeps it in ``app.extensions[EXTENSION_KEY]``; the blueprints reach
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -53,10 +54,8 @@ class ServiceState:
             self._load()
 
     def _load_safely(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # reported by /readyz, logged by _load
             self._load()
-        except Exception:  # noqa: BLE001 - reported by /readyz, logged
-            pass
 
     def _load(self) -> None:
         s = self.settings
@@ -67,19 +66,30 @@ class ServiceState:
                 started = time.perf_counter()
                 log.info("loading model %s", s.model_path)
                 self.captioner = Captioner.load(s.model_path, device=s.device, fast=s.fast)
-                log.info("loaded %s %s on %s in %.1f s", self.captioner.name, self.captioner.version,
-                         getattr(self.captioner, "device", "?"), time.perf_counter() - started)
+                log.info(
+                    "loaded %s %s on %s in %.1f s",
+                    self.captioner.name,
+                    self.captioner.version,
+                    getattr(self.captioner, "device", "?"),
+                    time.perf_counter() - started,
+                )
             cap = self.captioner
             self.metrics.model_info.labels(cap.name, cap.version).set(1)
             self.batcher = MicroBatcher(
-                cap, s.max_batch, s.batch_wait_ms, s.queue_size,
-                on_batch=self.metrics.observe_batch, on_queue_depth=self.metrics.queue_depth.set,
+                cap,
+                s.max_batch,
+                s.batch_wait_ms,
+                s.queue_size,
+                on_batch=self.metrics.observe_batch,
+                on_queue_depth=self.metrics.queue_depth.set,
                 adaptive_wait=True,
             ).start()
             if s.warmup:
                 started = time.perf_counter()
                 size = cap.encoder_cfg.image_size
-                self.batcher.run(torch.zeros(3, size, size), self.default_settings(), timeout=max(300.0, s.request_timeout_s))
+                self.batcher.run(
+                    torch.zeros(3, size, size), self.default_settings(), timeout=max(300.0, s.request_timeout_s)
+                )
                 log.info("warm-up inference took %.2f s", time.perf_counter() - started)
             self.status = "ready"
             self.metrics.ready.set(1)

@@ -22,16 +22,26 @@ from test_service import FakeCaptioner, GatedCaptioner
 
 def two_word_caption(alternatives: list[Caption] | None = None) -> Caption:
     grid = np.array([[[0.1234564, 0.8765436]], [[1 / 3, 2 / 3]]], dtype=np.float32)  # (T=2, H=1, W=2)
-    return Caption("a dog", ["a", "dog"], [-0.123456, -1.00004], grid, -1.234567,
-                   alternatives=alternatives or [], concepts=[Concept("dog", 0.912345)])
+    return Caption(
+        "a dog",
+        ["a", "dog"],
+        [-0.123456, -1.00004],
+        grid,
+        -1.234567,
+        alternatives=alternatives or [],
+        concepts=[Concept("dog", 0.912345)],
+    )
 
 
 def test_caption_json_rounds_scores_to_4_and_attention_to_6_decimals() -> None:
     out = two_word_caption().to_dict()
     assert out == {
-        "caption": "a dog", "score": -1.2346,
-        "tokens": [{"word": "a", "logprob": -0.1235, "attention": [[0.123456, 0.876544]]},
-                   {"word": "dog", "logprob": -1.0, "attention": [[0.333333, 0.666667]]}],
+        "caption": "a dog",
+        "score": -1.2346,
+        "tokens": [
+            {"word": "a", "logprob": -0.1235, "attention": [[0.123456, 0.876544]]},
+            {"word": "dog", "logprob": -1.0, "attention": [[0.333333, 0.666667]]},
+        ],
         "concepts": [{"word": "dog", "probability": 0.9123}],
     }
     assert "0.123456," in json.dumps(out)  # short decimals, not float32 noise such as 0.12345600128173828
@@ -54,8 +64,24 @@ def test_cli_record_is_the_captions_json_form(tiny_checkpoint, tmp_path) -> None
     path = tmp_path / "a.png"
     make_image(4).save(path)
     out = tmp_path / "caps.jsonl"
-    assert main(["caption", str(path), "--checkpoint", str(tiny_checkpoint), "--output", str(out), "--n-best", "2",
-                 "--beam-size", "2", "-q"]) == 0
+    assert (
+        main(
+            [
+                "caption",
+                str(path),
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--output",
+                str(out),
+                "--n-best",
+                "2",
+                "--beam-size",
+                "2",
+                "-q",
+            ]
+        )
+        == 0
+    )
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
     model = Captioner.load(tiny_checkpoint, device="cpu")
     assert record == {"image": str(path)} | model.caption(str(path), beam_size=2, n_best=2).to_dict(attention=False)
@@ -63,12 +89,19 @@ def test_cli_record_is_the_captions_json_form(tiny_checkpoint, tmp_path) -> None
 
 def test_service_answer_is_the_captions_json_form(tiny_checkpoint) -> None:
     model = Captioner.load(tiny_checkpoint, device="cpu")
-    app = create_app({"CAPTIONER_MODEL": str(tiny_checkpoint), "CAPTIONER_INSTANCE": model,
-                      "CAPTIONER_LOAD_IN_BACKGROUND": False, "TESTING": True})
+    app = create_app(
+        {
+            "CAPTIONER_MODEL": str(tiny_checkpoint),
+            "CAPTIONER_INSTANCE": model,
+            "CAPTIONER_LOAD_IN_BACKGROUND": False,
+            "TESTING": True,
+        }
+    )
     try:
         data = image_bytes(make_image(3))
-        response = app.test_client().post("/v1/captions?n_best=2&beam_size=2",
-                                          data={"image": (io.BytesIO(data), "a.jpg", "image/jpeg")})
+        response = app.test_client().post(
+            "/v1/captions?n_best=2&beam_size=2", data={"image": (io.BytesIO(data), "a.jpg", "image/jpeg")}
+        )
         assert response.status_code == 200, response.get_data(as_text=True)
         body = response.get_json()
     finally:
