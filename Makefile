@@ -30,7 +30,7 @@ test: install
 lint: install
 	@status=0; \
 	$(BIN)/python -m ruff check . || status=1; \
-	$(BIN)/python -m ruff format --check . || status=1; \
+	$(BIN)/python -m ruff format --check --output-format concise . || status=1; \
 	$(BIN)/python tools/check_layout.py || status=1; \
 	exit $$status
 
