@@ -44,11 +44,25 @@ class BatchModel(Protocol):
 
 @runtime_checkable
 class ServedModel(BatchModel, Protocol):
-    """The model as the service uses it: the batcher's stages plus what responses and /readyz report."""
+    """The model as the service uses it: the batcher's stages plus what responses and /readyz report.
 
-    encoder_cfg: EncoderConfig  # image_size and norm for preprocessing
-    defaults: Mapping[str, Any]  # the checkpoint's decoding defaults: max_length, guidance, ...
-    optimizations: list[str]  # CPU speed-ups applied (captioner.perf.optimize)
+    Read-only properties, so that a plain attribute of a more specific type (``dict``) satisfies them.
+    """
+
+    @property
+    def encoder_cfg(self) -> EncoderConfig:
+        """image_size and norm for preprocessing."""
+        ...
+
+    @property
+    def defaults(self) -> Mapping[str, Any]:
+        """The checkpoint's decoding defaults: max_length, guidance, ..."""
+        ...
+
+    @property
+    def optimizations(self) -> Sequence[str]:
+        """CPU speed-ups applied (captioner.perf.optimize)."""
+        ...
 
     @property
     def name(self) -> str: ...
@@ -61,7 +75,10 @@ class ServedModel(BatchModel, Protocol):
 class Batcher(Protocol):
     """The request threads' side of the micro-batcher."""
 
-    queue_size: int
+    @property
+    def queue_size(self) -> int:
+        """Most requests that may wait."""
+        ...
 
     @property
     def depth(self) -> int:
