@@ -73,7 +73,9 @@ class Caption:
     alternatives: list["Caption"] = field(default_factory=list)
     concepts: list[Concept] = field(default_factory=list)  # what the ImageNet classifier sees, best first
 
-    def to_dict(self, attention: bool = True, overlays: Sequence[str] | None = None, complete: bool = False) -> dict[str, Any]:
+    def to_dict(
+        self, attention: bool = True, overlays: Sequence[str] | None = None, complete: bool = False
+    ) -> dict[str, Any]:
         """The caption's one JSON form: the service's answers and the CLI's records are built from it.
 
         Scores and log-probabilities are rounded to 4 decimals, attention grids to 6 (from float64, so the
