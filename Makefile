@@ -1,5 +1,6 @@
 # Fresh machine:  make serve         (install + start the service with the shipped model)
 #                 make test          (install + run the whole test suite)
+#                 make lint          (ruff's rules and format check, the layout rules)
 #                 make docker-smoke  (root: build the image with podman, check ready/caption/SIGTERM)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -22,6 +23,16 @@ $(STAMP): pyproject.toml requirements.txt requirements-train.txt requirements-te
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# ruff's rules and format ([tool.ruff] in pyproject.toml), then the layout rules of captioner/ and service/
+# (tools/check_layout.py: module and function sizes, private imports, import cycles). All three always run;
+# the target fails when any of them does.
+lint: install
+	@status=0; \
+	$(BIN)/python -m ruff check . || status=1; \
+	$(BIN)/python -m ruff format --check --output-format concise . || status=1; \
+	$(BIN)/python tools/check_layout.py || status=1; \
+	exit $$status
 
 # A relative CAPTIONER_MODEL is taken from the folder make was started in (`make -C` changes into
 # the checkout; the shell's PWD stays where the user is).

@@ -60,8 +60,8 @@ MUTATIONS: list[Mutation] = [
     Mutation("batch-no-per-image-retry", "captioner/batch.py",
              "captions[k] = run_model(batch.images[row : row + 1])[0]",
              "raise RuntimeError('no retry')", BATCH_TESTS),
-    Mutation("undecodable-upload-answered-200", "service/app.py",
-             "raise ApiError(status, code, _clean(str(exc))) from None",
+    Mutation("undecodable-upload-answered-200", "service/captions.py",
+             "raise ApiError(status, code, public_message(str(exc))) from None",
              'decoded = __import__("types").SimpleNamespace(original_size=(64, 64), thumbnail=None, '
              'image=__import__("PIL.Image").Image.new("RGB", (64, 64)))', SERVICE_TESTS),
     Mutation("resume-dedupe-dropped", "captioner/commands/caption.py",
@@ -154,7 +154,7 @@ MUTATIONS: list[Mutation] = [
              'self.file.write("\\n]\\n" if self.count else "]\\n")', "pass", BATCH_TESTS),
     Mutation("batch-exit-0-despite-failures", "captioner/commands/caption.py",
              'return 1 if failed or plan["failed_before"] else 0', "return 0", BATCH_TESTS),
-    Mutation("too-large-image-answered-400", "service/app.py",
+    Mutation("too-large-image-answered-400", "service/captions.py",
              '"too_large": (413, "too_large")', '"too_large": (400, "too_large")', SERVICE_TESTS),
 ]
 

@@ -40,18 +40,29 @@ class Caption:
     alternatives: list["Caption"] = field(default_factory=list)
     concepts: list[Concept] = field(default_factory=list)  # what the ImageNet classifier sees, best first
 
-    def to_dict(self, attention: bool = True) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "caption": self.text,
-            "score": round(self.score, 4),
-            "tokens": [
-                {"word": w, "logprob": round(lp, 4)}
-                | ({"attention": np.round(a, 5).tolist()} if attention else {})
-                for w, lp, a in zip(self.tokens, self.logprobs, self.attention)
-            ],
-        }
-        if self.alternatives:
-            out["alternatives"] = [{"caption": a.text, "score": round(a.score, 4)} for a in self.alternatives]
+    def to_dict(
+        self, attention: bool = True, overlays: Sequence[str] | None = None, complete: bool = False
+    ) -> dict[str, Any]:
+        """The caption's one JSON form: the service's answers and the CLI's records are built from it.
+
+        Scores and log-probabilities are rounded to 4 decimals, attention grids to 6 (from float64, so the
+        JSON holds short decimals). ``attention`` puts each token's (H, W) grid next to it, ``overlays``
+        one string per token (the service's PNG data URIs). ``complete`` (the service) adds ``grid`` =
+        [H, W] and lists ``alternatives`` even when empty; otherwise (the CLI) they appear only with n-best.
+        """
+        tokens: list[dict[str, Any]] = []
+        for t, (word, logprob) in enumerate(zip(self.tokens, self.logprobs)):
+            token: dict[str, Any] = {"word": word, "logprob": round(float(logprob), 4)}
+            if attention:
+                token["attention"] = np.round(np.asarray(self.attention[t], dtype=np.float64), 6).tolist()
+            if overlays is not None:
+                token["overlay"] = overlays[t]
+            tokens.append(token)
+        out: dict[str, Any] = {"caption": self.text, "score": round(float(self.score), 4), "tokens": tokens}
+        if complete:
+            out["grid"] = [int(n) for n in self.attention.shape[1:]]
+        if self.alternatives or complete:
+            out["alternatives"] = [{"caption": a.text, "score": round(float(a.score), 4)} for a in self.alternatives]
         out["concepts"] = [c.to_dict() for c in self.concepts]
         return out
 

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .api import Captioner
 
 # (conv, batch norm) attribute pairs in EfficientNet-Lite's stem, blocks and head
 _STEM_PAIRS = (("_conv_stem", "_bn0"), ("_conv_head", "_bn1"))
@@ -179,8 +182,8 @@ def quantize_decoder(decoder: nn.Module) -> nn.Module:
     return quantized.eval()
 
 
-def optimize(cap: Any, fold_bn: bool = False, channels_last: bool = False, int8_decoder: bool = False,
-             encode_chunk: int | None = None, threads: int | None = None) -> Any:
+def optimize(cap: Captioner, fold_bn: bool = False, channels_last: bool = False, int8_decoder: bool = False,
+             encode_chunk: int | None = None, threads: int | None = None) -> Captioner:
     """Apply the chosen speed-ups to ``cap`` in place (CPU inference) and return it.
 
     ``encode_chunk``: run the encoder on at most this many images at a time (see :class:`ChunkedEncoder`).

@@ -4,6 +4,7 @@ A thin HTTP layer over :mod:`captioner`: uploads are decoded and resized in the
 request thread, then micro-batched (:mod:`service.batching`) into one encoder
 pass and one batched search per group of compatible requests.
 """
+
 __all__ = ["create_app"]
 
 

@@ -20,6 +20,7 @@ pile up. A request that stops waiting (timeout) cancels its future, and the
 batcher skips it if it has not started yet. Failures inside the model are set
 on the futures of the affected requests; the thread itself never dies.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,13 +28,18 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+from .protocols import BatchModel
+
+if TYPE_CHECKING:
+    from captioner.api import Caption
 
 log = logging.getLogger("service.batching")
 
@@ -62,7 +68,7 @@ class DecodeSettings:
 
 @dataclass
 class BatchResult:
-    caption: Any  # captioner.Caption
+    caption: Caption
     batch_size: int  # images in the encoder batch this request was part of
     group_size: int  # images decoded together with the same settings
     queue_ms: float  # submit -> batch start
@@ -73,7 +79,7 @@ class BatchResult:
 class _Item:
     tensor: torch.Tensor
     settings: DecodeSettings
-    future: Future
+    future: Future[BatchResult]
     enqueued: float
 
 
@@ -82,7 +88,7 @@ class MicroBatcher:
 
     def __init__(
         self,
-        captioner: Any,
+        captioner: BatchModel,
         max_batch: int = 16,
         wait_ms: float = 10.0,
         queue_size: int = 64,
@@ -110,7 +116,7 @@ class MicroBatcher:
         self.last_batch_s = 0.0
 
     # ------------------------------------------------------------ life cycle
-    def start(self) -> "MicroBatcher":
+    def start(self) -> MicroBatcher:
         with self._lock:
             if not self._started:
                 self._started = True
@@ -145,7 +151,7 @@ class MicroBatcher:
             with self._lock:
                 self._incoming -= 1
 
-    def submit(self, tensor: torch.Tensor, settings: DecodeSettings) -> Future:
+    def submit(self, tensor: torch.Tensor, settings: DecodeSettings) -> Future[BatchResult]:
         """Queue one preprocessed image (3, S, S). Raises QueueFull or BatcherClosed at once."""
         if not self.running:
             raise BatcherClosed("the model is not being served")
@@ -171,7 +177,7 @@ class MicroBatcher:
     def retry_after(self) -> int:
         """Seconds a refused client should wait: roughly how long the queue takes to drain."""
         batches = max(1, -(-self.depth // self.max_batch))
-        return max(1, int(round(batches * max(self.last_batch_s, 0.05) + 0.5)))
+        return max(1, round(batches * max(self.last_batch_s, 0.05) + 0.5))
 
     # ------------------------------------------------------------ the thread
     def _run(self) -> None:
@@ -221,7 +227,7 @@ class MicroBatcher:
         try:
             batch = torch.stack([it.tensor for it in live])  # (B, 3, S, S)
             annotations, concepts = self.captioner.see(batch)  # (B, L, D), B concept lists or None
-        except Exception as exc:  # noqa: BLE001 - handed to every waiting request
+        except Exception as exc:  # handed to every waiting request
             log.exception("encoder failed on a batch of %d", len(live))
             for it in live:
                 it.future.set_exception(exc)
@@ -234,12 +240,20 @@ class MicroBatcher:
         for settings, idxs in groups.items():
             group_start = time.perf_counter()
             try:
-                part = annotations if len(idxs) == len(live) else annotations[torch.tensor(idxs, device=annotations.device)]
-                captions = self.captioner.decode(
-                    part, beam_size=settings.beam_size, max_length=settings.max_length, n_best=settings.n_best,
-                    concepts=[concepts[i] for i in idxs] if concepts is not None else None, guidance=settings.guidance,
+                part = (
+                    annotations
+                    if len(idxs) == len(live)
+                    else annotations[torch.tensor(idxs, device=annotations.device)]
                 )
-            except Exception as exc:  # noqa: BLE001
+                captions = self.captioner.decode(
+                    part,
+                    beam_size=settings.beam_size,
+                    max_length=settings.max_length,
+                    n_best=settings.n_best,
+                    concepts=[concepts[i] for i in idxs] if concepts is not None else None,
+                    guidance=settings.guidance,
+                )
+            except Exception as exc:
                 log.exception("decoder failed on a group of %d", len(idxs))
                 for i in idxs:
                     live[i].future.set_exception(exc)

@@ -4,6 +4,7 @@ Every setting has one name, used both as the environment variable and as the key
 of the ``config`` mapping given to :func:`service.app.create_app` (which wins).
 docs/service.md has the table; :data:`ENV_VARS` is its source of truth.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,24 +57,100 @@ class Settings:
 
 #: name -> (Settings field, parser, default, description). Defaults are strings, parsed like env values.
 ENV_VARS: dict[str, tuple[str, str, str, str]] = {
-    "CAPTIONER_MODEL": ("model_path", "path", "", "Checkpoint folder to serve (default: the shipped model, `models/flickr8k-lite2`)."),
+    "CAPTIONER_MODEL": (
+        "model_path",
+        "path",
+        "",
+        "Checkpoint folder to serve (default: the shipped model, `models/flickr8k-lite2`).",
+    ),
     "CAPTIONER_DEVICE": ("device", "str", "", "`cpu`, `cuda`, `cuda:1`, ... (default: CUDA when available, else CPU)."),
-    "CAPTIONER_MAX_UPLOAD_MB": ("max_upload_mb", "float", "20", "Largest request body in MiB; larger bodies get 413 before they are read."),
-    "CAPTIONER_MAX_PIXELS": ("max_pixels", "int", str(DEFAULT_MAX_PIXELS), "Largest image (width x height, from the header) decoded; larger gets 413 `too_large`."),
+    "CAPTIONER_MAX_UPLOAD_MB": (
+        "max_upload_mb",
+        "float",
+        "20",
+        "Largest request body in MiB; larger bodies get 413 before they are read.",
+    ),
+    "CAPTIONER_MAX_PIXELS": (
+        "max_pixels",
+        "int",
+        str(DEFAULT_MAX_PIXELS),
+        "Largest image (width x height, from the header) decoded; larger gets 413 `too_large`.",
+    ),
     "CAPTIONER_MAX_BATCH": ("max_batch", "int", "8", "Most images the micro-batcher runs through the model at once."),
-    "CAPTIONER_BATCH_WAIT_MS": ("batch_wait_ms", "float", "10", "Longest the batcher holds a batch open for requests that are still decoding their uploads (never when no other request is on the way)."),
-    "CAPTIONER_QUEUE_SIZE": ("queue_size", "int", "16", "Requests waiting for the model per worker (besides the batch running); beyond it: 503 + `Retry-After`."),
-    "CAPTIONER_REQUEST_TIMEOUT_S": ("request_timeout_s", "float", "30", "Longest wait for a caption (queue + inference); then 504 `timeout`."),
+    "CAPTIONER_BATCH_WAIT_MS": (
+        "batch_wait_ms",
+        "float",
+        "10",
+        "Longest the batcher holds a batch open for requests that are still decoding their uploads (never when no "
+        "other request is on the way).",
+    ),
+    "CAPTIONER_QUEUE_SIZE": (
+        "queue_size",
+        "int",
+        "16",
+        "Requests waiting for the model per worker (besides the batch running); beyond it: 503 + `Retry-After`.",
+    ),
+    "CAPTIONER_REQUEST_TIMEOUT_S": (
+        "request_timeout_s",
+        "float",
+        "30",
+        "Longest wait for a caption (queue + inference); then 504 `timeout`.",
+    ),
     "CAPTIONER_BEAM_SIZE": ("default_beam_size", "int", "3", "Beam size when the request gives none (1-10)."),
-    "CAPTIONER_OVERLAY_MAX_SIDE": ("overlay_max_side", "int", "320", "Longest side of the PNG overlays returned with `attention=overlay`."),
-    "CAPTIONER_TORCH_THREADS": ("torch_threads", "int", "0", "`torch.set_num_threads` per worker (0: PyTorch's default, all cores)."),
-    "CAPTIONER_LOAD_IN_BACKGROUND": ("load_in_background", "bool", "1", "Load + warm the model in a background thread (`/readyz` says when done) instead of inside `create_app`."),
+    "CAPTIONER_OVERLAY_MAX_SIDE": (
+        "overlay_max_side",
+        "int",
+        "320",
+        "Longest side of the PNG overlays returned with `attention=overlay`.",
+    ),
+    "CAPTIONER_TORCH_THREADS": (
+        "torch_threads",
+        "int",
+        "0",
+        "`torch.set_num_threads` per worker (0: PyTorch's default, all cores).",
+    ),
+    "CAPTIONER_LOAD_IN_BACKGROUND": (
+        "load_in_background",
+        "bool",
+        "1",
+        "Load + warm the model in a background thread (`/readyz` says when done) instead of inside `create_app`.",
+    ),
     "CAPTIONER_WARMUP": ("warmup", "bool", "1", "Run one inference on a blank image before reporting ready."),
-    "CAPTIONER_FAST": ("fast", "bool", "1", "On CPU: fold batch norms, channels-last encoder in chunks of 2, int8 decoder (BENCHMARKS.md; dev scores within noise). 0 serves the fp32 model exactly as trained."),
-    "CAPTIONER_DECODE_SLOTS": ("decode_slots", "int", "0", "Uploads decoded at once per worker, each in its own decode process (0: the CPU quota of the container's cgroup, else the usable cores; 1-8). Requests wait for a slot in arrival order until their deadline; then 503 `overloaded` + `Retry-After`."),
-    "CAPTIONER_DECODE_TIMEOUT_S": ("decode_timeout_s", "float", "2.5", "Longest decode of one upload; a slower one is killed and answered 422 `too_slow`."),
-    "CAPTIONER_DECODE_MEMORY_MB": ("decode_memory_mb", "int", "1024", "Memory (address space, `RLIMIT_AS`) one decode process may add to its start-up size; beyond it: 413 `too_large`."),
-    "CAPTIONER_LOG_FORMAT": ("log_format", "log_format", "json", "`json`: one JSON object per log line, one access line per request with its `request_id` (service/logs.py); `text`: plain lines for a terminal."),
+    "CAPTIONER_FAST": (
+        "fast",
+        "bool",
+        "1",
+        "On CPU: fold batch norms, channels-last encoder in chunks of 2, int8 decoder (BENCHMARKS.md; dev scores "
+        "within noise). 0 serves the fp32 model exactly as trained.",
+    ),
+    "CAPTIONER_DECODE_SLOTS": (
+        "decode_slots",
+        "int",
+        "0",
+        "Uploads decoded at once per worker, each in its own decode process (0: the CPU quota of the container's "
+        "cgroup, else the usable cores; 1-8). Requests wait for a slot in arrival order until their deadline; then 503 "
+        "`overloaded` + `Retry-After`.",
+    ),
+    "CAPTIONER_DECODE_TIMEOUT_S": (
+        "decode_timeout_s",
+        "float",
+        "2.5",
+        "Longest decode of one upload; a slower one is killed and answered 422 `too_slow`.",
+    ),
+    "CAPTIONER_DECODE_MEMORY_MB": (
+        "decode_memory_mb",
+        "int",
+        "1024",
+        "Memory (address space, `RLIMIT_AS`) one decode process may add to its start-up size; beyond it: 413 "
+        "`too_large`.",
+    ),
+    "CAPTIONER_LOG_FORMAT": (
+        "log_format",
+        "log_format",
+        "json",
+        "`json`: one JSON object per log line, one access line per request with its `request_id` (service/logs.py); "
+        "`text`: plain lines for a terminal.",
+    ),
 }
 
 #: Settings read by service/gunicorn_conf.py only (documented in the same table).
@@ -81,16 +158,34 @@ GUNICORN_ENV_VARS: dict[str, tuple[str, str]] = {
     "HOST": ("127.0.0.1", "Address to bind (`0.0.0.0` or `::` for all interfaces)."),
     "PORT": ("8000", "Port to bind."),
     "CAPTIONER_WORKERS": ("1", "gunicorn worker processes; each loads its own model copy."),
-    "CAPTIONER_THREADS": ("32", "Request threads per worker (gthread); they feed that worker's micro-batcher. Keep it above MAX_BATCH + QUEUE_SIZE so overload reaches the app and gets a quick 503."),
+    "CAPTIONER_THREADS": (
+        "32",
+        "Request threads per worker (gthread); they feed that worker's micro-batcher. Keep it above MAX_BATCH + "
+        "QUEUE_SIZE so overload reaches the app and gets a quick 503.",
+    ),
     "CAPTIONER_WORKER_TIMEOUT": ("120", "Seconds a silent worker may take before gunicorn restarts it."),
     "CAPTIONER_GRACEFUL_TIMEOUT": ("30", "Seconds to finish in-flight requests on shutdown/reload."),
     "CAPTIONER_KEEPALIVE": ("5", "Seconds to keep idle HTTP connections open."),
-    "CAPTIONER_MAX_REQUESTS": ("5000", "Requests after which a worker is replaced (bounds slow memory growth; the new worker reloads the model); 0: never."),
-    "CAPTIONER_MAX_REQUESTS_JITTER": ("500", "Random 0..N added to CAPTIONER_MAX_REQUESTS per worker, so that workers do not restart together."),
+    "CAPTIONER_MAX_REQUESTS": (
+        "5000",
+        "Requests after which a worker is replaced (bounds slow memory growth; the new worker reloads the model); 0: "
+        "never.",
+    ),
+    "CAPTIONER_MAX_REQUESTS_JITTER": (
+        "500",
+        "Random 0..N added to CAPTIONER_MAX_REQUESTS per worker, so that workers do not restart together.",
+    ),
     "CAPTIONER_LOG_LEVEL": ("info", "gunicorn and service log level."),
-    "CAPTIONER_CONTROL_SOCKET": ("", "Path for gunicorn's control socket (`gunicornc`); off by default so instances never share one."),
-    "PROMETHEUS_MULTIPROC_DIR": ("", "Optional: a writable, empty folder; `/metrics` then aggregates all workers (see Metrics)."),
+    "CAPTIONER_CONTROL_SOCKET": (
+        "",
+        "Path for gunicorn's control socket (`gunicornc`); off by default so instances never share one.",
+    ),
+    "PROMETHEUS_MULTIPROC_DIR": (
+        "",
+        "Optional: a writable, empty folder; `/metrics` then aggregates all workers (see Metrics).",
+    ),
 }
+
 
 def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
     """CPUs this process may use: the cgroup CPU quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` /
@@ -102,6 +197,7 @@ def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
 
 def _cgroup_quota(root: str) -> float | None:
     """The CPU quota in CPUs, None when unlimited or unknown."""
+
     def read(*parts: str) -> str | None:
         try:
             with open(os.path.join(root, *parts)) as f:
@@ -175,4 +271,4 @@ def _check(s: Settings) -> None:
     need(64 <= s.decode_memory_mb <= 65536, "CAPTIONER_DECODE_MEMORY_MB must be between 64 and 65536")
 
 
-__all__ = ["available_cpus", "ConfigError", "ENV_VARS", "GUNICORN_ENV_VARS", "Settings", "load_settings"]
+__all__ = ["ENV_VARS", "GUNICORN_ENV_VARS", "ConfigError", "Settings", "available_cpus", "load_settings"]

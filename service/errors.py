@@ -4,9 +4,11 @@ Handlers cover the service's own :class:`ApiError`, every Werkzeug HTTP error
 (404, 405, 413 from ``MAX_CONTENT_LENGTH``, ...) and, as a last resort, any
 other exception (500 ``internal``, logged with its traceback, worker kept alive).
 """
+
 from __future__ import annotations
 
 import logging
+import re
 
 from flask import Flask, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -31,6 +33,14 @@ HTTP_CODES = {
     501: "not_implemented",
     503: "unavailable",
 }
+
+_PATH = re.compile(r"""(?<![\w.<>/])(?:~|\.{1,2})?(?:/[^\s'"<>/]+)+/?""")
+
+
+def public_message(message: str) -> str:
+    """Drop object reprs ("<_io.BytesIO object at 0x...>") and file system paths from messages that are
+    answered to clients (paths are logged, never sent)."""
+    return _PATH.sub("<path>", re.sub(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>", "", message))
 
 
 class ApiError(Exception):
@@ -70,8 +80,10 @@ def register(app: Flask) -> None:
             if limit and (length is None or length > limit):
                 message = f"the request body is larger than the limit of {limit / 2**20:.3g} MiB"
             else:  # Werkzeug's form limits (Flask's MAX_FORM_MEMORY_SIZE / MAX_FORM_PARTS), not the body size
-                message = (f"the form has a text field above {request.max_form_memory_size} bytes or more than "
-                           f"{request.max_form_parts} parts; send the image as the 'image' file field")
+                message = (
+                    f"the form has a text field above {request.max_form_memory_size} bytes or more than "
+                    f"{request.max_form_parts} parts; send the image as the 'image' file field"
+                )
         headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
         return error_response(status, HTTP_CODES.get(status, "http_error"), message, headers)
 

@@ -17,10 +17,16 @@ CAPTIONER_KEEPALIVE [5], CAPTIONER_MAX_REQUESTS [5000], CAPTIONER_MAX_REQUESTS_J
 CAPTIONER_LOG_LEVEL [info], CAPTIONER_LOG_FORMAT [json], CAPTIONER_CONTROL_SOCKET [off],
 PROMETHEUS_MULTIPROC_DIR.
 """
+
 from __future__ import annotations
 
 import os
 import shutil
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.workers.base import Worker
 
 
 def _int(name: str, default: int, low: int = 1) -> int:
@@ -87,7 +93,7 @@ if control_socket is None:
 # Request line / header limits stay at gunicorn's defaults; the body limit is Flask's MAX_CONTENT_LENGTH.
 
 
-def on_starting(server) -> None:  # noqa: ANN001 - gunicorn hook
+def on_starting(server: Arbiter) -> None:
     """With PROMETHEUS_MULTIPROC_DIR set, start from an empty folder (stale files would be summed)."""
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if folder:
@@ -102,10 +108,13 @@ def on_starting(server) -> None:  # noqa: ANN001 - gunicorn hook
     if threads <= _held:
         server.log.warning(
             "CAPTIONER_THREADS=%d <= CAPTIONER_MAX_BATCH + CAPTIONER_QUEUE_SIZE = %d: under overload, requests wait "
-            "for a free thread instead of getting a quick 503", threads, _held)
+            "for a free thread instead of getting a quick 503",
+            threads,
+            _held,
+        )
 
 
-def child_exit(server, worker) -> None:  # noqa: ANN001 - gunicorn hook
+def child_exit(server: Arbiter, worker: Worker) -> None:
     """Drop an exited worker's live gauges from the multi-process metrics."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
@@ -113,7 +122,7 @@ def child_exit(server, worker) -> None:  # noqa: ANN001 - gunicorn hook
         multiprocess.mark_process_dead(worker.pid)
 
 
-def worker_exit(server, worker) -> None:  # noqa: ANN001 - gunicorn hook
+def worker_exit(server: Arbiter, worker: Worker) -> None:
     """Stop the worker's micro-batcher so requests still queued get a clean 503."""
     app = getattr(getattr(worker, "wsgi", None), "extensions", None)
     state = app.get("captioner_service") if isinstance(app, dict) else None

@@ -16,6 +16,7 @@
 * ``CAPTIONER_LOG_FORMAT`` (service/config.py): ``json`` (default, one JSON object per line for
   log collectors) or ``text`` (gunicorn's plain lines, the request id appended to access lines).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,10 +25,15 @@ import os
 import re
 import uuid
 from collections.abc import MutableMapping
-from datetime import datetime, timezone
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from gunicorn.glogging import Logger
+
+if TYPE_CHECKING:
+    from gunicorn.config import Config
+    from gunicorn.http.message import Request
+    from gunicorn.http.wsgi import Response
 
 HEADER = "X-Request-ID"
 LOG_FORMATS = ("json", "text")
@@ -36,8 +42,18 @@ ENVIRON_ID = "captioner.request_id"
 ENVIRON_FIELDS = "captioner.log_fields"
 _SANE_ID = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
 #: The access line's fields, in order (the app's annotations fill model, model_version, batch_size).
-ACCESS_FIELDS = ("request_id", "method", "path", "status", "duration_ms", "model", "model_version", "batch_size",
-                 "remote_addr", "bytes")
+ACCESS_FIELDS = (
+    "request_id",
+    "method",
+    "path",
+    "status",
+    "duration_ms",
+    "model",
+    "model_version",
+    "batch_size",
+    "remote_addr",
+    "bytes",
+)
 
 
 def parse_log_format(raw: str) -> str:
@@ -77,7 +93,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -94,7 +110,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def access_fields(status: int, environ: MutableMapping[str, Any], duration_s: float, sent: int | None) -> dict[str, Any]:
+def access_fields(
+    status: int, environ: MutableMapping[str, Any], duration_s: float, sent: int | None
+) -> dict[str, Any]:
     """The access line's fields for one finished request (see the module docstring)."""
     extra = environ.get(ENVIRON_FIELDS, {})
     values = {
@@ -109,7 +127,7 @@ def access_fields(status: int, environ: MutableMapping[str, Any], duration_s: fl
     return {name: values.get(name, extra.get(name)) for name in ACCESS_FIELDS}
 
 
-def _status_code(resp) -> int:  # noqa: ANN001 - gunicorn's Response
+def _status_code(resp: Response) -> int:
     code = getattr(resp, "status_code", None)
     if isinstance(code, int):
         return code
@@ -122,7 +140,7 @@ def _status_code(resp) -> int:  # noqa: ANN001 - gunicorn's Response
 class GunicornLogger(Logger):
     """gunicorn's logger with ``CAPTIONER_LOG_FORMAT``: JSON error and access lines, or gunicorn's text."""
 
-    def setup(self, cfg) -> None:  # noqa: ANN001 - gunicorn's Config
+    def setup(self, cfg: Config) -> None:
         try:
             self.log_format = parse_log_format(os.environ.get("CAPTIONER_LOG_FORMAT", "json"))
         except ValueError as exc:
@@ -134,7 +152,7 @@ class GunicornLogger(Logger):
                     if getattr(handler, "_gunicorn", False):
                         handler.setFormatter(JsonFormatter())
 
-    def access(self, resp, req, environ, request_time) -> None:  # noqa: ANN001 - gunicorn's objects
+    def access(self, resp: Response, req: Request, environ: dict[str, Any], request_time: timedelta) -> None:
         if not self.access_log_enabled:
             return
         if self.log_format == "text":
@@ -147,5 +165,15 @@ class GunicornLogger(Logger):
         self.access_log.log(level, "%s %s %s", fields["method"], fields["path"], status, extra={"fields": fields})
 
 
-__all__ = ["ACCESS_FIELDS", "GunicornLogger", "HEADER", "JsonFormatter", "LOG_FORMATS", "access_fields", "annotate",
-           "current_request_id", "parse_log_format", "request_id"]
+__all__ = [
+    "ACCESS_FIELDS",
+    "HEADER",
+    "LOG_FORMATS",
+    "GunicornLogger",
+    "JsonFormatter",
+    "access_fields",
+    "annotate",
+    "current_request_id",
+    "parse_log_format",
+    "request_id",
+]

@@ -8,6 +8,7 @@ throughput). When ``PROMETHEUS_MULTIPROC_DIR`` names a writable, empty folder
 and ``/metrics`` aggregates all live workers (gunicorn_conf.py clears the folder
 at start-up and marks exited workers dead).
 """
+
 from __future__ import annotations
 
 import os
@@ -40,7 +41,8 @@ def method_label(method: str) -> str:
 
 
 def multiprocess_dir() -> str | None:
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir") or None
+    # the lowercase name is prometheus_client's older spelling, which it still reads
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir") or None  # noqa: SIM112
 
 
 class Metrics:
@@ -51,39 +53,60 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "captioner_http_requests", "HTTP requests answered, by endpoint (route), method (GET/POST/HEAD/other) and status.",
-            ["endpoint", "method", "status"], registry=r,
+            "captioner_http_requests",
+            "HTTP requests answered, by endpoint (route), method (GET/POST/HEAD/other) and status.",
+            ["endpoint", "method", "status"],
+            registry=r,
         )
         self.latency = Histogram(
-            "captioner_http_request_duration_seconds", "Time to answer a request, by endpoint (route).",
-            ["endpoint"], buckets=LATENCY_BUCKETS, registry=r,
+            "captioner_http_request_duration_seconds",
+            "Time to answer a request, by endpoint (route).",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
-            "captioner_batch_size", "Images per micro-batch (one encoder pass).", buckets=BATCH_BUCKETS, registry=r,
+            "captioner_batch_size",
+            "Images per micro-batch (one encoder pass).",
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.batch_groups = Histogram(
-            "captioner_batch_groups", "Decoding groups (distinct beam_size/max_length/n_best) per micro-batch.",
-            buckets=(1, 2, 3, 4, 6, 8, 16), registry=r,
+            "captioner_batch_groups",
+            "Decoding groups (distinct beam_size/max_length/n_best) per micro-batch.",
+            buckets=(1, 2, 3, 4, 6, 8, 16),
+            registry=r,
         )
         self.batch_seconds = Histogram(
-            "captioner_batch_duration_seconds", "Model time per micro-batch (encode + all decodes).",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "captioner_batch_duration_seconds",
+            "Model time per micro-batch (encode + all decodes).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_depth = Gauge(
-            "captioner_queue_depth", "Requests waiting for the model (summed over live workers).",
-            multiprocess_mode="livesum", registry=r,
+            "captioner_queue_depth",
+            "Requests waiting for the model (summed over live workers).",
+            multiprocess_mode="livesum",
+            registry=r,
         )
         self.ready = Gauge(
-            "captioner_model_ready", "1 when the model is loaded and warmed up (summed over live workers).",
-            multiprocess_mode="livesum", registry=r,
+            "captioner_model_ready",
+            "1 when the model is loaded and warmed up (summed over live workers).",
+            multiprocess_mode="livesum",
+            registry=r,
         )
         self.rejected = Counter(
-            "captioner_rejected_requests", "Caption requests refused before inference, by reason.",
-            ["reason"], registry=r,
+            "captioner_rejected_requests",
+            "Caption requests refused before inference, by reason.",
+            ["reason"],
+            registry=r,
         )
         self.model_info = Gauge(
-            "captioner_model_info", "The served model (value 1).", ["name", "version"],
-            multiprocess_mode="livemax", registry=r,
+            "captioner_model_info",
+            "The served model (value 1).",
+            ["name", "version"],
+            multiprocess_mode="livemax",
+            registry=r,
         )
 
     def observe_batch(self, size: int, groups: int, seconds: float) -> None:

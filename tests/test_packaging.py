@@ -106,7 +106,7 @@ def test_wheel_contents(wheel):
     packaged = {n.rsplit("/", 1)[1] for n in names if n.startswith(f"captioner/models/{MODEL}/")}
     assert packaged == MODEL_FILES  # weights, config, vocabulary and the card with its data licence
     assert {"captioner/api.py", "captioner/datasets/__init__.py", "service/app.py", "service/logs.py",
-            "service/templates/index.html", "service/static/app.js"} <= names
+            "service/templates/index.html", "service/static/app.js", "captioner/py.typed", "service/py.typed"} <= names
     assert f"captioner-{VERSION}.dist-info/licenses/LICENSE" in names
     assert not any(n.startswith(("tests/", "models/", "bench/", "docs/")) for n in names)
     core = [line for line in meta.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line]
