@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from captioner.concepts import plural  # noqa: E402
 from captioner.metrics import score  # noqa: E402
 from captioner.vocab import tokenize  # noqa: E402
 
@@ -39,14 +40,6 @@ SYNONYMS: dict[str, list[str]] = {
     "fire hydrant": ["hydrant"], "parking meter": ["meter"], "toothbrush": ["toothbrush"],
     "baseball bat": ["bat"],
 }
-
-
-def plural(word: str) -> str:
-    if word.endswith(("s", "sh", "ch", "x")):
-        return word + "es"
-    if word.endswith("y") and word[-2:-1] not in "aeiou":
-        return word[:-1] + "ies"
-    return word + "s"
 
 
 def names(category: str, text: str) -> bool:

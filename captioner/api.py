@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .concepts import Concept, ConceptEncoder, ConceptMap, ImageNetHead
+from .concepts import Concept, ConceptEncoder, ConceptMap, ImageNetHead, show_placed
 from .decoder import AttentionDecoder, DecoderConfig
 from .encoder import Encoder, EncoderConfig
 from .images import DEFAULT_MAX_PIXELS, ImageSource, load_image, preprocess
@@ -89,7 +89,8 @@ class Captioner:
         self.config = config
         self.encoder_cfg: EncoderConfig = encoder.config
         self.defaults: dict[str, Any] = {"beam_size": 3, "max_length": 30, "length_alpha": 0.0, "block_repeats": True,
-                                         "guidance": "concepts", "concept_threshold": 0.1, "concept_weight": 16.0}
+                                         "guidance": "concepts", "concept_threshold": 0.1, "concept_weight": 16.0,
+                                         "concept_top": 2, "concept_lift": 2.0}
         self.defaults.update(config.get("inference", {}))
         # visual concepts need the encoder's ImageNet head (EfficientNet-Lite, head stage)
         self.concept_map: ConceptMap | None = ConceptMap.load(vocab.itos) if isinstance(encoder, ConceptEncoder) else None
@@ -203,9 +204,10 @@ class Captioner:
         """annotations (B, L, D) -> one Caption per image (``n_best - 1`` alternatives attached).
 
         ``concepts`` (from :meth:`see`) are attached to the captions; with ``guidance="concepts"``
-        (the default) an image whose top concept reaches ``concept_threshold`` gets a caption that
-        uses that word once (:func:`~captioner.search.constrained_beam_search`, beam size at least 2)
-        unless it scores more than ``concept_weight`` x its probability below the plain caption.
+        (the default) an image with confident concepts (:meth:`_constraints`) gets a caption that
+        uses one of them once (:func:`~captioner.search.constrained_beam_search`, beam size at least 2;
+        a novel word through its proxy, shown by :func:`~captioner.concepts.show_placed`) unless it
+        scores more than ``concept_weight`` x their probability below the plain caption.
         """
         beam_size = int(self.defaults["beam_size"] if beam_size is None else beam_size)
         max_length = int(self.defaults["max_length"] if max_length is None else max_length)
@@ -217,36 +219,50 @@ class Captioner:
         common = dict(start_id=v.start_id, end_id=v.end_id, pad_id=v.pad_id, max_length=max_length,
                       block_repeats=bool(self.defaults["block_repeats"]), unk_id=v.unk_id)
         annotations = annotations.to(self.device)
-        required, allowance = self._constraints(concepts) if guidance == "concepts" and concepts else (None, None)
+        required, allowance, shown = (self._constraints(concepts) if guidance == "concepts" and concepts
+                                      else (None, None, [{} for _ in range(annotations.shape[0])]))
         if required is not None and bool(required.any()):
             hyps = constrained_beam_search(self.decoder, annotations, required, beam_size=max(beam_size, n_best, 2),
                                            length_alpha=alpha, n_best=n_best, allowance=allowance, **common)
         else:
             hyps = best_hypotheses(self.decoder, annotations, beam_size=beam_size, length_alpha=alpha, n_best=n_best,
                                    **common)
-        return [self._to_caption(h, cs) for h, cs in zip(hyps, concepts or [[] for _ in hyps])]
+        return [self._to_caption(h, cs, sh) for h, cs, sh in zip(hyps, concepts or [[] for _ in hyps], shown)]
 
-    def _constraints(self, concepts: list[list[Concept]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Each image's top concept when its probability p reaches ``concept_threshold``.
+    def _constraints(
+        self, concepts: list[list[Concept]],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[dict[str, str]]]:
+        """Each image's top ``concept_top`` concepts whose probability reaches ``concept_threshold`` and
+        ``concept_lift`` x their word's class share (a "dog" named by 121 of the 1000 classes needs more
+        than a "zebra"), as one constraint that either word satisfies.
 
-        Returns the (B, V) bool mask of its vocabulary forms and the (B,) score allowance
-        ``concept_weight`` x p that the caption using it may cost (None: any cost).
+        Returns the (B, V) bool mask of their vocabulary forms (a novel word's are its proxy's), the
+        (B,) score allowance ``concept_weight`` x (summed probability) that the caption using one may
+        cost (None: any cost), and per image {vocabulary form: the word the caption shows}.
         """
         assert self.concept_map is not None
         required = torch.zeros(len(concepts), len(self.vocab), dtype=torch.bool)
-        top = torch.tensor([cs[0].probability if cs else 0.0 for cs in concepts])  # (B,)
+        mass = torch.zeros(len(concepts))  # (B,)
+        shown: list[dict[str, str]] = [{} for _ in concepts]
+        threshold, top = float(self.defaults["concept_threshold"]), int(self.defaults["concept_top"])
+        lift = float(self.defaults["concept_lift"] or 0.0)
         for b, cs in enumerate(concepts):
-            if cs and cs[0].probability >= float(self.defaults["concept_threshold"]):
-                for form in self.concept_map.forms[cs[0].word]:
+            sure = [c for c in cs if c.probability >= max(threshold, lift * self.concept_map.share[c.word])]
+            for c in sure[:top]:
+                if any(f in shown[b] for f in self.concept_map.forms[c.word]):
+                    continue  # two concepts placed through one proxy: the likelier one names it
+                mass[b] += c.probability
+                shown[b] |= self.concept_map.shown[c.word]
+                for form in self.concept_map.forms[c.word]:
                     required[b, self.vocab.stoi[form]] = True
         weight = self.defaults["concept_weight"]
-        return required, None if weight is None else float(weight) * top
+        return required, None if weight is None else float(weight) * mass, shown
 
-    def _to_caption(self, hyps: list[Hypothesis], concepts: list[Concept]) -> Caption:
+    def _to_caption(self, hyps: list[Hypothesis], concepts: list[Concept], shown: dict[str, str]) -> Caption:
         H, W = self.grid
         caps = []
         for h in hyps:
-            words = [self.vocab.itos[i] for i in h.ids]
+            words = show_placed([self.vocab.itos[i] for i in h.ids], shown)
             attn = h.alphas.reshape(len(words), H, W).numpy().astype(np.float32)  # (T, H, W)
             caps.append(Caption(" ".join(words), words, h.logprobs, attn, h.score, h.finished))
         best = caps[0]

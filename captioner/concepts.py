@@ -9,6 +9,9 @@ cost is a few blocks on a 9x9 map.
 :class:`ConceptMap` turns class probabilities into word probabilities with the reviewed mapping in
 ``resources/imagenet_concepts.json`` (written by ``scripts/make_concept_map.py``): a word's
 probability is the summed probability of the classes that name it (every dog breed says "dog").
+A *novel* word outside the vocabulary (zebra, sink) is placed through its in-vocabulary proxy
+(horse, tub): the decoder scores and reads the proxy, :meth:`ConceptMap.shown` names what the
+caption shows instead, and :func:`show_placed` writes it with the article and number fixed.
 """
 from __future__ import annotations
 
@@ -85,11 +88,15 @@ class ConceptEncoder(nn.Module):
 
 
 class ConceptMap:
-    """ImageNet class -> caption words, restricted to one vocabulary."""
+    """ImageNet class -> caption words, restricted to one vocabulary (novel words through their proxies)."""
 
-    def __init__(self, class_words: list[list[str]], vocab_words: list[str]) -> None:
+    def __init__(
+        self, class_words: list[list[str]], vocab_words: list[str], proxies: dict[str, str] | None = None,
+    ) -> None:
         known = set(vocab_words)
-        self.words = sorted({w for ws in class_words for w in ws if w in known})
+        # a proxy only stands in for a word the vocabulary lacks
+        self.proxies = {w: p for w, p in (proxies or {}).items() if w not in known and p in known}
+        self.words = sorted({w for ws in class_words for w in ws if w in known or w in self.proxies})
         index = {w: i for i, w in enumerate(self.words)}
         matrix = torch.zeros(len(class_words), len(self.words))  # (1000, W)
         for c, ws in enumerate(class_words):
@@ -97,15 +104,23 @@ class ConceptMap:
                 if w in index:
                     matrix[c, index[w]] = 1.0
         self.matrix = matrix
-        self.forms = {w: [f for f in (w, w + "s", w + "es") if f in known] for w in self.words}
+        # share of the classes that name each word: what its probability is under a flat classifier
+        self.share = dict(zip(self.words, (matrix.sum(0) / len(class_words)).tolist()))
+        self.forms: dict[str, list[str]] = {}  # concept word -> the vocabulary words that place it
+        self.shown: dict[str, dict[str, str]] = {}  # concept word -> {vocabulary form: what the caption shows}
+        for w in self.words:
+            stem = self.proxies.get(w, w)
+            self.forms[w] = [f for f in (stem, stem + "s", stem + "es") if f in known]
+            self.shown[w] = {f: f if stem == w else (w if f == stem else plural(w)) for f in self.forms[w]}
 
     @classmethod
     def load(cls, vocab_words: list[str], path: str | Path | None = None) -> "ConceptMap":
         """The packaged mapping (or ``path``), keeping the words of ``vocab_words``."""
         text = (Path(path).read_text() if path else
                 resources.files("captioner.resources").joinpath(MAPPING_FILE).read_text(encoding="utf-8"))
-        classes = sorted(json.loads(text)["classes"], key=lambda c: c["index"])
-        return cls([c["words"] for c in classes], vocab_words)
+        data = json.loads(text)
+        classes = sorted(data["classes"], key=lambda c: c["index"])
+        return cls([c["words"] + c.get("novel", []) for c in classes], vocab_words, data.get("proxies", {}))
 
     def word_probs(self, class_probs: torch.Tensor) -> torch.Tensor:
         """class probabilities (B, 1000) -> word probabilities (B, W), each at most 1."""
@@ -117,3 +132,32 @@ class ConceptMap:
         values, index = probs.topk(min(top, probs.shape[1]), dim=1)  # (B, top)
         return [[Concept(self.words[i], float(p)) for p, i in zip(vs.tolist(), ix.tolist()) if p >= min_prob]
                 for vs, ix in zip(values, index)]
+
+
+def plural(word: str) -> str:
+    """English plural of a noun or a noun phrase's last word ("bus" -> "buses", "parking meter" -> "parking meters")."""
+    if word.endswith(("s", "sh", "ch", "x", "z")):
+        return word + "es"
+    if word.endswith("y") and word[-2:-1] not in "aeiou":
+        return word[:-1] + "ies"
+    return word + "s"
+
+
+def indefinite_article(word: str) -> str:
+    """ "a" or "an" by the word's first sound (a vowel letter, except "uni-", "use", "eu-", "one-"; a silent "h")."""
+    w = word.lower()
+    if w.startswith(("uni", "use", "usu", "uti", "eu", "one", "ur")):
+        return "a"
+    return "an" if w[:1] in set("aeiou") or w.startswith(("hour", "honest", "heir")) else "a"
+
+
+def show_placed(words: list[str], shown: dict[str, str]) -> list[str]:
+    """A caption's words with each placed concept form (a key of ``shown``) written as shown there,
+    and an "a"/"an" right before it fixed to the shown word's sound."""
+    out = list(words)
+    for i, w in enumerate(words):
+        if w in shown:
+            out[i] = shown[w]
+            if i > 0 and out[i - 1] in ("a", "an"):
+                out[i - 1] = indefinite_article(out[i])
+    return out

@@ -19,9 +19,10 @@ DEFAULT_MODEL_NAME = "flickr8k-lite2"
 #: Upper bounds enforced for every caller (service, CLI, API).
 MAX_BEAM_SIZE = 10
 MAX_LENGTH_LIMIT = 60
-#: ``guidance`` values: ``concepts`` places the most likely visual concept in the caption (constrained
-#: beam search, when its probability p reaches ``concept_threshold`` and the caption scores at most
-#: ``concept_weight`` x p below the plain one; defaults chosen on dev data); ``none`` is the plain model.
+#: ``guidance`` values: ``concepts`` places one of the ``concept_top`` most likely visual concepts in the
+#: caption (constrained beam search; a concept counts when its probability p reaches ``concept_threshold``
+#: and ``concept_lift`` times its words' class share, and the caption is kept when it scores at most
+#: ``concept_weight`` x (summed p) below the plain one; defaults chosen on dev data); ``none`` is the plain model.
 GUIDANCE = ("concepts", "none")
 #: Encoder choices of ``captioner train`` (``captioner.encoder`` builds them): backbones and the layer attended over.
 BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "resnet50", "resnet101")

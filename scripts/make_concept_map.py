@@ -16,6 +16,12 @@ not name for that class are dropped (``STOP``: generic words such as "furniture"
 such as "native" or "chest"), and ``OVERRIDES`` replaces the result for classes reviewed by hand.
 The vocabulary decides what can be named: a model with another vocabulary keeps only its own
 words at load time (captioner.concepts.ConceptMap).
+
+Everyday objects that the vocabulary lacks (zebra, sink, microwave, ...) are listed by hand in
+``NOVEL`` (class -> its ``novel`` words, which replace the hypernym walk's words for that class),
+each with an in-vocabulary ``PROXIES`` word of the same kind (zebra -> horse): the decoder places
+the proxy and the caption shows the novel word (Anderson et al. 2017's novel objects; Hendricks
+et al. 2016 transfer a word's parameters from a similar seen word in the same spirit).
 """
 from __future__ import annotations
 
@@ -87,6 +93,23 @@ OVERRIDES: dict[str, list[str]] = {
     "cliff dwelling": [], "monastery": [], "palace": [], "prison": [], "yurt": ["tent"],
 }
 
+# Reviewed by hand: COCO's everyday objects that ImageNet has a class for but the vocabulary lacks
+# (class name -> the words that name it); the class's hypernym words are dropped for these.
+NOVEL: dict[str, list[str]] = {
+    "zebra": ["zebra"], "sink": ["sink"], "microwave oven": ["microwave"], "banana": ["banana"],
+    "parking meter": ["parking meter"], "computer keyboard": ["keyboard"], "hot dog": ["hot dog"],
+    "cheeseburger": ["sandwich"], "broccoli": ["broccoli"], "vase": ["vase"], "analog clock": ["clock"],
+    "wall clock": ["clock"], "digital clock": ["clock"], "remote control": ["remote"],
+    "traffic light": ["traffic light"],
+}
+# Reviewed by hand: novel word -> the in-vocabulary word the decoder places in its stead, a countable
+# noun of the same kind that the model uses where the novel object would stand.
+PROXIES: dict[str, str] = {
+    "zebra": "horse", "sink": "tub", "microwave": "stove", "banana": "fruit", "parking meter": "pole",
+    "keyboard": "computer", "hot dog": "pizza", "sandwich": "pizza", "broccoli": "food", "vase": "bottle",
+    "clock": "sign", "remote": "phone", "traffic light": "light",
+}
+
 
 def load_wordnet(wordnet_dir: Path):
     """nltk's WordNet reader over Debian's WordNet 3.0 files (copied, with lexnames, into a temp dir)."""
@@ -150,28 +173,40 @@ def main(argv: list[str] | None = None) -> int:
     names = json.loads((pkg / "imagenet1k_clean_names.json").read_text())
     vocab = set(json.loads(Path(args.vocab).read_text())["itos"])
     wn = load_wordnet(Path(args.wordnet))
-    unknown = set(OVERRIDES) - set(names)
+    unknown = (set(OVERRIDES) | set(NOVEL)) - set(names)
     if unknown:
-        sys.exit(f"OVERRIDES name classes that do not exist: {sorted(unknown)}")
+        sys.exit(f"OVERRIDES or NOVEL name classes that do not exist: {sorted(unknown)}")
+    for word, proxy in PROXIES.items():
+        if word in vocab or proxy not in vocab:
+            sys.exit(f"proxy {word!r} -> {proxy!r}: the word must be outside the vocabulary, the proxy in it")
+    missing = {w for ws in NOVEL.values() for w in ws} - set(PROXIES)
+    if missing:
+        sys.exit(f"NOVEL words without a proxy: {sorted(missing)}")
     classes = []
     for i in range(1000):
         wnid = wnids[str(i)]
         synset = wn.synset_from_pos_and_offset("n", int(wnid[1:]))
-        words = OVERRIDES[names[i]] if names[i] in OVERRIDES else words_for(synset, names[i], vocab)
+        if names[i] in OVERRIDES or names[i] in NOVEL:
+            words = OVERRIDES.get(names[i], [])
+        else:
+            words = words_for(synset, names[i], vocab)
         bad = [w for w in words if w not in vocab]
         if bad:
             sys.exit(f"class {i} ({names[i]}): {bad} not in the vocabulary")
-        classes.append({"index": i, "wnid": wnid, "name": names[i], "words": words})
+        classes.append({"index": i, "wnid": wnid, "name": names[i], "words": words}
+                       | ({"novel": NOVEL[names[i]]} if names[i] in NOVEL else {}))
     out = {
         "about": "ImageNet-1k class -> caption words; written by scripts/make_concept_map.py (WordNet 3.0 "
-                 "hypernyms, restricted to the flickr8k-lite2 vocabulary, reviewed by hand)",
+                 "hypernyms, restricted to the flickr8k-lite2 vocabulary, reviewed by hand); novel: words outside "
+                 "the vocabulary, placed through their in-vocabulary proxies",
+        "proxies": PROXIES,
         "classes": classes,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=0) + "\n")
-    named = sum(bool(c["words"]) for c in classes)
+    named = sum(bool(c["words"] or c.get("novel")) for c in classes)
     print(f"wrote {args.out}: {named} of 1000 classes name a word, "
-          f"{len({w for c in classes for w in c['words']})} distinct words")
+          f"{len({w for c in classes for w in c['words']})} distinct words and {len(PROXIES)} novel ones")
     return 0
 
 

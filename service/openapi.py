@@ -57,7 +57,7 @@ def _caption_parameters(settings: Settings) -> list[dict[str, Any]]:
         q(
             "guidance",
             {"type": "string", "enum": list(GUIDANCE), "default": "concepts"},
-            "`concepts`: the caption names the most likely visual concept once (constrained beam search) "
+            "`concepts`: the caption names one of the two most likely visual concepts once (constrained beam search) "
             "unless that costs the model too much; `none`: the plain model's caption.",
         ),
     ]

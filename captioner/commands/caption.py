@@ -75,7 +75,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--guidance",
         choices=GUIDANCE,
-        help="concepts: the caption names the most likely visual concept once, unless that costs "
+        help="concepts: the caption names one of the two most likely visual concepts once, unless that costs "
         "the model too much; none: the plain model (default: the checkpoint's, concepts)",
     )
     c.add_argument(
