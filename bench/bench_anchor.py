@@ -15,6 +15,7 @@ Each round runs the CLI (a fresh process, so its start-up is included, as a user
 then the anchor (in this process, model construction excluded: generous to the anchor) on the
 same photos; the ratio of their images/s is taken within the round. JSON goes to stdout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import machine  # noqa: E402
+from bench.common import machine
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -55,9 +56,15 @@ class AnchorEncoder(nn.Module):
 class AnchorDecoder(nn.Module):
     """The tutorial's DecoderWithAttention: soft attention, β gate, LSTMCell."""
 
-    def __init__(self, vocab: int = 2500, embed: int = 512, attn: int = 512, hidden: int = 512, enc: int = 2048) -> None:
+    def __init__(
+        self, vocab: int = 2500, embed: int = 512, attn: int = 512, hidden: int = 512, enc: int = 2048
+    ) -> None:
         super().__init__()
-        self.encoder_att, self.decoder_att, self.full_att = nn.Linear(enc, attn), nn.Linear(hidden, attn), nn.Linear(attn, 1)
+        self.encoder_att, self.decoder_att, self.full_att = (
+            nn.Linear(enc, attn),
+            nn.Linear(hidden, attn),
+            nn.Linear(attn, 1),
+        )
         self.embedding = nn.Embedding(vocab, embed)
         self.decode_step = nn.LSTMCell(embed + enc, hidden)
         self.init_h, self.init_c = nn.Linear(enc, hidden), nn.Linear(enc, hidden)
@@ -157,12 +164,25 @@ def main() -> None:
             load = os.getloadavg()[0]
             cli_s = run_cli(paths, args.checkpoint, Path(tmp))
             anchor_s = run_anchor(encoder, decoder, paths, args.beam_size, args.anchor_steps)
-            rounds.append({"round": r, "load1": round(load, 2), "cli_img_s": round(len(paths) / cli_s, 2),
-                           "anchor_img_s": round(len(paths) / anchor_s, 2), "ratio": round(anchor_s / cli_s, 2)})
+            rounds.append(
+                {
+                    "round": r,
+                    "load1": round(load, 2),
+                    "cli_img_s": round(len(paths) / cli_s, 2),
+                    "anchor_img_s": round(len(paths) / anchor_s, 2),
+                    "ratio": round(anchor_s / cli_s, 2),
+                }
+            )
             print(json.dumps(rounds[-1]), file=sys.stderr, flush=True)
-    result = {"bench": "anchor", "n": len(paths), "beam_size": args.beam_size, "anchor_steps": args.anchor_steps,
-              "machine": machine(), "rounds": rounds,
-              "ratio_median": statistics.median(r["ratio"] for r in rounds)}
+    result = {
+        "bench": "anchor",
+        "n": len(paths),
+        "beam_size": args.beam_size,
+        "anchor_steps": args.anchor_steps,
+        "machine": machine(),
+        "rounds": rounds,
+        "ratio_median": statistics.median(r["ratio"] for r in rounds),
+    }
     print(json.dumps(result, indent=2))
 
 

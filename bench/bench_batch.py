@@ -10,6 +10,7 @@ load) and images/s of the encoder forward alone on already-preprocessed batches 
 size, and their ratio (target >= 0.6). One warm-up batch runs first; the bare encoder is timed
 once before and once after the pipeline and the faster pass is used.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import LEVERS_HELP, load_captioner, parse_levers, machine, write_sample_jpegs  # noqa: E402
-from captioner.batch import expand, iter_captions  # noqa: E402
-from captioner.settings import default_workers  # noqa: E402
-from captioner.images import ImageError  # noqa: E402
+from bench.common import LEVERS_HELP, load_captioner, machine, parse_levers, write_sample_jpegs
+from captioner.batch import expand, iter_captions
+from captioner.images import ImageError
+from captioner.settings import default_workers
 
 
 def generate(folder: Path, n: int, size: tuple[int, int] = (640, 480)) -> None:
@@ -112,16 +113,32 @@ def main() -> None:
 
     pipe_rate = len(paths) / pipeline_s
     enc_rate = len(tensors) / encoder_s
-    print(f"images: {len(paths)} ({failed} failed), batch size {bs}, beam {args.beam_size}, "
-          f"workers {args.workers}, device {cap.device}, torch threads {torch.get_num_threads()}")
+    print(
+        f"images: {len(paths)} ({failed} failed), batch size {bs}, beam {args.beam_size}, "
+        f"workers {args.workers}, device {cap.device}, torch threads {torch.get_num_threads()}"
+    )
     print(f"pipeline (decode + encode + beam search): {pipe_rate:8.2f} images/s")
     print(f"bare encoder forward:                     {enc_rate:8.2f} images/s")
     print(f"pipeline / encoder:                       {pipe_rate / enc_rate:8.2f}")
-    print(json.dumps({"images": len(paths), "failed": failed, "batch_size": bs, "beam_size": args.beam_size,
-                      "workers": args.workers, "device": str(cap.device), "pipeline_images_per_s": round(pipe_rate, 3),
-                      "encoder_images_per_s": round(enc_rate, 3),
-                      "encoder_passes_images_per_s": [round(len(tensors) / t, 3) for t in encoder_runs], "ratio": round(pipe_rate / enc_rate, 3),
-                      "model": cap.name, "levers": levers, "machine": machine()}))
+    print(
+        json.dumps(
+            {
+                "images": len(paths),
+                "failed": failed,
+                "batch_size": bs,
+                "beam_size": args.beam_size,
+                "workers": args.workers,
+                "device": str(cap.device),
+                "pipeline_images_per_s": round(pipe_rate, 3),
+                "encoder_images_per_s": round(enc_rate, 3),
+                "encoder_passes_images_per_s": [round(len(tensors) / t, 3) for t in encoder_runs],
+                "ratio": round(pipe_rate / enc_rate, 3),
+                "model": cap.name,
+                "levers": levers,
+                "machine": machine(),
+            }
+        )
+    )
     if tmp:
         tmp.cleanup()
 

@@ -10,6 +10,7 @@ folder's images, then reports
 - human agreement: each image's first caption scored against the other four, for scale.
 Writes bench/results/coco_mini.json (the captions included).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,24 +21,53 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from captioner.concepts import plural  # noqa: E402
-from captioner.metrics import score  # noqa: E402
-from captioner.vocab import tokenize  # noqa: E402
+from captioner.concepts import plural
+from captioner.metrics import score
+from captioner.vocab import tokenize
 
 # The benchmark's own synonym table (the product never sees it): COCO category -> words that name it.
 SYNONYMS: dict[str, list[str]] = {
-    "dining table": ["table", "desk"], "tv": ["tv", "television", "monitor", "screen"],
-    "couch": ["couch", "sofa"], "cell phone": ["phone", "cellphone"], "motorcycle": ["motorcycle", "motorbike"],
-    "teddy bear": ["teddy", "bear"], "airplane": ["airplane", "plane", "jet", "aircraft"],
-    "bicycle": ["bicycle", "bike"], "laptop": ["laptop", "computer"], "refrigerator": ["refrigerator", "fridge"],
-    "microwave": ["microwave"], "oven": ["oven", "stove"], "sink": ["sink"], "toilet": ["toilet"],
-    "cup": ["cup", "mug"], "car": ["car", "taxi", "vehicle"], "truck": ["truck"], "boat": ["boat", "ship"],
-    "train": ["train"], "bed": ["bed"], "cow": ["cow", "cattle", "bull", "calf"], "cat": ["cat", "kitten"],
-    "dog": ["dog", "puppy"], "sheep": ["sheep", "lamb"], "bear": ["bear"], "giraffe": ["giraffe"],
-    "zebra": ["zebra"], "elephant": ["elephant"], "banana": ["banana"], "sandwich": ["sandwich"],
-    "pizza": ["pizza"], "cake": ["cake"], "bowl": ["bowl"], "book": ["book"], "umbrella": ["umbrella"],
-    "suitcase": ["suitcase", "luggage"], "chair": ["chair"], "keyboard": ["keyboard"],
-    "fire hydrant": ["hydrant"], "parking meter": ["meter"], "toothbrush": ["toothbrush"],
+    "dining table": ["table", "desk"],
+    "tv": ["tv", "television", "monitor", "screen"],
+    "couch": ["couch", "sofa"],
+    "cell phone": ["phone", "cellphone"],
+    "motorcycle": ["motorcycle", "motorbike"],
+    "teddy bear": ["teddy", "bear"],
+    "airplane": ["airplane", "plane", "jet", "aircraft"],
+    "bicycle": ["bicycle", "bike"],
+    "laptop": ["laptop", "computer"],
+    "refrigerator": ["refrigerator", "fridge"],
+    "microwave": ["microwave"],
+    "oven": ["oven", "stove"],
+    "sink": ["sink"],
+    "toilet": ["toilet"],
+    "cup": ["cup", "mug"],
+    "car": ["car", "taxi", "vehicle"],
+    "truck": ["truck"],
+    "boat": ["boat", "ship"],
+    "train": ["train"],
+    "bed": ["bed"],
+    "cow": ["cow", "cattle", "bull", "calf"],
+    "cat": ["cat", "kitten"],
+    "dog": ["dog", "puppy"],
+    "sheep": ["sheep", "lamb"],
+    "bear": ["bear"],
+    "giraffe": ["giraffe"],
+    "zebra": ["zebra"],
+    "elephant": ["elephant"],
+    "banana": ["banana"],
+    "sandwich": ["sandwich"],
+    "pizza": ["pizza"],
+    "cake": ["cake"],
+    "bowl": ["bowl"],
+    "book": ["book"],
+    "umbrella": ["umbrella"],
+    "suitcase": ["suitcase", "luggage"],
+    "chair": ["chair"],
+    "keyboard": ["keyboard"],
+    "fire hydrant": ["hydrant"],
+    "parking meter": ["meter"],
+    "toothbrush": ["toothbrush"],
     "baseball bat": ["bat"],
 }
 
@@ -87,22 +117,34 @@ def main() -> None:
     human = {f: rs[0] for f, rs in refs.items()}
     hit, n = recall(human, objects)
     m = score(human, {f: rs[1:] for f, rs in refs.items()})
-    results["human (1 vs 4)"] = {"object_recall": round(100 * hit / n, 1), "hits": hit, "pairs": n,
-                                 "cider_d": round(m["cider"], 1), "meteor": round(m["meteor"] or 0, 1)}
+    results["human (1 vs 4)"] = {
+        "object_recall": round(100 * hit / n, 1),
+        "hits": hit,
+        "pairs": n,
+        "cider_d": round(m["cider"], 1),
+        "meteor": round(m["meteor"] or 0, 1),
+    }
     for guidance in [None, *args.guidance]:
         records, secs = run_cli(images, guidance, args.cli_args.split())
         caps = {f: r["caption"] for f, r in records.items()}
         hit, n = recall(caps, objects)
         m = score(caps, refs)
         label = f"captioner caption{' --guidance ' + guidance if guidance else ' (defaults)'}"
-        results[label] = {"object_recall": round(100 * hit / n, 1), "hits": hit, "pairs": n,
-                          "cider_d": round(m["cider"], 1), "meteor": round(m["meteor"] or 0, 1),
-                          "bleu4": round(m["bleu4"], 1), "seconds": round(secs, 1),
-                          "captions": {f: {"caption": r["caption"], "concepts": r.get("concepts", [])}
-                                       for f, r in records.items()}}
+        results[label] = {
+            "object_recall": round(100 * hit / n, 1),
+            "hits": hit,
+            "pairs": n,
+            "cider_d": round(m["cider"], 1),
+            "meteor": round(m["meteor"] or 0, 1),
+            "bleu4": round(m["bleu4"], 1),
+            "seconds": round(secs, 1),
+            "captions": {f: {"caption": r["caption"], "concepts": r.get("concepts", [])} for f, r in records.items()},
+        }
     for label, r in results.items():
-        print(f"{label:40s} recall {r['object_recall']:5.1f}% ({r['hits']}/{r['pairs']})  "
-              f"CIDEr-D {r['cider_d']:5.1f}  METEOR {r['meteor']:4.1f}")
+        print(
+            f"{label:40s} recall {r['object_recall']:5.1f}% ({r['hits']}/{r['pairs']})  "
+            f"CIDEr-D {r['cider_d']:5.1f}  METEOR {r['meteor']:4.1f}"
+        )
     Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
 
 

@@ -11,6 +11,7 @@ to see what the caps cut off.
 
     .venv/bin/python bench/bench_decode.py [--only NAME ...] [--no-limits] [--json OUT]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,9 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from captioner.decode_pool import DecodePool  # noqa: E402
-from captioner.images import ImageError  # noqa: E402
-from service.config import load_settings  # noqa: E402
+from captioner.decode_pool import DecodePool
+from captioner.images import ImageError
+from service.config import load_settings
 
 DEFAULTS = load_settings({}, {})  # the service's default limits
 
@@ -45,8 +46,12 @@ def _gradient(mode: str = "RGB", side: int = SIDE) -> Image.Image:
     if mode == "L":
         return ramp
     bands = {"RGB": 3, "RGBA": 4, "CMYK": 4}[mode]
-    return Image.merge(mode, [ramp, ramp.transpose(Image.Transpose.ROTATE_90), ramp.transpose(Image.Transpose.FLIP_TOP_BOTTOM),
-                              ramp][:bands])
+    return Image.merge(
+        mode,
+        [ramp, ramp.transpose(Image.Transpose.ROTATE_90), ramp.transpose(Image.Transpose.FLIP_TOP_BOTTOM), ramp][
+            :bands
+        ],
+    )
 
 
 def many_scan_jpeg(copies: int = 400) -> bytes:
@@ -78,14 +83,17 @@ def rle_bmp(budget: int = 19 * 2**20) -> bytes:
 def gif_frames(frames: int = 2000) -> bytes:
     """A 7000x7000 GIF (one colour: an LZW bomb) followed by many 1x1 frames."""
     data = _save(Image.new("P", (SIDE, SIDE), 1), "GIF")[:-1]  # drop the trailer
-    frame = b"\x21\xf9\x04\x00\x00\x00\x00\x00" + b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00"
+    frame = (
+        b"\x21\xf9\x04\x00\x00\x00\x00\x00" + b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00"
+    )
     return data + frame * frames + b"\x3b"
 
 
 def multipage_tiff(pages: int = 3000) -> bytes:
     first = _gradient("RGB")
-    return _save(first, "TIFF", compression="tiff_adobe_deflate", save_all=True,
-                 append_images=[Image.new("L", (1, 1))] * pages)
+    return _save(
+        first, "TIFF", compression="tiff_adobe_deflate", save_all=True, append_images=[Image.new("L", (1, 1))] * pages
+    )
 
 
 FILES = {
@@ -95,8 +103,9 @@ FILES = {
     "jpeg-7000 (overlay)": lambda: _save(_gradient("RGB"), "JPEG", quality=90),
     "jpeg-cmyk-7000": lambda: _save(_gradient("CMYK"), "JPEG", quality=90),
     "jpeg-progressive-7000-400-scans": many_scan_jpeg,
-    "tiff-float-7000-deflate": lambda: _save(Image.fromarray(np.asarray(_gradient("L"), dtype=np.float32)), "TIFF",
-                                             compression="tiff_adobe_deflate"),
+    "tiff-float-7000-deflate": lambda: _save(
+        Image.fromarray(np.asarray(_gradient("L"), dtype=np.float32)), "TIFF", compression="tiff_adobe_deflate"
+    ),
     "tiff-rgb-7000-lzw": lambda: _save(_gradient("RGB"), "TIFF", compression="tiff_lzw"),
     "tiff-7000-plus-3000-pages": multipage_tiff,
     "webp-lossless-7000": lambda: _save(_gradient("RGB"), "WEBP", lossless=True, quality=0, method=0),
@@ -106,8 +115,11 @@ FILES = {
 
 
 def measure(name: str, data: bytes, limits: bool) -> dict:
-    pool = DecodePool(1, timeout_s=DEFAULTS.decode_timeout_s if limits else 600.0,
-                      memory_mb=DEFAULTS.decode_memory_mb if limits else 0).start()
+    pool = DecodePool(
+        1,
+        timeout_s=DEFAULTS.decode_timeout_s if limits else 600.0,
+        memory_mb=DEFAULTS.decode_memory_mb if limits else 0,
+    ).start()
     try:
         (worker,) = pool._idle
         status = Path(f"/proc/{worker.proc.pid}/status")
@@ -115,8 +127,13 @@ def measure(name: str, data: bytes, limits: bool) -> dict:
         t0 = time.perf_counter()
         try:
             side = DEFAULTS.overlay_max_side
-            out = pool.decode(data, 260, max_pixels=DEFAULTS.max_pixels, draft_size=side if "overlay" in name else 260,
-                              thumbnail_side=side if "overlay" in name else 0)
+            out = pool.decode(
+                data,
+                260,
+                max_pixels=DEFAULTS.max_pixels,
+                draft_size=side if "overlay" in name else 260,
+                thumbnail_side=side if "overlay" in name else 0,
+            )
             result = "decoded %dx%d" % out.original_size
         except ImageError as exc:
             result = f"{exc.code}: {exc}"[:90]
@@ -124,8 +141,13 @@ def measure(name: str, data: bytes, limits: bool) -> dict:
         peak = _field(status, "VmHWM") if status.exists() else float("nan")  # a killed worker is gone
     finally:
         pool.close()
-    return {"file": name, "upload_mb": round(len(data) / 2**20, 2), "result": result, "seconds": round(seconds, 2),
-            "peak_rss_growth_mb": round(peak - before, 1)}
+    return {
+        "file": name,
+        "upload_mb": round(len(data) / 2**20, 2),
+        "result": result,
+        "seconds": round(seconds, 2),
+        "peak_rss_growth_mb": round(peak - before, 1),
+    }
 
 
 def _field(status: Path, name: str) -> float:

@@ -11,6 +11,7 @@ else scikit-image's sample photos encoded at quality 90); the timing covers deco
 the encoder forward and the beam search, in one process with torch's default threads
 (all cores) unless ``--threads`` is given. Target: p50 <= 100 ms at beam 3 on 2 CPU cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import LEVERS_HELP, load_captioner, parse_levers, machine, percentiles, sample_uploads, set_threads  # noqa: E402
+from bench.common import LEVERS_HELP, load_captioner, machine, parse_levers, percentiles, sample_uploads, set_threads
 
 
 def main() -> None:
@@ -38,13 +39,22 @@ def main() -> None:
     set_threads(args.threads)
     cap, levers = load_captioner(args.checkpoint, args.levers, device="cpu")
     uploads = sample_uploads(args.images, 8)
-    out = {"threads": torch.get_num_threads(), "model": cap.name, "image_size": cap.encoder_cfg.image_size,
-           "images": len(uploads), "runs": args.runs, "levers": levers, "machine": machine()}
+    out = {
+        "threads": torch.get_num_threads(),
+        "model": cap.name,
+        "image_size": cap.encoder_cfg.image_size,
+        "images": len(uploads),
+        "runs": args.runs,
+        "levers": levers,
+        "machine": machine(),
+    }
     inner = getattr(cap.encoder, "inner", cap.encoder)  # under the fast path's chunking
     caption_encoder = getattr(inner, "encoder", inner)  # a ConceptEncoder's caption part
     for beam in [int(b) for b in args.beams.split(",")]:
         cap.caption(uploads[0], beam_size=beam)  # warm-up
-        times: dict[str, dict[str, list[float]]] = {g: {"pre": [], "enc": [], "dec": [], "total": []} for g in ("concepts", "none")}
+        times: dict[str, dict[str, list[float]]] = {
+            g: {"pre": [], "enc": [], "dec": [], "total": []} for g in ("concepts", "none")
+        }
         no_head: list[float] = []
         for i in range(args.runs):
             data = uploads[i % len(uploads)]
@@ -67,11 +77,17 @@ def main() -> None:
                 t["total"].append((t3 - t0) * 1e3)
         for guidance, t in times.items():
             key = f"beam{beam}" + ("" if guidance == "concepts" else "_none")
-            out[key] = {"total_ms": percentiles(t["total"]), "preprocess_ms": percentiles(t["pre"])["p50"],
-                        "encoder_ms": percentiles(t["enc"])["p50"], "decoder_ms": percentiles(t["dec"])["p50"]}
+            out[key] = {
+                "total_ms": percentiles(t["total"]),
+                "preprocess_ms": percentiles(t["pre"])["p50"],
+                "encoder_ms": percentiles(t["enc"])["p50"],
+                "decoder_ms": percentiles(t["dec"])["p50"],
+            }
             print(json.dumps({key: out[key]}), flush=True)
         out[f"beam{beam}_encoder_without_head_ms"] = percentiles(no_head)["p50"]
-        out[f"beam{beam}_ratio_p50"] = round(out[f"beam{beam}"]["total_ms"]["p50"] / out[f"beam{beam}_none"]["total_ms"]["p50"], 3)
+        out[f"beam{beam}_ratio_p50"] = round(
+            out[f"beam{beam}"]["total_ms"]["p50"] / out[f"beam{beam}_none"]["total_ms"]["p50"], 3
+        )
     print(json.dumps(out))
 
 

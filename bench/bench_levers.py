@@ -20,6 +20,7 @@ Sections (all print one JSON line each, then one JSON summary):
 
 Times are milliseconds over ``--repeats`` runs after one warm-up, the variants of a comparison\ninterleaved round-robin; ``min`` (best of N) is robust to other load on a shared machine, ``median`` is shown too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,16 +29,16 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import jpeg_bytes, machine, sample_photos  # noqa: E402
-from captioner import perf  # noqa: E402
-from captioner.api import Captioner  # noqa: E402
-from captioner.images import load_image, preprocess  # noqa: E402
+from bench.common import jpeg_bytes, machine, sample_photos
+from captioner import perf
+from captioner.api import Captioner
+from captioner.images import load_image, preprocess
 
 
 def race(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, float]]:
@@ -69,15 +70,19 @@ def with_threads(n: int, fn: Callable[[], object]) -> Callable[[], object]:
             return fn()
         finally:
             torch.set_num_threads(before)
+
     return run
 
 
 def bench_threads(cap: Captioner, x: torch.Tensor, repeats: int) -> dict:
     """x (16, 3, S, S) preprocessed photos; batch 8 = the first 8."""
     grid1, grid8 = cap.encode(x[:1]), cap.encode(x[:8])
-    ops = {"encode_b1": lambda: cap.encode(x[:1]), "encode_b8": lambda: cap.encode(x[:8]),
-           "decode_beam3_b1": lambda: cap.decode(grid1, beam_size=3),
-           "decode_beam3_b8": lambda: cap.decode(grid8, beam_size=3)}
+    ops = {
+        "encode_b1": lambda: cap.encode(x[:1]),
+        "encode_b8": lambda: cap.encode(x[:8]),
+        "decode_beam3_b1": lambda: cap.decode(grid1, beam_size=3),
+        "decode_beam3_b8": lambda: cap.decode(grid8, beam_size=3),
+    }
     fns = {f"{op}@{n}": with_threads(n, fn) for op, fn in ops.items() for n in (1, 2)}
     return race(fns, repeats)
 
@@ -92,11 +97,20 @@ def bench_draft(cap: Captioner, photos: list, repeats: int) -> dict:
         drafted = load_image(data, draft_size=size)
         full = load_image(data)
         diff = (preprocess(drafted, size, norm) - preprocess(full, size, norm)).abs().max().item()
-        times = race({"with_draft": lambda: preprocess(load_image(data, draft_size=size), size, norm),
-                      "without_draft": lambda: preprocess(load_image(data), size, norm)}, repeats)
-        out[f"{w}x{h}"] = {"decoded_as": list(drafted.size), "draft_triggers": drafted.size != (w, h),
-                           "with_draft_ms": times["with_draft"], "without_draft_ms": times["without_draft"],
-                           "max_abs_tensor_diff": round(diff, 3)}
+        times = race(
+            {
+                "with_draft": lambda: preprocess(load_image(data, draft_size=size), size, norm),
+                "without_draft": lambda: preprocess(load_image(data), size, norm),
+            },
+            repeats,
+        )
+        out[f"{w}x{h}"] = {
+            "decoded_as": list(drafted.size),
+            "draft_triggers": drafted.size != (w, h),
+            "with_draft_ms": times["with_draft"],
+            "without_draft_ms": times["without_draft"],
+            "max_abs_tensor_diff": round(diff, 3),
+        }
     return out
 
 
@@ -162,17 +176,24 @@ def bench_int8(cap: Captioner, photos: list, repeats: int) -> dict:
 
     for name, dec in (("fp32", fp32), ("int8", int8)):
         texts[name] = [c.text for i in range(0, len(grids), 16) for c in decode_with(dec, grids[i : i + 16])]
-    b1 = race({name: (lambda d=dec: decode_with(d, grids[:1])) for name, dec in (("fp32", fp32), ("int8", int8))}, repeats)
-    b16 = race({name: (lambda d=dec: decode_with(d, grids[:16])) for name, dec in (("fp32", fp32), ("int8", int8))},
-               max(2, repeats // 3))
+    b1 = race(
+        {name: (lambda d=dec: decode_with(d, grids[:1])) for name, dec in (("fp32", fp32), ("int8", int8))}, repeats
+    )
+    b16 = race(
+        {name: (lambda d=dec: decode_with(d, grids[:16])) for name, dec in (("fp32", fp32), ("int8", int8))},
+        max(2, repeats // 3),
+    )
     for name in ("fp32", "int8"):
-        out[name] = {"decode_beam3_b1_ms": b1[name],
-                     "decode_beam3_b16_ms_per_image": {k: round(v / 16, 1) for k, v in b16[name].items()}}
+        out[name] = {
+            "decode_beam3_b1_ms": b1[name],
+            "decode_beam3_b16_ms_per_image": {k: round(v / 16, 1) for k, v in b16[name].items()},
+        }
     cap.decoder = fp32
     same = sum(a == b for a, b in zip(texts["fp32"], texts["int8"]))
     overlap = statistics.mean(
         len(set(a.split()) & set(b.split())) / max(1, len(set(a.split()) | set(b.split())))
-        for a, b in zip(texts["fp32"], texts["int8"]))
+        for a, b in zip(texts["fp32"], texts["int8"])
+    )
     out["identical_captions"] = f"{same}/{len(grids)}"
     out["mean_word_jaccard"] = round(overlap, 3)
     out["examples"] = [{"fp32": a, "int8": b} for a, b in zip(texts["fp32"], texts["int8"]) if a != b][:3]
@@ -191,13 +212,24 @@ def bench_int8_quality(cap: Captioner, data_dir: str, split: str, beam: int) -> 
     paths = sorted({os.path.abspath(r.path) for r in records})
     cache = FeatureCache(default_cache_dir() / f"features-{cache_key(paths, cap.encoder_cfg)}")
     if not cache.complete():
-        raise SystemExit(f"no complete feature cache for {split} in {cache.folder}; run 'captioner evaluate' once first")
+        raise SystemExit(
+            f"no complete feature cache for {split} in {cache.folder}; run 'captioner evaluate' once first"
+        )
     feats, rows = cache.load()
     out = {"split": split, "images": len(records), "beam_size": beam}
     for name, dec in (("fp32", cap.decoder), ("int8", perf.quantize_decoder(cap.decoder).eval())):
         t0 = time.perf_counter()
-        metrics, _ = evaluate_split(dec, feats, rows, records, cap.vocab, beam, int(cap.defaults["max_length"]),
-                                    float(cap.defaults["length_alpha"]), meteor=False)
+        metrics, _ = evaluate_split(
+            dec,
+            feats,
+            rows,
+            records,
+            cap.vocab,
+            beam,
+            int(cap.defaults["max_length"]),
+            float(cap.defaults["length_alpha"]),
+            meteor=False,
+        )
         out[name] = {k: round(float(metrics[k]), 2) for k in ("bleu4", "cider", "rouge_l")}
         out[name]["decode_seconds"] = round(time.perf_counter() - t0, 1)
     return out

@@ -10,6 +10,7 @@ The hybrid path encodes one image at a time but runs the batched beam search. Ea
 per stage (preprocess / encoder / decoder); all use the same weights, and the script reports
 how many classic and batched captions agree.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import LEVERS_HELP, load_captioner, parse_levers, machine, sample_photos, set_threads  # noqa: E402
-from captioner.api import Captioner  # noqa: E402
-from captioner.decoder import Memory, State  # noqa: E402
+from bench.common import LEVERS_HELP, load_captioner, machine, parse_levers, sample_photos, set_threads
+from captioner.api import Captioner
+from captioner.decoder import Memory, State
 
 
 @torch.inference_mode()
@@ -114,19 +115,32 @@ def main() -> None:
     t_hybrid = dict(clock)
 
     n = len(photos)
-    summary = lambda t: {"images_per_s": round(n / sum(t.values()), 2),  # noqa: E731
-                         **{f"{s}_ms_per_image": round(v * 1e3 / n, 1) for s, v in t.items()}}
+    summary = lambda t: {
+        "images_per_s": round(n / sum(t.values()), 2),  # noqa: E731
+        **{f"{s}_ms_per_image": round(v * 1e3 / n, 1) for s, v in t.items()},
+    }
     same = sum(" ".join(cap.vocab.itos[i] for i in c) == b.text for c, b in zip(classic, batched))
-    print(json.dumps({
-        "images": n, "beam_size": k, "batch_size": bs,
-        "classic": summary(t_classic), "batched": summary(t_batched), "hybrid": summary(t_hybrid),
-        "speedup": round(sum(t_classic.values()) / sum(t_batched.values()), 2),
-        "decoder_speedup": round(t_classic["dec"] / t_batched["dec"], 2),
-        "encoder_speedup": round(t_classic["enc"] / t_batched["enc"], 2),
-        "hybrid_speedup": round(sum(t_classic.values()) / sum(t_hybrid.values()), 2),
-        "identical_captions": f"{same}/{n} (the classic search has no repeat blocking)",
-        "model": cap.name, "levers": levers, "machine": machine(),
-    }))
+    print(
+        json.dumps(
+            {
+                "images": n,
+                "beam_size": k,
+                "batch_size": bs,
+                "classic": summary(t_classic),
+                "batched": summary(t_batched),
+                "hybrid": summary(t_hybrid),
+                "speedup": round(sum(t_classic.values()) / sum(t_batched.values()), 2),
+                "decoder_speedup": round(t_classic["dec"] / t_batched["dec"], 2),
+                "encoder_speedup": round(t_classic["enc"] / t_batched["enc"], 2),
+                "hybrid_speedup": round(sum(t_classic.values()) / sum(t_hybrid.values()), 2),
+                "identical_captions": f"{same}/{n} (the classic search has no repeat blocking)",
+                "model": cap.name,
+                "levers": levers,
+                "machine": machine(),
+            }
+        )
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ Calibration uses ``--calib`` Flickr8k *train* photos; timing and fidelity use te
 use the first ``--captions`` dev photos. Timing runs the variants round-robin, ``--rounds`` times; the
 speed-up of each variant is its ms/image against ``torch_fast`` in the same round. JSON to stdout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,12 +36,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import machine  # noqa: E402
-from captioner.api import Captioner  # noqa: E402
-from captioner.perf import fold_batchnorm  # noqa: E402
+from bench.common import machine
+from captioner.api import Captioner
+from captioner.perf import fold_batchnorm
 
 Run = Callable[[np.ndarray], np.ndarray]  # images (B, 3, S, S) -> annotations (B, L, D)
 
@@ -59,8 +59,16 @@ def export_onnx(cap_exact: Captioner, path: Path) -> None:
     enc = copy.deepcopy(cap_exact.encoder).eval()
     fold_batchnorm(enc)
     s = enc.config.image_size
-    torch.onnx.export(enc, (torch.zeros(1, 3, s, s),), str(path), input_names=["images"], output_names=["annotations"],
-                      dynamic_axes={"images": {0: "batch"}, "annotations": {0: "batch"}}, opset_version=17, dynamo=False)
+    torch.onnx.export(
+        enc,
+        (torch.zeros(1, 3, s, s),),
+        str(path),
+        input_names=["images"],
+        output_names=["annotations"],
+        dynamic_axes={"images": {0: "batch"}, "annotations": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
 
 
 def ort_session(path: Path, threads: int) -> Run:
@@ -93,16 +101,27 @@ def ort_int8(fp32: Path, out: Path, calib: np.ndarray, exclude: list[str]) -> Pa
 
     pre = out.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32), str(pre))
-    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
+    quantize_static(
+        str(pre),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=exclude,
+    )
     return out
 
 
 def ov_compiled(model: object, threads: int) -> Run:
     import openvino as ov
 
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-                                                      "INFERENCE_PRECISION_HINT": "f32"})
+    compiled = ov.Core().compile_model(
+        model,
+        "CPU",
+        {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"},
+    )
     request = compiled.create_infer_request()
     return lambda x: request.infer({0: x})[0].copy()
 
@@ -131,6 +150,7 @@ def torch_ao_int8(cap_exact: Captioner, calib: np.ndarray) -> Run:
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return model(torch.from_numpy(x)).numpy()
+
     return run
 
 
@@ -138,7 +158,9 @@ def torch_run(cap: Captioner) -> Run:
     return lambda x: cap.encode(torch.from_numpy(x)).numpy()
 
 
-def build(args: argparse.Namespace, cap: Captioner, cap_exact: Captioner, calib: np.ndarray, tmp: Path) -> tuple[dict[str, Run], dict]:
+def build(
+    args: argparse.Namespace, cap: Captioner, cap_exact: Captioner, calib: np.ndarray, tmp: Path
+) -> tuple[dict[str, Run], dict]:
     """Every variant that builds here -> ({name: run}, {name: build seconds or the error})."""
     runs: dict[str, Run] = {"torch_fast": torch_run(cap)}
     info: dict = {}
@@ -159,9 +181,13 @@ def build(args: argparse.Namespace, cap: Captioner, cap_exact: Captioner, calib:
     if onnx_path.is_file():
         attempt("ort_fp32", lambda: ort_session(onnx_path, args.threads))
         head = [last_conv(onnx_path)]
-        attempt("ort_int8", lambda: ort_session(ort_int8(onnx_path, tmp / "encoder_int8.onnx", calib, []), args.threads))
-        attempt("ort_int8_fp32head", lambda: ort_session(ort_int8(onnx_path, tmp / "encoder_int8h.onnx", calib, head),
-                                                         args.threads))
+        attempt(
+            "ort_int8", lambda: ort_session(ort_int8(onnx_path, tmp / "encoder_int8.onnx", calib, []), args.threads)
+        )
+        attempt(
+            "ort_int8_fp32head",
+            lambda: ort_session(ort_int8(onnx_path, tmp / "encoder_int8h.onnx", calib, head), args.threads),
+        )
         attempt("ov_fp32", lambda: ov_compiled(str(onnx_path), args.threads))
         attempt("ov_int8", lambda: ov_compiled(ov_int8(onnx_path, calib), args.threads))
     if args.torch_ao:
@@ -177,9 +203,12 @@ def fidelity(runs: dict[str, Run], exact: Run, images: np.ndarray) -> dict[str, 
         batched = run(images)
         alone = np.concatenate([run(images[i : i + 1]) for i in range(len(images))])
         diff = np.abs(batched - ref)
-        out[name] = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
-                     "ref_mean_abs": float(np.abs(ref).mean()),
-                     "batch_vs_alone_max_abs": float(np.abs(batched - alone).max())}
+        out[name] = {
+            "max_abs": float(diff.max()),
+            "mean_abs": float(diff.mean()),
+            "ref_mean_abs": float(np.abs(ref).mean()),
+            "batch_vs_alone_max_abs": float(np.abs(batched - alone).max()),
+        }
     return out
 
 
@@ -197,13 +226,19 @@ def timing(runs: dict[str, Run], images: np.ndarray, rounds: int, batch: int) ->
                 run(b)
             ms[name] = 1000 * (time.perf_counter() - t0) / (len(batches) * batch)
         per_round.append(ms)
-    return {name: {"ms_per_image": [round(r[name], 1) for r in per_round],
-                   "median_ms": round(statistics.median(r[name] for r in per_round), 1),
-                   "speedup_vs_torch_fast": round(statistics.median(r["torch_fast"] / r[name] for r in per_round), 2)}
-            for name in runs}
+    return {
+        name: {
+            "ms_per_image": [round(r[name], 1) for r in per_round],
+            "median_ms": round(statistics.median(r[name] for r in per_round), 1),
+            "speedup_vs_torch_fast": round(statistics.median(r["torch_fast"] / r[name] for r in per_round), 2),
+        }
+        for name in runs
+    }
 
 
-def captions(args: argparse.Namespace, cap: Captioner, cap_exact: Captioner, runs: dict[str, Run], names: list[str]) -> dict:
+def captions(
+    args: argparse.Namespace, cap: Captioner, cap_exact: Captioner, runs: dict[str, Run], names: list[str]
+) -> dict:
     """Captions of dev photos: exact model, shipped model, and the shipped decoder on each candidate's grids."""
     from captioner.metrics import score
 
@@ -215,7 +250,9 @@ def captions(args: argparse.Namespace, cap: Captioner, cap_exact: Captioner, run
     systems: dict[str, list[str]] = {}
     for i in range(0, len(images), 16):
         chunk = images[i : i + 16]
-        systems.setdefault("exact", []).extend(c.text for c in cap_exact.decode(cap_exact.encode(torch.from_numpy(chunk))))
+        systems.setdefault("exact", []).extend(
+            c.text for c in cap_exact.decode(cap_exact.encode(torch.from_numpy(chunk)))
+        )
         for name in args.caption_variants:
             if name in runs:
                 grids = torch.from_numpy(np.ascontiguousarray(runs[name](chunk)))
@@ -223,9 +260,12 @@ def captions(args: argparse.Namespace, cap: Captioner, cap_exact: Captioner, run
     out = {}
     for name, texts in systems.items():
         s = score(dict(zip(names, texts)), {n: refs[n] for n in names})
-        out[name] = {"bleu4": round(s["bleu4"], 2), "meteor": None if s["meteor"] is None else round(s["meteor"], 2),
-                     "cider": round(s["cider"], 2),
-                     "changed_vs_torch_fast": sum(a != b for a, b in zip(texts, systems.get("torch_fast", texts)))}
+        out[name] = {
+            "bleu4": round(s["bleu4"], 2),
+            "meteor": None if s["meteor"] is None else round(s["meteor"], 2),
+            "cider": round(s["cider"], 2),
+            "changed_vs_torch_fast": sum(a != b for a, b in zip(texts, systems.get("torch_fast", texts))),
+        }
     return out
 
 
@@ -249,7 +289,12 @@ def main() -> None:
     folder, data = Path(args.images), Path(args.data)
     calib = preprocessed(cap, folder, split_names(data, "train")[: args.calib])
     images = preprocessed(cap, folder, split_names(data, "test")[: args.n])
-    result: dict = {"bench": "runtimes", "machine": machine(), "threads": args.threads, "load1_start": os.getloadavg()[0]}
+    result: dict = {
+        "bench": "runtimes",
+        "machine": machine(),
+        "threads": args.threads,
+        "load1_start": os.getloadavg()[0],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         runs, result["build"] = build(args, cap, cap_exact, calib, Path(tmp))
         result["onnx_mb"] = {p.name: round(p.stat().st_size / 1e6, 1) for p in Path(tmp).glob("*.onnx")}

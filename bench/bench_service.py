@@ -20,6 +20,7 @@ service runs as shipped (its CPU fast path on); ``--levers none`` sets ``CAPTION
 of levers serves ``bench.service_levers:create_app()`` (the same service, handed the fp32 model
 with those ``captioner.perf`` options applied).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import LEVERS_HELP, parse_levers, percentiles, repo_root, sample_uploads  # noqa: E402
+from bench.common import LEVERS_HELP, parse_levers, percentiles, repo_root, sample_uploads
 
 HOST = "127.0.0.1"
 
@@ -78,8 +79,9 @@ class Service:
         self.log = log_path.open("wb")
         gunicorn = repo_root() / ".venv" / "bin" / "gunicorn"
         cmd = [str(gunicorn) if gunicorn.exists() else "gunicorn", "--config", "service/gunicorn_conf.py", app]
-        self.proc = subprocess.Popen(cmd, cwd=repo_root(), env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=repo_root(), env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def wait_ready(self, port: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -155,9 +157,15 @@ def run_clients(port: int, uploads: list[bytes], clients: int, requests: int, qu
     wall = time.perf_counter() - t0
     after = batch_histogram(port)
     batches = after[1] - before[1]
-    out = {"clients": clients, "requests": clients * requests, "ok": len(latencies),
-           "errors": sum(errors.values()), "error_kinds": errors, "seconds": round(wall, 2),
-           "throughput_rps": round(len(latencies) / wall, 2)}
+    out = {
+        "clients": clients,
+        "requests": clients * requests,
+        "ok": len(latencies),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "seconds": round(wall, 2),
+        "throughput_rps": round(len(latencies) / wall, 2),
+    }
     if latencies:
         pct = percentiles(latencies)
         out |= {"p50_ms": pct["p50"], "p99_ms": pct["p99"]}
@@ -168,8 +176,14 @@ def run_clients(port: int, uploads: list[bytes], clients: int, requests: int, qu
 
 def bench_config(args: argparse.Namespace, max_batch: int, uploads: list[bytes], workdir: Path) -> dict:
     port = free_port()
-    env = dict(os.environ, HOST=HOST, PORT=str(port), CAPTIONER_MAX_BATCH=str(max_batch),
-               CAPTIONER_LOG_LEVEL=args.log_level, PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        HOST=HOST,
+        PORT=str(port),
+        CAPTIONER_MAX_BATCH=str(max_batch),
+        CAPTIONER_LOG_LEVEL=args.log_level,
+        PYTHONUNBUFFERED="1",
+    )
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     if args.checkpoint:
         env["CAPTIONER_MODEL"] = str(Path(args.checkpoint).resolve())
@@ -219,7 +233,9 @@ def main() -> None:
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--max-batch", default="8,1", help="CAPTIONER_MAX_BATCH values to compare (1 = no batching)")
     p.add_argument("--threads", type=int, help="CAPTIONER_TORCH_THREADS (default: the service's default)")
-    p.add_argument("--workers", type=int, help="CAPTIONER_WORKERS: gunicorn worker processes (default: the service's default)")
+    p.add_argument(
+        "--workers", type=int, help="CAPTIONER_WORKERS: gunicorn worker processes (default: the service's default)"
+    )
     p.add_argument("--levers", help=LEVERS_HELP + " (a list is served through bench/service_levers.py)")
     p.add_argument("--startup-timeout", type=float, default=180)
     p.add_argument("--log-level", default="warning", help="CAPTIONER_LOG_LEVEL of the service")
@@ -229,11 +245,17 @@ def main() -> None:
     if min(args.clients) < 1 or args.requests < 1:
         p.error("--clients and --requests must be >= 1")
     uploads = sample_uploads(args.images, 16)
-    results = {"beam_size": args.beam_size, "requests_per_client": args.requests, "uploads": len(uploads),
-               "levers": "shipped default" if args.levers is None else parse_levers(args.levers), "torch_threads": args.threads or "default",
-               "workers": args.workers or "default",
-               "upload_kb_mean": round(sum(map(len, uploads)) / len(uploads) / 1024, 1),
-               "cores": os.cpu_count(), "configs": []}
+    results = {
+        "beam_size": args.beam_size,
+        "requests_per_client": args.requests,
+        "uploads": len(uploads),
+        "levers": "shipped default" if args.levers is None else parse_levers(args.levers),
+        "torch_threads": args.threads or "default",
+        "workers": args.workers or "default",
+        "upload_kb_mean": round(sum(map(len, uploads)) / len(uploads) / 1024, 1),
+        "cores": os.cpu_count(),
+        "configs": [],
+    }
     with tempfile.TemporaryDirectory(prefix="bench_service_") as tmp:
         for mb in [int(m) for m in args.max_batch.split(",")]:
             results["configs"].append(bench_config(args, mb, uploads, Path(tmp)))

@@ -14,6 +14,7 @@ Each measurement runs in a fresh process, round-robin over ``--rounds`` rounds (
   leave the library untouched: building the encoder from one safetensors file of its (already folded)
   weights instead of the packaged ImageNet ``.pth`` + checkpoint, and ``Captioner.load(fast=False)``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-STAGES = r'''
+STAGES = r"""
 import cProfile, json, pstats, sys, tempfile, time
 t0 = time.perf_counter(); out = {}
 import torch
@@ -65,7 +66,7 @@ out["exp_encoder_pretrained_pth"] = time.perf_counter() - t
 t = time.perf_counter(); Captioner.load(device="cpu", fast=False)
 out["exp_load_exact"] = time.perf_counter() - t
 print(json.dumps(out))
-'''
+"""
 
 
 def timed(cmd: list[str]) -> float:
@@ -102,16 +103,21 @@ def main() -> None:
                 walls[name].append(float("nan"))  # e.g. the optional runtime is not installed
         run = subprocess.run([py, "-c", STAGES, args.image], check=True, capture_output=True, text=True, cwd=ROOT)
         stages.append(json.loads(run.stdout.strip().splitlines()[-1]))
-        print(json.dumps({"walls": {k: round(v[-1], 2) for k, v in walls.items()}, "stages": stages[-1]}), file=sys.stderr)
+        print(
+            json.dumps({"walls": {k: round(v[-1], 2) for k, v in walls.items()}, "stages": stages[-1]}), file=sys.stderr
+        )
 
     def med(values: list[float]) -> float:
         return round(statistics.median(values), 2)
 
     flat = [k for k in stages[0] if k != "load_parts"]
-    result = {"bench": "startup", "load1_per_round": loads,
-              "walls_s": {k: med(v) for k, v in walls.items()},
-              "stages_s": {k: med([s[k] for s in stages]) for k in flat},
-              "load_parts_s": {k: med([s["load_parts"][k] for s in stages]) for k in stages[0]["load_parts"]}}
+    result = {
+        "bench": "startup",
+        "load1_per_round": loads,
+        "walls_s": {k: med(v) for k, v in walls.items()},
+        "stages_s": {k: med([s[k] for s in stages]) for k in flat},
+        "load_parts_s": {k: med([s["load_parts"][k] for s in stages]) for k in stages[0]["load_parts"]},
+    }
     print(json.dumps(result, indent=2))
 
 

@@ -21,6 +21,7 @@
    fold_bn, channels_last, encode_chunk2); ``--levers none`` measures the plain encoder, and a
    list such as ``--levers fold_bn,channels_last`` applies just those options.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,19 +36,47 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import encode_chunk, machine, parse_levers, set_threads, write_sample_jpegs  # noqa: E402
-from captioner import perf  # noqa: E402
-from captioner import checkpoint  # noqa: E402
-from captioner.datasets import FeatureCache, ImageGroupedBatches, collate_pairs  # noqa: E402
-from captioner.decoder import AttentionDecoder, DecoderConfig  # noqa: E402
-from captioner.encoder import Encoder, EncoderConfig  # noqa: E402
-from captioner.xe import XeOptions, train_one_epoch  # noqa: E402
+from bench.common import encode_chunk, machine, parse_levers, set_threads, write_sample_jpegs
+from captioner import (
+    checkpoint,
+    perf,
+)
+from captioner.datasets import FeatureCache, ImageGroupedBatches, collate_pairs
+from captioner.decoder import AttentionDecoder, DecoderConfig
+from captioner.encoder import Encoder, EncoderConfig
+from captioner.xe import XeOptions, train_one_epoch
 
 #: Flickr8k training captions (30,000) by token count incl. <start>/<end>, words cut at 30 as in training.
 FLICKR8K_LENGTHS = {
-    4: 15, 5: 126, 6: 346, 7: 862, 8: 1958, 9: 2537, 10: 2927, 11: 3319, 12: 3319, 13: 3132, 14: 2778,
-    15: 2320, 16: 1848, 17: 1329, 18: 977, 19: 662, 20: 513, 21: 365, 22: 204, 23: 136, 24: 110, 25: 74,
-    26: 52, 27: 33, 28: 20, 29: 11, 30: 7, 31: 9, 32: 11,
+    4: 15,
+    5: 126,
+    6: 346,
+    7: 862,
+    8: 1958,
+    9: 2537,
+    10: 2927,
+    11: 3319,
+    12: 3319,
+    13: 3132,
+    14: 2778,
+    15: 2320,
+    16: 1848,
+    17: 1329,
+    18: 977,
+    19: 662,
+    20: 513,
+    21: 365,
+    22: 204,
+    23: 136,
+    24: 110,
+    25: 74,
+    26: 52,
+    27: 33,
+    28: 20,
+    29: 11,
+    30: 7,
+    31: 9,
+    32: 11,
 }
 FLICKR8K_EPOCH_TOKENS = sum((n - 1) * c for n, c in FLICKR8K_LENGTHS.items())  # predicted tokens per epoch
 FLICKR8K_TRAIN_DEV_IMAGES = 7000
@@ -101,18 +130,25 @@ def bench_decoder(args: argparse.Namespace, dec_cfg: DecoderConfig, shape: tuple
 
     def run(sel: list[list[int]]) -> dict:
         loader = DataLoader(pairs, batch_sampler=sel, collate_fn=collate_pairs)
-        return train_one_epoch(decoder, None, loader, feats, optimizer, scheduler, train_args,
-                               torch.device("cpu"), 0, show=False)
+        return train_one_epoch(
+            decoder, None, loader, feats, optimizer, scheduler, train_args, torch.device("cpu"), 0, show=False
+        )
 
     run(batches[: args.warmup_steps])
     stats = run(batches[args.warmup_steps : need])
     tps = stats["tokens_per_s"]
-    return {"features": "cache " + args.cache if args.cache else "synthetic", "grid": list(shape),
-            "vocab": dec_cfg.vocab_size, "images_per_batch": args.batch_size,
-            "captions_per_batch": 5 * args.batch_size, "steps": args.steps,
-            "seconds_per_step": round(stats["epoch_seconds"] / args.steps, 3), "tokens_per_s": round(tps),
-            "flickr8k_epoch_tokens": FLICKR8K_EPOCH_TOKENS,
-            "flickr8k_epoch_minutes": round(FLICKR8K_EPOCH_TOKENS / tps / 60, 1)}
+    return {
+        "features": "cache " + args.cache if args.cache else "synthetic",
+        "grid": list(shape),
+        "vocab": dec_cfg.vocab_size,
+        "images_per_batch": args.batch_size,
+        "captions_per_batch": 5 * args.batch_size,
+        "steps": args.steps,
+        "seconds_per_step": round(stats["epoch_seconds"] / args.steps, 3),
+        "tokens_per_s": round(tps),
+        "flickr8k_epoch_tokens": FLICKR8K_EPOCH_TOKENS,
+        "flickr8k_epoch_minutes": round(FLICKR8K_EPOCH_TOKENS / tps / 60, 1),
+    }
 
 
 def bench_extraction(args: argparse.Namespace, enc_cfg: EncoderConfig) -> dict:
@@ -145,16 +181,26 @@ def bench_extraction(args: argparse.Namespace, enc_cfg: EncoderConfig) -> dict:
         FeatureCache(root / "timed").build(timed, encoder, batch_size=32, num_workers=1, progress=False)
         secs = time.perf_counter() - t0
     per_image = secs / len(timed)
-    return {"backbone": enc_cfg.backbone, "image_size": enc_cfg.image_size, "batch_size": 32, "images": len(timed),
-            "source": args.images or "scikit-image samples (JPEG)", "levers": levers,
-            "ms_per_image": round(per_image * 1e3, 1), "images_per_s": round(1 / per_image, 2),
-            "flickr8k_train_dev_minutes": round(FLICKR8K_TRAIN_DEV_IMAGES * per_image / 60, 1)}
+    return {
+        "backbone": enc_cfg.backbone,
+        "image_size": enc_cfg.image_size,
+        "batch_size": 32,
+        "images": len(timed),
+        "source": args.images or "scikit-image samples (JPEG)",
+        "levers": levers,
+        "ms_per_image": round(per_image * 1e3, 1),
+        "images_per_s": round(1 / per_image, 2),
+        "flickr8k_train_dev_minutes": round(FLICKR8K_TRAIN_DEV_IMAGES * per_image / 60, 1),
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="take the encoder/decoder configuration from this model (default: "
-                   "efficientnet-lite2 at 260 px and the default decoder with a Flickr8k-sized vocabulary)")
+    p.add_argument(
+        "--checkpoint",
+        help="take the encoder/decoder configuration from this model (default: "
+        "efficientnet-lite2 at 260 px and the default decoder with a Flickr8k-sized vocabulary)",
+    )
     p.add_argument("--cache", help="real feature cache folder (features.npy) instead of synthetic features")
     p.add_argument("--rows", type=int, default=768, help="feature rows (images) to train on")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (x5 captions), as in training")
@@ -163,7 +209,10 @@ def main() -> None:
     p.add_argument("--extract-images", type=int, default=96, help="timed images for the extraction benchmark (0: skip)")
     p.add_argument("--images", help="photos for the extraction benchmark (default: scikit-image samples)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: all cores)")
-    p.add_argument("--levers", help="extraction encoder: omitted = as shipped (fast_encoder), none = plain, or a list of fold_bn, channels_last, encode_chunkN")
+    p.add_argument(
+        "--levers",
+        help="extraction encoder: omitted = as shipped (fast_encoder), none = plain, or a list of fold_bn, channels_last, encode_chunkN",
+    )
     p.add_argument("--skip-decoder", action="store_true")
     args = p.parse_args()
     if "int8_decoder" in parse_levers(args.levers):

@@ -3,6 +3,7 @@
 The default photos are scikit-image's bundled sample photos (read from the installed
 package's data folder, so they work offline); ``--images FOLDER`` uses real photos instead.
 """
+
 from __future__ import annotations
 
 import io
@@ -17,8 +18,14 @@ from PIL import Image, ImageOps
 
 #: Colour/greyscale *photos* that ship inside scikit-image (no download needed).
 SAMPLE_FILES = (
-    "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg",
-    "motorcycle_left.png", "hubble_deep_field.jpg", "camera.png", "ihc.png",
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "hubble_deep_field.jpg",
+    "camera.png",
+    "ihc.png",
 )
 
 
@@ -120,15 +127,22 @@ def machine() -> dict[str, object]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.is_available()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
 
 
 LEVERS = ("fold_bn", "channels_last", "int8_decoder", "encode_chunkN")
 
 
-LEVERS_HELP = ("captioner.perf options: omitted = the shipped default (Captioner.load's fast path on CPU), "
-               "'none' = the fp32 model exactly as trained, or a list such as fold_bn,channels_last,encode_chunk2,int8_decoder")
+LEVERS_HELP = (
+    "captioner.perf options: omitted = the shipped default (Captioner.load's fast path on CPU), "
+    "'none' = the fp32 model exactly as trained, or a list such as fold_bn,channels_last,encode_chunk2,int8_decoder"
+)
 
 
 def parse_levers(spec: str | None) -> list[str]:
@@ -146,7 +160,7 @@ def parse_levers(spec: str | None) -> list[str]:
 
 def encode_chunk(names: list[str]) -> int | None:
     """N of an ``encode_chunkN`` lever in ``names``, else None."""
-    return next((int(n[len("encode_chunk"):]) for n in names if n.startswith("encode_chunk")), None)
+    return next((int(n[len("encode_chunk") :]) for n in names if n.startswith("encode_chunk")), None)
 
 
 def load_captioner(checkpoint: str | None, spec: str | None, device: str | None = "cpu") -> tuple[Any, list[str]]:
@@ -166,6 +180,11 @@ def apply_levers(cap: object, names: list[str]) -> list[str]:
     if names:
         from captioner.perf import optimize
 
-        optimize(cap, fold_bn="fold_bn" in names, channels_last="channels_last" in names,
-                 int8_decoder="int8_decoder" in names, encode_chunk=encode_chunk(names))
+        optimize(
+            cap,
+            fold_bn="fold_bn" in names,
+            channels_last="channels_last" in names,
+            int8_decoder="int8_decoder" in names,
+            encode_chunk=encode_chunk(names),
+        )
     return names

@@ -19,6 +19,7 @@ whether the worker survived (same pid), and ``/readyz`` at the end, as one JSON 
 (progress on stderr). The server only listens on 127.0.0.1 and is stopped at the end (SIGTERM) in
 every case. Exit status 0 when every expectation held, 1 otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,9 +90,15 @@ def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
 
 def multipart(data: bytes, filename: str, content_type: str, **fields: str) -> tuple[bytes, dict[str, str]]:
     boundary = uuid.uuid4().hex
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()]
-    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
-                 f"Content-Type: {content_type}\r\n\r\n".encode() + data + b"\r\n")
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()
+    ]
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+        f"Content-Type: {content_type}\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+    )
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
@@ -116,26 +123,59 @@ def build_payloads() -> tuple[list[Payload], list[Payload]]:
                 body, headers = multipart(jpg, f"photo{i}.jpg", "image/jpeg")
             else:
                 body, headers = jpg, {"Content-Type": "image/jpeg"}
-            good.append(Payload("good", f"jpeg-{size[0]}x{size[1]}{query}", f"/v1/captions{query}", body, headers,
-                                frozenset({200})))
+            good.append(
+                Payload(
+                    "good", f"jpeg-{size[0]}x{size[1]}{query}", f"/v1/captions{query}", body, headers, frozenset({200})
+                )
+            )
     png = encode(photo(9, (400, 300)), "PNG")
     good.append(Payload("good", "png-400x300", "/v1/captions", png, {"Content-Type": "image/png"}, frozenset({200})))
 
     jpg = encode(photo(7, (640, 480)), "JPEG")
     rnd = random.Random(0)
     bad = [
-        Payload("bad", "garbage", "/v1/captions", bytes(rnd.getrandbits(8) for _ in range(4096)),
-                {"Content-Type": "image/jpeg"}, frozenset({400})),
-        Payload("bad", "truncated-jpeg", "/v1/captions", jpg[: len(jpg) // 3], {"Content-Type": "image/jpeg"},
-                frozenset({400})),
-        Payload("bad", "bomb-30000x30000", "/v1/captions", png_bomb(30000, 30000), {"Content-Type": "image/png"},
-                frozenset({413})),
-        Payload("bad", "json-body", "/v1/captions", b'{"image": "x"}', {"Content-Type": "application/json"},
-                frozenset({415})),
-        Payload("bad", "beam_size=0", "/v1/captions?beam_size=0", jpg, {"Content-Type": "image/jpeg"},
-                frozenset({400})),
-        Payload("bad", "empty-image-file", "/v1/captions", *multipart(b"", "empty.jpg", "image/jpeg", beam_size="2"),
-                frozenset({400})),
+        Payload(
+            "bad",
+            "garbage",
+            "/v1/captions",
+            bytes(rnd.getrandbits(8) for _ in range(4096)),
+            {"Content-Type": "image/jpeg"},
+            frozenset({400}),
+        ),
+        Payload(
+            "bad",
+            "truncated-jpeg",
+            "/v1/captions",
+            jpg[: len(jpg) // 3],
+            {"Content-Type": "image/jpeg"},
+            frozenset({400}),
+        ),
+        Payload(
+            "bad",
+            "bomb-30000x30000",
+            "/v1/captions",
+            png_bomb(30000, 30000),
+            {"Content-Type": "image/png"},
+            frozenset({413}),
+        ),
+        Payload(
+            "bad",
+            "json-body",
+            "/v1/captions",
+            b'{"image": "x"}',
+            {"Content-Type": "application/json"},
+            frozenset({415}),
+        ),
+        Payload(
+            "bad", "beam_size=0", "/v1/captions?beam_size=0", jpg, {"Content-Type": "image/jpeg"}, frozenset({400})
+        ),
+        Payload(
+            "bad",
+            "empty-image-file",
+            "/v1/captions",
+            *multipart(b"", "empty.jpg", "image/jpeg", beam_size="2"),
+            frozenset({400}),
+        ),
     ]
     return good, bad
 
@@ -203,8 +243,9 @@ class Server:
         env.update(HOST=HOST, PORT=str(self.port), CAPTIONER_MODEL=str(checkpoint))
         self.log_path = workdir / "gunicorn.log"
         with open(self.log_path, "wb") as fh:
-            self.proc = subprocess.Popen(SERVE, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                SERVE, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+            )
         started = time.time()
         while True:
             if self.proc.poll() is not None:
@@ -260,8 +301,16 @@ class Phase:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def client_loop(port: int, phase: Phase, payloads: list[Payload], weights: list[float], seed: int,
-                deadline: float, timeout: float, backoff: bool) -> None:
+def client_loop(
+    port: int,
+    phase: Phase,
+    payloads: list[Payload],
+    weights: list[float],
+    seed: int,
+    deadline: float,
+    timeout: float,
+    backoff: bool,
+) -> None:
     rnd = random.Random(seed)
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
@@ -279,8 +328,9 @@ def client_loop(port: int, phase: Phase, payloads: list[Payload], weights: list[
                 if r.status == 200 and not body.get("caption"):
                     rec.correct, rec.failure = False, "200 without a caption"
             except (OSError, http.client.HTTPException, ValueError) as exc:
-                rec = Record(p.kind, p.name, None, time.perf_counter() - started, False,
-                             failure=f"{type(exc).__name__}: {exc}")
+                rec = Record(
+                    p.kind, p.name, None, time.perf_counter() - started, False, failure=f"{type(exc).__name__}: {exc}"
+                )
                 conn.close()
                 conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
             with phase.lock:
@@ -294,13 +344,17 @@ def client_loop(port: int, phase: Phase, payloads: list[Payload], weights: list[
         conn.close()
 
 
-def run_phase(port: int, phase: Phase, payloads: list[Payload], weights: list[float], timeout: float,
-              backoff: bool = False) -> float:
+def run_phase(
+    port: int, phase: Phase, payloads: list[Payload], weights: list[float], timeout: float, backoff: bool = False
+) -> float:
     log(f"{phase.name}: {phase.clients} clients for {phase.duration:g} s")
     deadline = time.perf_counter() + phase.duration
-    threads = [threading.Thread(target=client_loop, daemon=True,
-                                args=(port, phase, payloads, weights, 1000 + i, deadline, timeout, backoff))
-               for i in range(phase.clients)]
+    threads = [
+        threading.Thread(
+            target=client_loop, daemon=True, args=(port, phase, payloads, weights, 1000 + i, deadline, timeout, backoff)
+        )
+        for i in range(phase.clients)
+    ]
     started = time.perf_counter()
     for t in threads:
         t.start()
@@ -331,34 +385,54 @@ def summarise(phase: Phase, wall: float) -> dict:
         "5xx": sum(1 for r in recs if r.status and r.status >= 500),
         "5xx_other_than_overloaded": sum(1 for r in recs if r.status and r.status >= 500 and r not in overloaded),
         "dropped_connections": statuses.get("dropped", 0),
-        "wrong_answers": sum(1 for r in recs if r.status is not None and not r.correct
-                             and not (r.status == 503 and r.error_code == "overloaded")),
-        "latency_ms_200": {"p50": percentile([r.seconds for r in ok], 50), "p90": percentile([r.seconds for r in ok], 90),
-                           "p99": percentile([r.seconds for r in ok], 99),
-                           "max": percentile([r.seconds for r in ok], 100)},
-        "latency_ms_4xx": {"p50": percentile([r.seconds for r in recs if r.status and 400 <= r.status < 500], 50),
-                           "p99": percentile([r.seconds for r in recs if r.status and 400 <= r.status < 500], 99)},
-        "latency_ms_503": {"p50": percentile([r.seconds for r in overloaded], 50),
-                           "p99": percentile([r.seconds for r in overloaded], 99)},
+        "wrong_answers": sum(
+            1
+            for r in recs
+            if r.status is not None and not r.correct and not (r.status == 503 and r.error_code == "overloaded")
+        ),
+        "latency_ms_200": {
+            "p50": percentile([r.seconds for r in ok], 50),
+            "p90": percentile([r.seconds for r in ok], 90),
+            "p99": percentile([r.seconds for r in ok], 99),
+            "max": percentile([r.seconds for r in ok], 100),
+        },
+        "latency_ms_4xx": {
+            "p50": percentile([r.seconds for r in recs if r.status and 400 <= r.status < 500], 50),
+            "p99": percentile([r.seconds for r in recs if r.status and 400 <= r.status < 500], 99),
+        },
+        "latency_ms_503": {
+            "p50": percentile([r.seconds for r in overloaded], 50),
+            "p99": percentile([r.seconds for r in overloaded], 99),
+        },
         "503_overloaded": len(overloaded),
         "503_with_retry_after": sum(1 for r in overloaded if r.retry_after and r.retry_after.isdigit()),
         "retry_after_s": sorted({int(r.retry_after) for r in overloaded if r.retry_after and r.retry_after.isdigit()}),
-        "failures": sorted(Counter(f"{r.name}: {r.failure or r.status}" for r in recs
-                                   if r.failure or (r.status is not None and not r.correct and r.status != 503)).items())[:10],
+        "failures": sorted(
+            Counter(
+                f"{r.name}: {r.failure or r.status}"
+                for r in recs
+                if r.failure or (r.status is not None and not r.correct and r.status != 503)
+            ).items()
+        )[:10],
     }
 
 
 # ---------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--checkpoint", help="model folder (default: the shipped models/flickr8k-lite2, else a tiny one)")
     ap.add_argument("--clients", type=int, default=16, help="concurrent clients in the steady phase")
     ap.add_argument("--duration", type=float, default=120, help="seconds of the steady phase")
     ap.add_argument("--bad-fraction", type=float, default=0.2, help="share of bad uploads in the steady phase")
     ap.add_argument("--burst-clients", type=int, help="clients in the burst (default: threads + queue + 16)")
     ap.add_argument("--burst-duration", type=float, default=20, help="seconds of the burst phase (0 = none)")
-    ap.add_argument("--no-backoff", action="store_true",
-                    help="burst clients retry at once after a 503 instead of waiting its Retry-After")
+    ap.add_argument(
+        "--no-backoff",
+        action="store_true",
+        help="burst clients retry at once after a 503 instead of waiting its Retry-After",
+    )
     ap.add_argument("--timeout", type=float, default=90, help="client socket timeout, seconds")
     ap.add_argument("--ready-timeout", type=float, default=300, help="seconds to wait for /readyz")
     args = ap.parse_args(argv)
@@ -374,9 +448,15 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(workdir)
         log(f"starting gunicorn with {checkpoint} ...")
         server = Server(checkpoint, workdir, args.ready_timeout)
-        summary: dict = {"checkpoint": str(checkpoint), "host": HOST, "port": server.port,
-                         "cpu_cores": os.cpu_count(), "worker_threads": threads, "queue_size": queue,
-                         "server_ready_s": server.ready_s}
+        summary: dict = {
+            "checkpoint": str(checkpoint),
+            "host": HOST,
+            "port": server.port,
+            "cpu_cores": os.cpu_count(),
+            "worker_threads": threads,
+            "queue_size": queue,
+            "server_ready_s": server.ready_s,
+        }
         try:
             status, ready = get(server.port, "/readyz")
             summary["model"] = ready.get("model")

@@ -7,6 +7,7 @@ Loads the model in the worker (after the fork), applies the ``captioner.perf`` o
 ``BENCH_LEVERS`` and hands it to ``service.app.create_app`` as ``CAPTIONER_INSTANCE``; everything
 else (micro-batcher, warm-up, metrics) is the unchanged service.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,10 @@ def create_app() -> Flask:
     threads = int(os.environ.get("CAPTIONER_TORCH_THREADS", "0") or 0)
     if threads:
         torch.set_num_threads(threads)
-    cap = Captioner.load(os.environ.get("CAPTIONER_MODEL") or default_model_path(),
-                         device=os.environ.get("CAPTIONER_DEVICE") or None, fast=False)
+    cap = Captioner.load(
+        os.environ.get("CAPTIONER_MODEL") or default_model_path(),
+        device=os.environ.get("CAPTIONER_DEVICE") or None,
+        fast=False,
+    )
     apply_levers(cap, parse_levers(os.environ.get("BENCH_LEVERS")))
     return service_app({"CAPTIONER_INSTANCE": cap})

@@ -18,7 +18,7 @@ try:  # pyproject.toml is the one version source
     __version__ = metadata.version("captioner")
 except metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
-__all__ = ["Caption", "Captioner", "ImageError", "load_image", "preprocess", "__version__"]
+__all__ = ["Caption", "Captioner", "ImageError", "__version__", "load_image", "preprocess"]
 
 #: Public name -> the module that defines it.
 _HOMES = {"Caption": "api", "Captioner": "api", "ImageError": "images", "load_image": "images", "preprocess": "images"}

@@ -4,6 +4,7 @@
 >>> result = cap.caption("dog.jpg", beam_size=3)
 >>> result.text, result.tokens, result.attention.shape   # (T, H, W)
 """
+
 from __future__ import annotations
 
 import os
@@ -37,7 +38,7 @@ class Caption:
     attention: np.ndarray  # (T, H, W): one grid per token, each summing to 1
     score: float
     finished: bool = True
-    alternatives: list["Caption"] = field(default_factory=list)
+    alternatives: list[Caption] = field(default_factory=list)
     concepts: list[Concept] = field(default_factory=list)  # what the ImageNet classifier sees, best first
 
     def to_dict(
@@ -88,12 +89,22 @@ class Captioner:
         self.vocab = vocab
         self.config = config
         self.encoder_cfg: EncoderConfig = encoder.config
-        self.defaults: dict[str, Any] = {"beam_size": 3, "max_length": 30, "length_alpha": 0.0, "block_repeats": True,
-                                         "guidance": "concepts", "concept_threshold": 0.1, "concept_weight": 16.0,
-                                         "concept_top": 2, "concept_lift": 2.0}
+        self.defaults: dict[str, Any] = {
+            "beam_size": 3,
+            "max_length": 30,
+            "length_alpha": 0.0,
+            "block_repeats": True,
+            "guidance": "concepts",
+            "concept_threshold": 0.1,
+            "concept_weight": 16.0,
+            "concept_top": 2,
+            "concept_lift": 2.0,
+        }
         self.defaults.update(config.get("inference", {}))
         # visual concepts need the encoder's ImageNet head (EfficientNet-Lite, head stage)
-        self.concept_map: ConceptMap | None = ConceptMap.load(vocab.itos) if isinstance(encoder, ConceptEncoder) else None
+        self.concept_map: ConceptMap | None = (
+            ConceptMap.load(vocab.itos) if isinstance(encoder, ConceptEncoder) else None
+        )
         self.concept_head: ImageNetHead | None = encoder.head if isinstance(encoder, ConceptEncoder) else None
         self.optimizations: list[str] = []  # CPU speed-ups applied by captioner.perf.optimize
 
@@ -105,8 +116,11 @@ class Captioner:
     # ---------------------------------------------------------------- loading
     @classmethod
     def load(
-        cls, path: str | os.PathLike | None = None, device: str | torch.device | None = None, fast: bool | None = None,
-    ) -> "Captioner":
+        cls,
+        path: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        fast: bool | None = None,
+    ) -> Captioner:
         """Load a checkpoint folder (safetensors + JSON; never unpickles). ``device`` defaults to CUDA if present.
 
         ``fast`` (default: on for CPU unless ``$CAPTIONER_FAST`` is 0, false, no, off or empty) applies the CPU inference speed-ups
@@ -163,10 +177,14 @@ class Captioner:
         return self.encoder_cfg.grid
 
     # ---------------------------------------------------------------- stages
-    def preprocess(self, source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int]]:
+    def preprocess(
+        self, source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
         """Any image source -> (tensor (3, S, S), original (width, height)). Raises ImageError."""
         img = load_image(source, max_pixels=max_pixels, draft_size=self.encoder_cfg.image_size)
-        return preprocess(img, self.encoder_cfg.image_size, self.encoder_cfg.norm), img.info.get("original_size", img.size)
+        return preprocess(img, self.encoder_cfg.image_size, self.encoder_cfg.norm), img.info.get(
+            "original_size", img.size
+        )
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -216,21 +234,40 @@ class Captioner:
         check_limits(beam_size, max_length, n_best)
         check_guidance(guidance)
         v = self.vocab
-        common = dict(start_id=v.start_id, end_id=v.end_id, pad_id=v.pad_id, max_length=max_length,
-                      block_repeats=bool(self.defaults["block_repeats"]), unk_id=v.unk_id)
+        common = dict(
+            start_id=v.start_id,
+            end_id=v.end_id,
+            pad_id=v.pad_id,
+            max_length=max_length,
+            block_repeats=bool(self.defaults["block_repeats"]),
+            unk_id=v.unk_id,
+        )
         annotations = annotations.to(self.device)
-        required, allowance, shown = (self._constraints(concepts) if guidance == "concepts" and concepts
-                                      else (None, None, [{} for _ in range(annotations.shape[0])]))
+        required, allowance, shown = (
+            self._constraints(concepts)
+            if guidance == "concepts" and concepts
+            else (None, None, [{} for _ in range(annotations.shape[0])])
+        )
         if required is not None and bool(required.any()):
-            hyps = constrained_beam_search(self.decoder, annotations, required, beam_size=max(beam_size, n_best, 2),
-                                           length_alpha=alpha, n_best=n_best, allowance=allowance, **common)
+            hyps = constrained_beam_search(
+                self.decoder,
+                annotations,
+                required,
+                beam_size=max(beam_size, n_best, 2),
+                length_alpha=alpha,
+                n_best=n_best,
+                allowance=allowance,
+                **common,
+            )
         else:
-            hyps = best_hypotheses(self.decoder, annotations, beam_size=beam_size, length_alpha=alpha, n_best=n_best,
-                                   **common)
+            hyps = best_hypotheses(
+                self.decoder, annotations, beam_size=beam_size, length_alpha=alpha, n_best=n_best, **common
+            )
         return [self._to_caption(h, cs, sh) for h, cs, sh in zip(hyps, concepts or [[] for _ in hyps], shown)]
 
     def _constraints(
-        self, concepts: list[list[Concept]],
+        self,
+        concepts: list[list[Concept]],
     ) -> tuple[torch.Tensor, torch.Tensor | None, list[dict[str, str]]]:
         """Each image's top ``concept_top`` concepts whose probability reaches ``concept_threshold`` and
         ``concept_lift`` x their word's class share (a "dog" named by 121 of the 1000 classes needs more

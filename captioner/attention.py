@@ -1,4 +1,5 @@
 """Additive (Bahdanau) soft attention over the annotation grid."""
+
 from __future__ import annotations
 
 import torch
@@ -22,7 +23,9 @@ class SoftAttention(nn.Module):
         """feats (B, L, D) -> projected annotations (B, L, A)."""
         return self.feat_proj(feats)
 
-    def forward(self, feats: torch.Tensor, feats_proj: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, feats: torch.Tensor, feats_proj: torch.Tensor, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the context (B, D) and the attention weights alpha (B, L) for one step."""
         e = self.score(torch.tanh(feats_proj + self.hidden_proj(hidden).unsqueeze(1))).squeeze(2)  # (B, L)
         alpha = torch.softmax(e, dim=1)  # (B, L)

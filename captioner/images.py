@@ -4,6 +4,7 @@ Training, evaluation, the batch CLI and the service all go through
 :func:`load_image` (bytes/path/PIL -> RGB PIL image, safely) and
 :func:`preprocess` (RGB PIL image -> normalised tensor).
 """
+
 from __future__ import annotations
 
 import io
@@ -131,8 +132,9 @@ def load_image(
         declared = img.size  # after draft: the reduced size the decoder will produce
         img.load()  # the first frame: the image is at frame 0 after open
         if img.size != declared:
-            raise ImageError(f"the image decoded to {img.size[0]}x{img.size[1]}, not its declared "
-                             f"{declared[0]}x{declared[1]}")
+            raise ImageError(
+                f"the image decoded to {img.size[0]}x{img.size[1]}, not its declared {declared[0]}x{declared[1]}"
+            )
         img = ImageOps.exif_transpose(img)
         rgb = _to_rgb(img)
         rgb.info["original_size"] = (w, h)
@@ -145,7 +147,7 @@ def load_image(
         raise ImageError(f"image too large: {exc}", code="too_large") from exc
     except MemoryError:
         raise ImageError("image needs more memory to decode than is available", code="too_large") from None
-    except Exception as exc:  # noqa: BLE001 - any decoder failure (OSError, SyntaxError, RecursionError, ...) is bad input
+    except Exception as exc:
         raise ImageError(f"cannot decode image: {exc or type(exc).__name__}") from exc
 
 

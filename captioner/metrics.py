@@ -5,6 +5,7 @@ All scores are reported on a 0-100 scale. Captions are tokenised with
 metric. METEOR needs Java; when it is missing METEOR is reported as ``None`` with a
 warning and the other metrics still work.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,7 +34,9 @@ def bleu(hypotheses: Mapping[str, str], references: Mapping[str, Sequence[str]])
     return out
 
 
-def score(hypotheses: Mapping[str, str], references: Mapping[str, Sequence[str]], meteor: bool = True) -> dict[str, float | None]:
+def score(
+    hypotheses: Mapping[str, str], references: Mapping[str, Sequence[str]], meteor: bool = True
+) -> dict[str, float | None]:
     """hypotheses: id -> caption; references: id -> captions. Returns the metric dict."""
     if not hypotheses:
         raise ValueError("no captions to score")

@@ -10,6 +10,7 @@ them off). The measurements behind each option are in BENCHMARKS.md (``bench/ben
 Linear/LSTMCell weights) changes some captions, with dev-split scores within noise of fp32
 (BENCHMARKS.md). For inference only: never train or save a model after this.
 """
+
 from __future__ import annotations
 
 import copy
@@ -121,8 +122,9 @@ class Int8Linear(nn.Module):
         scales = (weight.abs().amax(dim=1) / 127.0).clamp_min(1e-12)  # (out,)
         with warnings.catch_warnings():  # quantized tensor types are deprecated upstream; fine in torch 2.14
             warnings.simplefilter("ignore")
-            qweight = torch.quantize_per_channel(weight, scales.double(), torch.zeros_like(scales, dtype=torch.long),
-                                                 0, torch.qint8)
+            qweight = torch.quantize_per_channel(
+                weight, scales.double(), torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8
+            )
             self._packed = torch.ops.quantized.linear_prepack(qweight, None)
         bias = linear.bias.detach().float().clone() if linear.bias is not None else None
         self.register_buffer("bias", bias)
@@ -182,8 +184,14 @@ def quantize_decoder(decoder: nn.Module) -> nn.Module:
     return quantized.eval()
 
 
-def optimize(cap: Captioner, fold_bn: bool = False, channels_last: bool = False, int8_decoder: bool = False,
-             encode_chunk: int | None = None, threads: int | None = None) -> Captioner:
+def optimize(
+    cap: Captioner,
+    fold_bn: bool = False,
+    channels_last: bool = False,
+    int8_decoder: bool = False,
+    encode_chunk: int | None = None,
+    threads: int | None = None,
+) -> Captioner:
     """Apply the chosen speed-ups to ``cap`` in place (CPU inference) and return it.
 
     ``encode_chunk``: run the encoder on at most this many images at a time (see :class:`ChunkedEncoder`).

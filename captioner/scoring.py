@@ -7,6 +7,7 @@ in the caption file), or a path to the image (absolute, or relative to the curre
 the captions file's folder or ``--data-dir``). Scores come from :func:`captioner.metrics.score`,
 the scorer ``evaluate`` uses, and are printed as the same JSON.
 """
+
 from __future__ import annotations
 
 import csv
@@ -58,7 +59,9 @@ def read_captions(path: str | Path) -> list[tuple[str, str | None]]:
 
 
 def match_captions(
-    records: list[CaptionRecord], rows: list[tuple[str, str | None]], folders: list[Path],
+    records: list[CaptionRecord],
+    rows: list[tuple[str, str | None]],
+    folders: list[Path],
 ) -> tuple[dict[str, str], list[str]]:
     """Captions by record image id, and the ``image`` values that match no record of the split.
 
@@ -87,7 +90,10 @@ def match_captions(
 
 
 def score_captions_file(
-    records: list[CaptionRecord], captions_file: str | Path, folders: list[Path], allow_missing: bool = False,
+    records: list[CaptionRecord],
+    captions_file: str | Path,
+    folders: list[Path],
+    allow_missing: bool = False,
     meteor: bool = True,
 ) -> dict[str, Any]:
     """Score ``captions_file`` against ``records``' references; raises DatasetError on missing captions."""
@@ -95,12 +101,16 @@ def score_captions_file(
     captions, unmatched = match_captions(records, rows, [Path.cwd(), Path(captions_file).parent, *folders])
     missing = [r.image_id for r in records if r.image_id not in captions]
     if not captions:
-        raise DatasetError(f"none of the {len(rows)} captions in {captions_file} belongs to an image of this split "
-                           f"({len(records)} images, e.g. {records[0].image_id}; rows name e.g. {rows[0][0]})")
+        raise DatasetError(
+            f"none of the {len(rows)} captions in {captions_file} belongs to an image of this split "
+            f"({len(records)} images, e.g. {records[0].image_id}; rows name e.g. {rows[0][0]})"
+        )
     if missing and not allow_missing:
-        raise DatasetError(f"{len(missing)} of {len(records)} images of the split have no caption in "
-                           f"{captions_file} (e.g. {', '.join(missing[:3])}); caption them, or pass --allow-missing "
-                           "to score only the images that have one")
+        raise DatasetError(
+            f"{len(missing)} of {len(records)} images of the split have no caption in "
+            f"{captions_file} (e.g. {', '.join(missing[:3])}); caption them, or pass --allow-missing "
+            "to score only the images that have one"
+        )
     from .metrics import score as score_metrics  # the [train] extra: imported when a score is asked for
 
     refs = {r.image_id: r.captions for r in records}

@@ -6,6 +6,7 @@ image's grid once, stop as soon as every hypothesis has emitted ``<end>``, and
 always stop after ``max_length`` words even if ``<end>`` never comes. Every
 decoding path bans the same tokens (:func:`_mask_logprobs`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,8 +34,14 @@ def length_penalty(length: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def _mask_logprobs(
-    logp: torch.Tensor, prev: torch.Tensor, step: int, end_id: int, pad_id: int, start_id: int,
-    block_repeats: bool, unk_id: int | None = None,
+    logp: torch.Tensor,
+    prev: torch.Tensor,
+    step: int,
+    end_id: int,
+    pad_id: int,
+    start_id: int,
+    block_repeats: bool,
+    unk_id: int | None = None,
 ) -> torch.Tensor:
     """Forbid impossible or degenerate words: <pad>, <start>, <unk>, an empty caption, and immediate repeats."""
     logp[:, pad_id] = float("-inf")
@@ -67,7 +74,9 @@ def greedy_search(
     ids, lps, alphas = [], [], []
     for t in range(max_length):
         logits, state, alpha = decoder.step(prev, state, memory)
-        logp = _mask_logprobs(torch.log_softmax(logits.float(), dim=-1), prev, t, end_id, pad_id, start_id, block_repeats, unk_id)
+        logp = _mask_logprobs(
+            torch.log_softmax(logits.float(), dim=-1), prev, t, end_id, pad_id, start_id, block_repeats, unk_id
+        )
         lp, word = logp.max(dim=-1)  # (B,)
         word = torch.where(done, torch.full_like(word, pad_id), word)
         lp = torch.where(done, torch.zeros_like(lp), lp)
@@ -126,7 +135,9 @@ def beam_search(
     for t in range(max_length):
         logits, state, alpha = decoder.step(prev, state, memory)  # (B*K, V), ..., (B*K, L)
         V = logits.shape[-1]
-        logp = _mask_logprobs(torch.log_softmax(logits.float(), dim=-1), prev, t, end_id, pad_id, start_id, block_repeats, unk_id)
+        logp = _mask_logprobs(
+            torch.log_softmax(logits.float(), dim=-1), prev, t, end_id, pad_id, start_id, block_repeats, unk_id
+        )
         # a finished beam can only continue with <pad>, at log-prob 0
         logp[done] = float("-inf")
         logp[done, pad_id] = 0.0
@@ -203,7 +214,9 @@ def constrained_beam_search(
     for t in range(max_length):
         logits, state, alpha = decoder.step(prev, state, memory)  # (B*2K, V), ..., (B*2K, L)
         V = logits.shape[-1]
-        logp = _mask_logprobs(torch.log_softmax(logits.float(), dim=-1), prev, t, end_id, pad_id, start_id, block_repeats, unk_id)
+        logp = _mask_logprobs(
+            torch.log_softmax(logits.float(), dim=-1), prev, t, end_id, pad_id, start_id, block_repeats, unk_id
+        )
         logp[done] = float("-inf")
         logp[done, pad_id] = 0.0
         total = scores.unsqueeze(3) + logp.view(B, 2, K, V)  # (B, 2, K, V)
@@ -243,16 +256,25 @@ def constrained_beam_search(
 
 
 def _collect(
-    rows: torch.Tensor, hist_ids: torch.Tensor, hist_lp: torch.Tensor, hist_alpha: torch.Tensor,
-    final: torch.Tensor, end_id: int, pad_id: int,
+    rows: torch.Tensor,
+    hist_ids: torch.Tensor,
+    hist_lp: torch.Tensor,
+    hist_alpha: torch.Tensor,
+    final: torch.Tensor,
+    end_id: int,
+    pad_id: int,
 ) -> list[list[Hypothesis]]:
     """rows (B, n) history rows to return per image, best first -> their Hypotheses (scores from ``final``)."""
     ids_c, lp_c, al_c, fin_c = hist_ids.cpu(), hist_lp.float().cpu(), hist_alpha.float().cpu(), final.cpu()
-    return [[_finish(ids_c[r], lp_c[r], al_c[r], end_id, pad_id, float(fin_c[r])) for r in image_rows]
-            for image_rows in rows.cpu().tolist()]
+    return [
+        [_finish(ids_c[r], lp_c[r], al_c[r], end_id, pad_id, float(fin_c[r])) for r in image_rows]
+        for image_rows in rows.cpu().tolist()
+    ]
 
 
-def _finish(ids: torch.Tensor, lps: torch.Tensor, alphas: torch.Tensor, end_id: int, pad_id: int, score: float | None) -> Hypothesis:
+def _finish(
+    ids: torch.Tensor, lps: torch.Tensor, alphas: torch.Tensor, end_id: int, pad_id: int, score: float | None
+) -> Hypothesis:
     """Cut a padded history row at ``<end>`` into a Hypothesis (words only); score None = total log-prob."""
     id_list = ids.tolist()
     finished = end_id in id_list
@@ -283,17 +305,30 @@ def best_hypotheses(
 ) -> list[list[Hypothesis]]:
     """annotations (B, L, D) -> each image's ``n_best`` hypotheses: greedy for one beam and one hypothesis, else
     :func:`beam_search` with ``max(beam_size, n_best)`` beams."""
-    common = dict(start_id=start_id, end_id=end_id, pad_id=pad_id, max_length=max_length, block_repeats=block_repeats,
-                  unk_id=unk_id)
+    common = dict(
+        start_id=start_id,
+        end_id=end_id,
+        pad_id=pad_id,
+        max_length=max_length,
+        block_repeats=block_repeats,
+        unk_id=unk_id,
+    )
     if beam_size == 1 and n_best == 1:
         return [[h] for h in greedy_search(decoder, annotations, **common)]
-    return beam_search(decoder, annotations, beam_size=max(beam_size, n_best), length_alpha=length_alpha,
-                       n_best=n_best, **common)
+    return beam_search(
+        decoder, annotations, beam_size=max(beam_size, n_best), length_alpha=length_alpha, n_best=n_best, **common
+    )
 
 
 def sample(
-    decoder: AttentionDecoder, annotations: torch.Tensor, samples: int, max_length: int,
-    start_id: int, end_id: int, pad_id: int, unk_id: int | None = None,
+    decoder: AttentionDecoder,
+    annotations: torch.Tensor,
+    samples: int,
+    max_length: int,
+    start_id: int,
+    end_id: int,
+    pad_id: int,
+    unk_id: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw ``samples`` captions per image from the decoder, keeping the graph (SCST's candidates).
 

@@ -17,14 +17,14 @@ import torch.distributed as dist
 
 from . import checkpoint
 from .datasets import CaptionRecord, DatasetFiles, find_annotations, load_records
-from .distributed import Distributed
 from .datasets.features import cached_features, top_features
 from .decoder import AttentionDecoder, DecoderConfig
+from .distributed import Distributed
 from .encoder import Encoder, EncoderConfig
 from .rewards import CaptionReward
 from .schedule import lr_factor, seed_everything, set_rng_state, warmup_steps
-from .train_config import TrainConfig
 from .settings import default_cache_dir
+from .train_config import TrainConfig
 from .vocab import Vocabulary, tokenize
 
 log = logging.getLogger("captioner.train")

@@ -1,4 +1,5 @@
 """Tokenisation and the word vocabulary (saved as JSON beside the weights)."""
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,7 @@ class Vocabulary:
         return len(self.itos)
 
     @classmethod
-    def build(cls, captions: Iterable[str], min_count: int = 5) -> "Vocabulary":
+    def build(cls, captions: Iterable[str], min_count: int = 5) -> Vocabulary:
         """Words seen at least ``min_count`` times, most frequent first (ties alphabetical)."""
         counts = Counter(tok for c in captions for tok in tokenize(c))
         words = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
@@ -61,7 +62,7 @@ class Vocabulary:
         return {"itos": self.itos}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Vocabulary":
+    def from_json(cls, data: dict) -> Vocabulary:
         itos = data["itos"]
         if list(itos[:4]) != list(SPECIALS):
             raise ValueError("vocabulary JSON must start with " + ", ".join(SPECIALS))
@@ -71,5 +72,5 @@ class Vocabulary:
         Path(path).write_text(json.dumps(self.to_json(), ensure_ascii=False))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Vocabulary":
+    def load(cls, path: str | Path) -> Vocabulary:
         return cls.from_json(json.loads(Path(path).read_text()))

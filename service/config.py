@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from captioner.settings import MAX_BEAM_SIZE, default_model_path, parse_flag
 from captioner.images import DEFAULT_MAX_PIXELS
+from captioner.settings import MAX_BEAM_SIZE, default_model_path, parse_flag
 
 from .logs import parse_log_format
 

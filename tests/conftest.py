@@ -1,4 +1,5 @@
 """Shared fixtures: tiny generated images, captions and checkpoints (no ../shared data, no network)."""
+
 from __future__ import annotations
 
 import io
@@ -70,14 +71,26 @@ def build_tiny_checkpoint(folder: Path, image_size: int = 64, seed: int = 0) -> 
     enc = EncoderConfig("efficientnet-lite0", image_size, "head")
     dec = DecoderConfig(len(vocab), enc.feature_dim, 32, 32, 32, 32, 0.0)
     decoder = AttentionDecoder(dec)
-    config = {"name": "tiny-test", "version": "0.0", "encoder": enc.to_dict(), "decoder": dec.to_dict(),
-              "inference": {"beam_size": 3, "max_length": 12, "length_alpha": 0.0, "block_repeats": True}}
+    config = {
+        "name": "tiny-test",
+        "version": "0.0",
+        "encoder": enc.to_dict(),
+        "decoder": dec.to_dict(),
+        "inference": {"beam_size": 3, "max_length": 12, "length_alpha": 0.0, "block_repeats": True},
+    }
     weights = {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
     return checkpoint.save(folder, weights, config, vocab.to_json())
 
 
-def assert_scored_by_the_model(cap, image, words: list[str], logprobs: list[float], score: float,
-                               max_length: int | None = None, abs_tol: float = 2e-3) -> None:
+def assert_scored_by_the_model(
+    cap,
+    image,
+    words: list[str],
+    logprobs: list[float],
+    score: float,
+    max_length: int | None = None,
+    abs_tol: float = 2e-3,
+) -> None:
     """Check a caption's numbers against the decoder run teacher-forced on its words, not against the search.
 
     Each word's log-prob must be log p(word | previous words, image), and the score the documented
@@ -156,8 +169,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def gunicorn_server(tmp_path: Path, env_extra: dict[str, str], ready_timeout: float = 180,
-                    stop_timeout: float = 60) -> Iterator[tuple[str, subprocess.Popen, Path]]:
+def gunicorn_server(
+    tmp_path: Path, env_extra: dict[str, str], ready_timeout: float = 180, stop_timeout: float = 60
+) -> Iterator[tuple[str, subprocess.Popen, Path]]:
     """Run ``SERVE`` on a free loopback port until ``/readyz`` is 200; yields (base URL, process, log path).
 
     The environment is this one without CAPTIONER_*/PROMETHEUS_MULTIPROC_* settings, plus ``env_extra``.

@@ -1,4 +1,5 @@
 """Soft attention feeds the context, the beta gate scales it, and the doubly stochastic loss term."""
+
 from __future__ import annotations
 
 import pytest
@@ -63,7 +64,9 @@ def test_decoder_step_follows_the_show_attend_tell_equations() -> None:
     torch.testing.assert_close(state.c, torch.tanh(dec.init_c(ann.mean(1))))
     prev = torch.tensor([1, 5, 7])
     logits, new, alpha = dec.step(prev, state, memory)
-    e = dec.attention.score(torch.tanh(dec.attention.feat_proj(ann) + dec.attention.hidden_proj(state.h)[:, None])).squeeze(2)
+    e = dec.attention.score(
+        torch.tanh(dec.attention.feat_proj(ann) + dec.attention.hidden_proj(state.h)[:, None])
+    ).squeeze(2)
     torch.testing.assert_close(alpha, torch.softmax(e, 1))
     z = torch.sigmoid(dec.f_beta(state.h)) * (alpha[..., None] * ann).sum(1)  # (B, D)
     emb = dec.embed(prev)

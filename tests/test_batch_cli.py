@@ -1,4 +1,5 @@
 """``captioner caption``: inputs, record formats, resume, attention files, exit statuses, torchrun."""
+
 from __future__ import annotations
 
 import csv
@@ -16,6 +17,7 @@ from PIL import Image
 
 from captioner import batch, outputs
 from captioner.commands.main import main
+
 from conftest import assert_scored_by_the_model, image_bytes, make_image
 
 BIN = Path(sys.executable).parent
@@ -64,8 +66,21 @@ def test_stdout_workers_match_api(images_dir: Path, tiny_checkpoint: Path, capsy
     """Batched + worker-decoded output equals the library's own captions (one preprocessing path)."""
     from captioner.api import Captioner
 
-    code = main(["caption", str(images_dir), "--checkpoint", str(tiny_checkpoint), "--workers", "2",
-                 "--batch-size", "3", "--beam-size", "2", "-q"])
+    code = main(
+        [
+            "caption",
+            str(images_dir),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--workers",
+            "2",
+            "--batch-size",
+            "3",
+            "--beam-size",
+            "2",
+            "-q",
+        ]
+    )
     assert code == 0
     recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     paths = [str(images_dir / n) for n in GOOD]
@@ -75,8 +90,9 @@ def test_stdout_workers_match_api(images_dir: Path, tiny_checkpoint: Path, capsy
     assert [r["score"] for r in recs] == pytest.approx([c.score for c in expected], abs=1e-3)
     cap = Captioner.load(tiny_checkpoint, device="cpu")
     for r in recs:  # the numbers are the model's, not only the same as the library's
-        assert_scored_by_the_model(cap, r["image"], [t["word"] for t in r["tokens"]],
-                                   [t["logprob"] for t in r["tokens"]], r["score"])
+        assert_scored_by_the_model(
+            cap, r["image"], [t["word"] for t in r["tokens"]], [t["logprob"] for t in r["tokens"]], r["score"]
+        )
 
 
 def test_recursive_glob_stdin_and_missing(folder: Path, tiny_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
@@ -89,7 +105,11 @@ def test_recursive_glob_stdin_and_missing(folder: Path, tiny_checkpoint: Path, t
     pattern = str(folder / "**" / "img0.jpg")
     assert caption(tiny_checkpoint, str(folder / "img[12].jpg"), pattern, str(folder / "img1.jpg"), "-o", str(out)) == 0
     assert [r["image"] for r in read_jsonl(out)] == [
-        str(folder / "img1.jpg"), str(folder / "img2.jpg"), str(folder / "img0.jpg"), str(folder / "sub" / "img0.jpg")]
+        str(folder / "img1.jpg"),
+        str(folder / "img2.jpg"),
+        str(folder / "img0.jpg"),
+        str(folder / "sub" / "img0.jpg"),
+    ]
 
     # a glob that matches nothing is a failed input, the rest is still captioned
     assert caption(tiny_checkpoint, str(folder / "nomatch*.png"), str(folder / "img3.jpg"), "-o", str(out)) == 1
@@ -140,8 +160,9 @@ def test_resume_recovers_parts_of_killed_torchrun_job(images_dir: Path, tiny_che
     assert not list(tmp_path.glob("out.jsonl.part*"))
 
 
-def test_json_format_valid_after_interrupt_and_resume(images_dir: Path, tiny_checkpoint: Path, tmp_path: Path,
-                                                       monkeypatch) -> None:
+def test_json_format_valid_after_interrupt_and_resume(
+    images_dir: Path, tiny_checkpoint: Path, tmp_path: Path, monkeypatch
+) -> None:
     out = tmp_path / "out.json"
     real = outputs.make_record
     calls = []
@@ -194,7 +215,9 @@ def test_attention_dir(folder: Path, tiny_checkpoint: Path, tmp_path: Path) -> N
     hashes = {p: hashlib.sha1(p.read_bytes()).hexdigest() for p in inputs}
     att = tmp_path / "att"
     out = tmp_path / "out.jsonl"
-    assert caption(tiny_checkpoint, *map(str, inputs), "-o", str(out), "--attention-dir", str(att), "--n-best", "3") == 1
+    assert (
+        caption(tiny_checkpoint, *map(str, inputs), "-o", str(out), "--attention-dir", str(att), "--n-best", "3") == 1
+    )
     recs = read_jsonl(out)
     grid = Captioner.load(tiny_checkpoint, device="cpu").grid
     npzs = sorted(att.glob("*.npz"))
@@ -220,8 +243,19 @@ def test_attention_dir(folder: Path, tiny_checkpoint: Path, tmp_path: Path) -> N
     assert "/" not in outputs.attention_name("a/..\\..jpg")
 
 
-@pytest.mark.parametrize("bad", [["--beam-size", "0"], ["--beam-size", "11"], ["--format", "xml"], ["--resume"],
-                                 ["--batch-size", "0"], ["--workers", "-1"], ["--n-best", "x"], ["--no-such-flag"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--beam-size", "0"],
+        ["--beam-size", "11"],
+        ["--format", "xml"],
+        ["--resume"],
+        ["--batch-size", "0"],
+        ["--workers", "-1"],
+        ["--n-best", "x"],
+        ["--no-such-flag"],
+    ],
+)
 def test_usage_errors_exit_2(bad: list[str], images_dir: Path, tiny_checkpoint: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         caption(tiny_checkpoint, str(images_dir), *bad)
@@ -243,9 +277,25 @@ def _env() -> dict[str, str]:
 
 def test_installed_command(folder: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    proc = subprocess.run([str(BIN / "captioner"), "caption", str(folder), "--checkpoint", str(tiny_checkpoint),
-                           "-o", str(out), "--workers", "1", "--batch-size", "2"],
-                          capture_output=True, text=True, timeout=120, env=_env())
+    proc = subprocess.run(
+        [
+            str(BIN / "captioner"),
+            "caption",
+            str(folder),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "-o",
+            str(out),
+            "--workers",
+            "1",
+            "--batch-size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
     assert proc.returncode == 1, proc.stderr
     assert len(read_jsonl(out)) == 7
     assert "img/s" in proc.stderr and "4 captioned, 0 skipped, 3 failed" in proc.stderr
@@ -256,10 +306,32 @@ def test_torchrun_two_ranks_merge_in_input_order(folder: Path, tiny_checkpoint: 
     single = tmp_path / "single.jsonl"
     assert caption(tiny_checkpoint, str(folder), "-r", "-o", str(single)) == 1
     out = tmp_path / "dist.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(BIN / "captioner"),
-                           "caption", str(folder), "-r", "--checkpoint", str(tiny_checkpoint), "-o", str(out),
-                           "--workers", "0", "--batch-size", "2"],
-                          capture_output=True, text=True, timeout=180, env=_env())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(BIN / "captioner"),
+            "caption",
+            str(folder),
+            "-r",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "-o",
+            str(out),
+            "--workers",
+            "0",
+            "--batch-size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=_env(),
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]  # the broken files fail on both ranks' behalf
     assert out.read_text() == single.read_text()
     assert not list(tmp_path.glob("dist.jsonl.part*"))

@@ -1,4 +1,5 @@
 """``captioner caption`` when things go wrong: SIGTERM mid-run, a model that fails on batches, one that always fails."""
+
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ import pytest
 
 from captioner.api import Captioner
 from captioner.commands.main import main
+
 from conftest import make_image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,12 +54,27 @@ def caption(ckpt: Path, *args: str) -> int:
     return main(["caption", *args, "--checkpoint", str(ckpt), "--workers", "0", "-q"])
 
 
-def test_sigterm_closes_the_json_array_exits_130_and_resume_completes(photos: Path, tiny_checkpoint: Path,
-                                                                       tmp_path: Path) -> None:
+def test_sigterm_closes_the_json_array_exits_130_and_resume_completes(
+    photos: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-c", SLOW_CLI, "caption", str(photos), "--checkpoint", str(tiny_checkpoint),
-           "-o", str(out), "--workers", "0", "--batch-size", "1", "-q"]
+    cmd = [
+        sys.executable,
+        "-c",
+        SLOW_CLI,
+        "caption",
+        str(photos),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "-o",
+        str(out),
+        "--workers",
+        "0",
+        "--batch-size",
+        "1",
+        "-q",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -101,8 +118,9 @@ def flaky_decode(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return sizes
 
 
-def test_a_batch_failure_is_retried_image_by_image(photos: Path, tiny_checkpoint: Path, tmp_path: Path,
-                                                   flaky_decode: list[int]) -> None:
+def test_a_batch_failure_is_retried_image_by_image(
+    photos: Path, tiny_checkpoint: Path, tmp_path: Path, flaky_decode: list[int]
+) -> None:
     out = tmp_path / "out.jsonl"
     assert caption(tiny_checkpoint, str(photos), "-o", str(out), "--batch-size", "4") == 0
     recs = [json.loads(line) for line in out.read_text().splitlines()]
@@ -115,15 +133,31 @@ def test_a_batch_failure_is_retried_image_by_image(photos: Path, tiny_checkpoint
 
 
 def test_a_model_that_always_fails_gives_model_error_records_and_exit_1(
-        photos: Path, tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    photos: Path, tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     def broken(self, *a, **k):
         raise RuntimeError("device lost (simulated)")
 
     monkeypatch.setattr(Captioner, "decode", broken)
     (photos / "zz-broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "out.jsonl"
-    assert main(["caption", str(photos), "--checkpoint", str(tiny_checkpoint), "--workers", "0",
-                 "-o", str(out), "--batch-size", "4"]) == 1
+    assert (
+        main(
+            [
+                "caption",
+                str(photos),
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--workers",
+                "0",
+                "-o",
+                str(out),
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 1
+    )
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["image"] for r in recs] == expected_paths(photos) + [str(photos / "zz-broken.jpg")]
     for r in recs[:-1]:

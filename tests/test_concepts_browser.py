@@ -1,4 +1,5 @@
 """The web page shows what the classifier sees and switches guidance (headless Debian chromium)."""
+
 from __future__ import annotations
 
 import json
@@ -8,10 +9,14 @@ from pathlib import Path
 import pytest
 
 from service.app import create_app
+
 from test_service_browser import CHROMIUM, CHROMIUM_ARGS, screenshot_path
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow,
-              pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (apt-get install -y chromium)")]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (apt-get install -y chromium)"),
+]
 
 
 @pytest.fixture(scope="module")

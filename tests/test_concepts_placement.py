@@ -1,5 +1,6 @@
 """Concept placement: novel words through proxies, articles and plurals, disjunctive constraints and the
 lift over a word's class share."""
+
 from __future__ import annotations
 
 import json
@@ -35,21 +36,42 @@ def test_mapping_file_gives_novel_words_in_vocabulary_proxies() -> None:
 
 
 def test_a_proxy_only_stands_in_for_a_word_the_vocabulary_lacks() -> None:
-    cmap = ConceptMap([["zebra"], ["dog"], ["gnu"]], ["<pad>", "horse", "horses", "dog", "dogs", "zebra"],
-                      {"zebra": "horse", "dog": "horse", "gnu": "wildebeest"})
+    cmap = ConceptMap(
+        [["zebra"], ["dog"], ["gnu"]],
+        ["<pad>", "horse", "horses", "dog", "dogs", "zebra"],
+        {"zebra": "horse", "dog": "horse", "gnu": "wildebeest"},
+    )
     assert cmap.words == ["dog", "zebra"]  # zebra is a vocabulary word here; gnu's proxy is not
     assert cmap.forms["zebra"] == ["zebra"] and cmap.forms["dog"] == ["dog", "dogs"]
     assert cmap.proxies == {}
 
 
 def test_english_articles_and_plurals() -> None:
-    assert [indefinite_article(w) for w in ("elephant", "umbrella", "horse", "unicorn", "hour", "oven", "european")] \
-        == ["an", "an", "a", "a", "an", "an", "a"]
-    assert [plural(w) for w in ("zebra", "bus", "sandwich", "box", "parking meter", "strawberry", "toy")] \
-        == ["zebras", "buses", "sandwiches", "boxes", "parking meters", "strawberries", "toys"]
-    words = "a man feeds a horse next to an dog".split()
-    assert show_placed(words, {"horse": "elephant"}) == "a man feeds an elephant next to an dog".split()
-    assert show_placed(words, {"dog": "dog"}) == "a man feeds a horse next to a dog".split()
+    assert [
+        indefinite_article(w) for w in ("elephant", "umbrella", "horse", "unicorn", "hour", "oven", "european")
+    ] == ["an", "an", "a", "a", "an", "an", "a"]
+    assert [plural(w) for w in ("zebra", "bus", "sandwich", "box", "parking meter", "strawberry", "toy")] == [
+        "zebras",
+        "buses",
+        "sandwiches",
+        "boxes",
+        "parking meters",
+        "strawberries",
+        "toys",
+    ]
+    words = ["a", "man", "feeds", "a", "horse", "next", "to", "an", "dog"]
+    assert show_placed(words, {"horse": "elephant"}) == [
+        "a",
+        "man",
+        "feeds",
+        "an",
+        "elephant",
+        "next",
+        "to",
+        "an",
+        "dog",
+    ]
+    assert show_placed(words, {"dog": "dog"}) == ["a", "man", "feeds", "a", "horse", "next", "to", "a", "dog"]
     assert show_placed(["two", "horses"], {"horses": "zebras"}) == ["two", "zebras"]
 
 
@@ -100,8 +122,9 @@ def test_a_novel_word_is_placed_through_its_proxy_and_shown(tiny_cap: Captioner)
             assert got.tokens[i - 1] == "an"  # the model wrote "a" for its proxy
         assert got.to_dict()["concepts"] == [{"word": "elephant", "probability": 0.9}]
     # guidance=none keeps the plain model
-    assert [c.text for c in cap.decode(annotations, concepts=[[Concept("elephant", 0.9)]] * 3, guidance="none")] \
-        == [c.text for c in plain]
+    assert [c.text for c in cap.decode(annotations, concepts=[[Concept("elephant", 0.9)]] * 3, guidance="none")] == [
+        c.text for c in plain
+    ]
 
 
 def test_top_two_concepts_either_placed_and_the_lift_over_a_word_class_share(tiny_cap: Captioner) -> None:

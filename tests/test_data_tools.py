@@ -1,4 +1,5 @@
 """``captioner data``: verify / stats / download / prepare on tiny generated datasets (offline, loopback only)."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,15 +15,22 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import image_bytes, make_image
 from PIL import Image
 
 from captioner.commands import data as data_command
 from captioner.commands.main import main
 from captioner.datasets import download, load_records, stats, verify
 
-CAPS = ["a dog runs on the grass", "a cat sits on a red ball", "a man throws a blue ball",
-        "two dogs play in the snow", "a girl rides a red bike", "the dog sits on the grass"]
+from conftest import image_bytes, make_image
+
+CAPS = [
+    "a dog runs on the grass",
+    "a cat sits on a red ball",
+    "a man throws a blue ball",
+    "two dogs play in the snow",
+    "a girl rides a red bike",
+    "the dog sits on the grass",
+]
 
 
 def _kinds(manifest: dict) -> dict[str, dict]:
@@ -44,7 +52,11 @@ def make_flickr(root: Path, quirks: bool = True) -> Path:
     ``extra.jpg`` is in no split; ``broken.jpg`` is a truncated JPEG; ``b0.jpg`` repeats a caption.
     """
     images = root / "images"
-    names = {"train": ["a0.jpg", "a1.jpg", "a2.jpg", "a3.jpg"], "dev": ["b0.jpg", "b1.jpg"], "test": ["c0.jpg", "c1.jpg"]}
+    names = {
+        "train": ["a0.jpg", "a1.jpg", "a2.jpg", "a3.jpg"],
+        "dev": ["b0.jpg", "b1.jpg"],
+        "test": ["c0.jpg", "c1.jpg"],
+    }
     for i, n in enumerate(sum(names.values(), [])):
         _jpeg(images, n, i)
     lines = []
@@ -70,8 +82,14 @@ def make_karpathy(root: Path) -> Path:
     images = []
     for i, (split, fp) in enumerate([("train", "tr"), ("restval", "tr"), ("val", "va"), ("test", "va")]):
         _jpeg(root / fp, f"k{i}.jpg", i)
-        images.append({"filepath": fp, "filename": f"k{i}.jpg", "split": split,
-                       "sentences": [{"raw": CAPS[i]}, {"tokens": CAPS[i + 1].split()}]})
+        images.append(
+            {
+                "filepath": fp,
+                "filename": f"k{i}.jpg",
+                "split": split,
+                "sentences": [{"raw": CAPS[i]}, {"tokens": CAPS[i + 1].split()}],
+            }
+        )
     images.append({"filepath": "va", "filename": "gone.jpg", "split": "test", "sentences": [{"raw": CAPS[0]}]})
     (root / "dataset_karpathy.json").write_text(json.dumps({"images": images}))
     return root
@@ -121,7 +139,9 @@ def test_verify_flickr_reports_every_injected_quirk(tmp_path: Path) -> None:
     assert kinds["caption_entry_without_image"]["examples"] == ["ghost.jpg"]
     assert kinds["duplicate_images"]["examples"] == ["a0.jpg = copy.jpg"]
     assert kinds["images_in_no_split"]["examples"] == ["extra.jpg"]
-    assert kinds["undecodable_images"]["count"] == 1 and kinds["undecodable_images"]["examples"][0].startswith("broken.jpg")
+    assert kinds["undecodable_images"]["count"] == 1 and kinds["undecodable_images"]["examples"][0].startswith(
+        "broken.jpg"
+    )
     assert kinds["duplicate_captions"]["examples"][0].startswith("b0.jpg")
     assert "split_overlap" not in kinds and "images_without_captions" not in kinds
     assert m["splits"]["train"] == {"images": 6, "usable_images": 5, "captions": 18}
@@ -130,8 +150,12 @@ def test_verify_flickr_reports_every_injected_quirk(tmp_path: Path) -> None:
     token = tmp_path / "f8k" / "Flickr8k.token.txt"
     assert m["caption_file"] == "Flickr8k.token.txt"
     assert m["caption_file_sha256"] == hashlib.sha256(token.read_bytes()).hexdigest()
-    assert set(m["annotation_files"]) == {"Flickr8k.token.txt", "Flickr_8k.trainImages.txt",
-                                          "Flickr_8k.devImages.txt", "Flickr_8k.testImages.txt"}
+    assert set(m["annotation_files"]) == {
+        "Flickr8k.token.txt",
+        "Flickr_8k.trainImages.txt",
+        "Flickr_8k.devImages.txt",
+        "Flickr_8k.testImages.txt",
+    }
     # 1 of 10 split images broken is above the default 5%: fatal
     strict = verify.verify_dataset("flickr8k", root, progress=False)
     assert not strict["usable"] and _kinds(strict)["too_many_bad_images"]["count"] == 1
@@ -195,16 +219,31 @@ def test_verify_unreadable_dataset_is_fatal(tmp_path: Path) -> None:
     assert not m["usable"] and m["problems"][0]["kind"] == "unreadable"
 
 
-def test_verify_cli_writes_manifest_outside_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture) -> None:
+def test_verify_cli_writes_manifest_outside_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     root = make_flickr(tmp_path / "f8k")
     root.chmod(0o555)  # the data folder may be read-only
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
     try:
-        assert main(["data", "verify", "--dataset", "flickr8k", "--data-dir", str(root), "--quiet",
-                     "--max-bad-fraction", "0.2"]) == 0
+        assert (
+            main(
+                [
+                    "data",
+                    "verify",
+                    "--dataset",
+                    "flickr8k",
+                    "--data-dir",
+                    str(root),
+                    "--quiet",
+                    "--max-bad-fraction",
+                    "0.2",
+                ]
+            )
+            == 0
+        )
     finally:
         root.chmod(0o755)
     out = capsys.readouterr().out
@@ -215,7 +254,10 @@ def test_verify_cli_writes_manifest_outside_data_dir(tmp_path: Path, monkeypatch
     # fatal -> exit 1, and the manifest still says why
     (root / "Flickr_8k.trainImages.txt").write_text("nothing.jpg\n")
     target = tmp_path / "m.json"
-    assert main(["data", "verify", "--dataset", "flickr8k", "--data-dir", str(root), "--output", str(target), "--quiet"]) == 1
+    assert (
+        main(["data", "verify", "--dataset", "flickr8k", "--data-dir", str(root), "--output", str(target), "--quiet"])
+        == 1
+    )
     assert "no_train_images" in {p["kind"] for p in json.loads(target.read_text())["problems"]}
 
 
@@ -237,8 +279,12 @@ def test_stats_custom_figures_and_plot(tmp_path: Path, capsys: pytest.CaptureFix
     assert lengths["train"] and sorted(lengths["train"]) == lens
 
     png = tmp_path / "plots" / "lengths.png"
-    assert main(["data", "stats", "--dataset", "custom", "--data-dir", str(root), "--min-counts", "1,2",
-                 "--plot", str(png)]) == 0
+    assert (
+        main(
+            ["data", "stats", "--dataset", "custom", "--data-dir", str(root), "--min-counts", "1,2", "--plot", str(png)]
+        )
+        == 0
+    )
     assert "test OOV" in capsys.readouterr().out
     with Image.open(png) as img:
         assert img.format == "PNG" and img.width > 300
@@ -272,7 +318,7 @@ class _Server:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 name = self.path.lstrip("/")
                 rng = self.headers.get("Range")
                 outer.requests.append((name, rng))
@@ -299,7 +345,7 @@ class _Server:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> "_Server":
+    def __enter__(self) -> _Server:
         self.thread.start()
         return self
 
@@ -365,12 +411,14 @@ def test_download_flickr8k_from_loopback_mirror_then_verify(tmp_path: Path, caps
     archives = _flickr_archives(tmp_path)
     dest = tmp_path / "data" / "flickr8k"
     with _Server(archives, truncate={"Flickr8k_Dataset.zip"}) as srv:
-        digests = download.download_dataset("flickr8k", dest, url_base=srv.url, progress=False, backoff=0,
-                                              allow_unverified=True)
+        digests = download.download_dataset(
+            "flickr8k", dest, url_base=srv.url, progress=False, backoff=0, allow_unverified=True
+        )
         n_requests = len(srv.requests)
         # a rerun finds everything done and fetches nothing
-        assert download.download_dataset("flickr8k", dest, url_base=srv.url, progress=False,
-                                           checksums=digests) == digests
+        assert (
+            download.download_dataset("flickr8k", dest, url_base=srv.url, progress=False, checksums=digests) == digests
+        )
         assert len(srv.requests) == n_requests
     assert ("Flickr8k_Dataset.zip", f"bytes={len(archives['Flickr8k_Dataset.zip']) // 2}-") in srv.requests
     assert digests == {n: hashlib.sha256(b).hexdigest() for n, b in archives.items()}
@@ -382,7 +430,9 @@ def test_download_flickr8k_from_loopback_mirror_then_verify(tmp_path: Path, caps
 
 
 def test_download_cli_manual_dataset_prints_instructions(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["data", "download", "--dataset", "flickr8k", "--dest", str(tmp_path / "d")]) == data_command.EXIT_MANUAL
+    assert (
+        main(["data", "download", "--dataset", "flickr8k", "--dest", str(tmp_path / "d")]) == data_command.EXIT_MANUAL
+    )
     out = capsys.readouterr().out
     assert "request form" in out and "--url-base" in out
     assert not (tmp_path / "d").exists()
@@ -391,8 +441,21 @@ def test_download_cli_manual_dataset_prints_instructions(tmp_path: Path, capsys:
 def test_download_cli_with_mirror_prints_checksums(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     archives = _flickr_archives(tmp_path)
     with _Server(archives) as srv:
-        rc = main(["data", "download", "--dataset", "flickr8k", "--dest", str(tmp_path / "d"), "--url-base", srv.url,
-                   "--quiet", "--remove-archives", "--allow-unverified"])
+        rc = main(
+            [
+                "data",
+                "download",
+                "--dataset",
+                "flickr8k",
+                "--dest",
+                str(tmp_path / "d"),
+                "--url-base",
+                srv.url,
+                "--quiet",
+                "--remove-archives",
+                "--allow-unverified",
+            ]
+        )
     out = capsys.readouterr().out
     assert rc == 0 and hashlib.sha256(archives["Flickr8k_text.zip"]).hexdigest() in out
     assert "computed" in out and "captioner train --dataset flickr8k" in out
@@ -404,7 +467,17 @@ def test_download_refuses_archives_without_a_checksum(tmp_path: Path, capsys: py
     URLs are https."""
     archives = _flickr_archives(tmp_path)
     with _Server(archives) as srv:
-        argv = ["data", "download", "--dataset", "flickr8k", "--dest", str(tmp_path / "d"), "--url-base", srv.url, "--quiet"]
+        argv = [
+            "data",
+            "download",
+            "--dataset",
+            "flickr8k",
+            "--dest",
+            str(tmp_path / "d"),
+            "--url-base",
+            srv.url,
+            "--quiet",
+        ]
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert "no published sha256" in err and "--allow-unverified" in err
@@ -427,7 +500,7 @@ def test_safe_extract_refuses_path_traversal(tmp_path: Path) -> None:
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "out" / "ok.txt").exists()
     # a symbolic link inside a zip
     link = zipfile.ZipInfo("link")
-    link.external_attr = (0o120777 << 16)
+    link.external_attr = 0o120777 << 16
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr(link, "/etc/passwd")
@@ -464,19 +537,44 @@ def test_prepare_coco2017_karpathy_table(tmp_path: Path, capsys: pytest.CaptureF
     _jpeg(root / "train2017", "000000000001.jpg", 1)
     _jpeg(root / "val2017", "000000000002.jpg", 2)
     _jpeg(root / "train2017", "000000000003.jpg", 3)
-    karpathy = {"images": [
-        {"filepath": "train2014", "filename": "COCO_train2014_000000000001.jpg", "split": "train", "sentences": [{"raw": CAPS[0]}, {"raw": CAPS[1]}]},
-        {"filepath": "val2014", "filename": "COCO_val2014_000000000002.jpg", "split": "test", "sentences": [{"raw": CAPS[2]}]},
-        {"filepath": "val2014", "filename": "COCO_val2014_000000000003.jpg", "split": "restval", "sentences": [{"raw": CAPS[3]}]},
-        {"filepath": "val2014", "filename": "COCO_val2014_000000000004.jpg", "split": "val", "sentences": [{"raw": CAPS[4]}]},
-    ]}
+    karpathy = {
+        "images": [
+            {
+                "filepath": "train2014",
+                "filename": "COCO_train2014_000000000001.jpg",
+                "split": "train",
+                "sentences": [{"raw": CAPS[0]}, {"raw": CAPS[1]}],
+            },
+            {
+                "filepath": "val2014",
+                "filename": "COCO_val2014_000000000002.jpg",
+                "split": "test",
+                "sentences": [{"raw": CAPS[2]}],
+            },
+            {
+                "filepath": "val2014",
+                "filename": "COCO_val2014_000000000003.jpg",
+                "split": "restval",
+                "sentences": [{"raw": CAPS[3]}],
+            },
+            {
+                "filepath": "val2014",
+                "filename": "COCO_val2014_000000000004.jpg",
+                "split": "val",
+                "sentences": [{"raw": CAPS[4]}],
+            },
+        ]
+    }
     (root / "karpathy").mkdir()
     (root / "karpathy" / "dataset_coco.json").write_text(json.dumps(karpathy))
     out = tmp_path / "elsewhere" / "captions.csv"  # the data folder may be read-only
     assert main(["data", "prepare", "--data-dir", str(root), "--output", str(out)]) == 0
     assert "missing 1" in capsys.readouterr().out
     recs = {r.image_id: r for r in load_records("custom", out.parent, "all", annotations=out, require_images=False)}
-    assert Path(recs["../coco2017/train2017/000000000001.jpg"].path).resolve() == (root / "train2017" / "000000000001.jpg").resolve()
+    assert (
+        Path(recs["../coco2017/train2017/000000000001.jpg"].path).resolve()
+        == (root / "train2017" / "000000000001.jpg").resolve()
+    )
     assert recs["../coco2017/val2017/000000000002.jpg"].split == "test"
     assert recs["../coco2017/train2017/000000000003.jpg"].split == "train"  # restval counts as train
     assert len(recs["../coco2017/train2017/000000000001.jpg"].captions) == 2

@@ -1,4 +1,5 @@
 """Every dataset reader on small fixture files, all into CaptionRecord."""
+
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from captioner.datasets import DatasetError, load_records
+
 from conftest import make_image
 
 
@@ -36,11 +38,13 @@ def test_flickr_token_file_with_split_lists(tmp_path: Path) -> None:
 
 def test_karpathy_json(tmp_path: Path) -> None:
     _images(tmp_path / "images", ["x.jpg", "y.jpg", "z.jpg"])
-    data = {"images": [
-        {"filename": "x.jpg", "split": "train", "sentences": [{"raw": "A dog.", "tokens": ["a", "dog"]}]},
-        {"filename": "y.jpg", "split": "restval", "sentences": [{"tokens": ["a", "cat"]}]},
-        {"filename": "z.jpg", "split": "val", "sentences": [{"raw": "A bird."}]},
-    ]}
+    data = {
+        "images": [
+            {"filename": "x.jpg", "split": "train", "sentences": [{"raw": "A dog.", "tokens": ["a", "dog"]}]},
+            {"filename": "y.jpg", "split": "restval", "sentences": [{"tokens": ["a", "cat"]}]},
+            {"filename": "z.jpg", "split": "val", "sentences": [{"raw": "A bird."}]},
+        ]
+    }
     (tmp_path / "dataset_flickr8k.json").write_text(json.dumps(data))
     train = load_records("karpathy", tmp_path, "train")
     assert [r.image_id for r in train] == ["x.jpg", "y.jpg"] and train[1].captions == ["a cat"]
@@ -52,8 +56,10 @@ def test_coco_captions_json(tmp_path: Path) -> None:
     _images(tmp_path / "val2014", ["COCO_2.jpg"])
     (tmp_path / "annotations").mkdir()
     for part, (iid, name) in {"train2014": (1, "COCO_1.jpg"), "val2014": (2, "COCO_2.jpg")}.items():
-        ann = {"images": [{"id": iid, "file_name": name}],
-               "annotations": [{"image_id": iid, "caption": f"caption {k} "} for k in range(3)]}
+        ann = {
+            "images": [{"id": iid, "file_name": name}],
+            "annotations": [{"image_id": iid, "caption": f"caption {k} "} for k in range(3)],
+        }
         (tmp_path / "annotations" / f"captions_{part}.json").write_text(json.dumps(ann))
     train = load_records("coco", tmp_path, "train")
     assert [r.image_id for r in train] == ["COCO_1.jpg"] and train[0].captions[0] == "caption 0"

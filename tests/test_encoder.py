@@ -1,4 +1,5 @@
 """The offline default encoder really is ImageNet-pretrained, and grids have the documented shapes."""
+
 from __future__ import annotations
 
 import pytest

@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import write_caption_dataset
 
 from captioner.commands.main import main
 from captioner.datasets import FeatureCache
+
+from conftest import write_caption_dataset
 
 CAPTIONS = {0: ["a red square"], 1: ["a blue ball"], 2: ["a green dog"], 3: ["a red ball"]}
 

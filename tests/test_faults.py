@@ -4,6 +4,7 @@ and a client that announces a body above the limit (raw socket, headers only).
 Every kill here is a real ``SIGKILL`` of a real process (a subprocess, or the service's worker);
 only the *moment* is chosen by a hook inside the victim, so the tests are deterministic.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,6 +29,7 @@ from safetensors.torch import load_file
 from captioner import checkpoint
 from captioner.api import Captioner
 from captioner.commands.main import main
+
 from conftest import REPO, clean_env, gunicorn_server, image_bytes, make_image, write_caption_dataset
 
 pytestmark = pytest.mark.slow
@@ -71,11 +73,51 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--dataset", "custom", "--data-dir", str(data), "--output", str(out), "--epochs", "3",
-            "--encoder", "efficientnet-lite0", "--image-size", "64", "--min-count", "1", "--embed-dim", "16",
-            "--hidden-dim", "16", "--attention-dim", "8", "--proj-dim", "16", "--batch-size", "1",
-            "--warmup-steps", "1", "--lr", "0.02", "--dropout", "0.1", "--patience", "50", "--workers", "0",
-            "--val-beam-size", "1", "--cache-dir", str(out.parent / "cache"), "--quiet", "--seed", "3", *extra]
+    return [
+        "train",
+        "--dataset",
+        "custom",
+        "--data-dir",
+        str(data),
+        "--output",
+        str(out),
+        "--epochs",
+        "3",
+        "--encoder",
+        "efficientnet-lite0",
+        "--image-size",
+        "64",
+        "--min-count",
+        "1",
+        "--embed-dim",
+        "16",
+        "--hidden-dim",
+        "16",
+        "--attention-dim",
+        "8",
+        "--proj-dim",
+        "16",
+        "--batch-size",
+        "1",
+        "--warmup-steps",
+        "1",
+        "--lr",
+        "0.02",
+        "--dropout",
+        "0.1",
+        "--patience",
+        "50",
+        "--workers",
+        "0",
+        "--val-beam-size",
+        "1",
+        "--cache-dir",
+        str(out.parent / "cache"),
+        "--quiet",
+        "--seed",
+        "3",
+        *extra,
+    ]
 
 
 @contextmanager
@@ -91,8 +133,13 @@ def one_thread() -> Iterator[None]:
 
 
 def train_killed_at(kill_at: str, data: Path, out: Path, *extra: str) -> None:
-    proc = subprocess.run([sys.executable, "-c", KILLER, *train_args(data, out, *extra)], capture_output=True,
-                          text=True, timeout=240, env=_env(KILL_AT=kill_at))
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, *train_args(data, out, *extra)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=_env(KILL_AT=kill_at),
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
 
 
@@ -159,8 +206,9 @@ SLOW_CLI = textwrap.dedent(
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json"])
-def test_batch_cli_sigkill_then_resume_loses_and_duplicates_nothing(fmt: str, tiny_checkpoint: Path,
-                                                                    tmp_path: Path, load_once: None) -> None:
+def test_batch_cli_sigkill_then_resume_loses_and_duplicates_nothing(
+    fmt: str, tiny_checkpoint: Path, tmp_path: Path, load_once: None
+) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()
     for i in range(10):
@@ -173,8 +221,12 @@ def test_batch_cli_sigkill_then_resume_loses_and_duplicates_nothing(fmt: str, ti
         assert main(["caption", *common, "-o", str(reference)]) == 1
 
     out = tmp_path / f"out.{fmt}"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, "caption", *common, "-o", str(out)],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CLI, "caption", *common, "-o", str(out)],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
@@ -229,8 +281,15 @@ def children(pid: int) -> list[int]:
 
 @contextmanager
 def serve(tmp_path: Path, model: Path, **extra: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CAPTIONER_MODEL": str(model),
-           "CAPTIONER_TORCH_THREADS": "1", "CAPTIONER_THREADS": "8", "CAPTIONER_MAX_UPLOAD_MB": "1", **extra}
+    env = {
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "CAPTIONER_MODEL": str(model),
+        "CAPTIONER_TORCH_THREADS": "1",
+        "CAPTIONER_THREADS": "8",
+        "CAPTIONER_MAX_UPLOAD_MB": "1",
+        **extra,
+    }
     with gunicorn_server(tmp_path, env, ready_timeout=120, stop_timeout=30) as (base, proc, _):
         yield base, proc
 
@@ -243,8 +302,14 @@ def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 
 def multipart(data: bytes) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n'
-            f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return body, f"multipart/form-data; boundary={boundary}"
 
 
@@ -259,8 +324,12 @@ def test_announced_oversize_body_is_refused_before_it_is_sent(server, content_ty
     base, _ = server
     port = int(base.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall((f"POST /v1/captions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
-                      f"Content-Length: {50 * 2**20}\r\n\r\n").encode())
+        sock.sendall(
+            (
+                f"POST /v1/captions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {50 * 2**20}\r\n\r\n"
+            ).encode()
+        )
         started = time.perf_counter()
         reply = b""
         while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):

@@ -2,6 +2,7 @@
 
 These run only where CUDA exists (a GPU machine or CI runner); elsewhere they skip with the reason.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,12 @@ from safetensors.torch import load_file
 
 from captioner.api import Captioner
 from captioner.commands.main import main
+
 from conftest import TINY_CAPTIONS, make_image, write_caption_dataset
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU (torch.cuda.is_available() is False here)")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False here)"
+)
 
 
 def test_gpu_loading_computes_what_the_cpu_computes(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -47,11 +50,53 @@ def test_amp_training_on_cuda_lowers_the_loss_and_saves_fp32_weights(tmp_path: P
     captions = {i: [f"a {c} ball", f"{c} ball"] for i, c in enumerate(["red", "blue", "green", "pink", "red"])}
     data = write_caption_dataset(tmp_path / "data", captions, dev={4})
     out = tmp_path / "run"
-    assert main(["train", "--dataset", "custom", "--data-dir", str(data), "--output", str(out), "--epochs", "4",
-                 "--encoder", "efficientnet-lite0", "--image-size", "64", "--min-count", "1", "--embed-dim", "32",
-                 "--hidden-dim", "32", "--attention-dim", "16", "--proj-dim", "32", "--batch-size", "2",
-                 "--warmup-steps", "2", "--lr", "0.02", "--dropout", "0", "--workers", "0", "--device", "cuda",
-                 "--cache-dir", str(tmp_path / "cache"), "--quiet", "--seed", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "custom",
+                "--data-dir",
+                str(data),
+                "--output",
+                str(out),
+                "--epochs",
+                "4",
+                "--encoder",
+                "efficientnet-lite0",
+                "--image-size",
+                "64",
+                "--min-count",
+                "1",
+                "--embed-dim",
+                "32",
+                "--hidden-dim",
+                "32",
+                "--attention-dim",
+                "16",
+                "--proj-dim",
+                "32",
+                "--batch-size",
+                "2",
+                "--warmup-steps",
+                "2",
+                "--lr",
+                "0.02",
+                "--dropout",
+                "0",
+                "--workers",
+                "0",
+                "--device",
+                "cuda",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--quiet",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))

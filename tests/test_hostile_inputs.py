@@ -4,6 +4,7 @@ Every case gets a caption or its documented JSON error (never a 5xx), the servic
 stays bounded (peak RSS measured in a subprocess), uploads never touch the file system, pickled
 "checkpoints" are refused without running their payload, and attention file names cannot escape.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,6 +32,7 @@ from captioner.api import MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, Captioner
 from captioner.commands.main import main
 from captioner.images import DEFAULT_MAX_PIXELS
 from service.app import EXTENSION_KEY, create_app
+
 from conftest import assert_scored_by_the_model, image_bytes, make_image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,8 +47,12 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose IHDR claims width x height RGB pixels, with almost no pixel data (a bomb's shape)."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 @functools.cache
@@ -80,11 +86,22 @@ def gif_header_only(width: int, height: int) -> bytes:
 
 def tiff_header_only(width: int, height: int) -> bytes:
     """A little-endian TIFF whose IFD claims width x height 8-bit grey pixels in one strip of 16 bytes."""
-    tags = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 0),
-            (277, 3, 1), (278, 4, height), (279, 4, 16)]
+    tags = [
+        (256, 4, width),
+        (257, 4, height),
+        (258, 3, 8),
+        (259, 3, 1),
+        (262, 3, 1),
+        (273, 4, 0),
+        (277, 3, 1),
+        (278, 4, height),
+        (279, 4, 16),
+    ]
     ifd_size = 2 + 12 * len(tags) + 4
     data_at = 8 + ifd_size
-    entries = b"".join(struct.pack("<HHII", tag, kind, 1, data_at if tag == 273 else value) for tag, kind, value in tags)
+    entries = b"".join(
+        struct.pack("<HHII", tag, kind, 1, data_at if tag == 273 else value) for tag, kind, value in tags
+    )
     return b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(tags)) + entries + b"\x00" * 4 + b"\x00" * 16
 
 
@@ -196,60 +213,172 @@ CASES = [
     Case("zero-bytes", lambda: b"", 400, "missing_image", "undecodable"),
     Case("truncated-jpeg", lambda: cut_in_half(jpeg(7, (160, 120))), *BAD, "undecodable"),
     Case("jpeg-soi-only", lambda: b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", *BAD, "undecodable"),
-    Case("truncated-png", lambda: cut_in_half(png_bytes(make_image(8, (160, 120)))), *BAD, "undecodable",
-         filename="cut.png", content_type="image/png"),
+    Case(
+        "truncated-png",
+        lambda: cut_in_half(png_bytes(make_image(8, (160, 120)))),
+        *BAD,
+        "undecodable",
+        filename="cut.png",
+        content_type="image/png",
+    ),
     Case("png-bad-crc", png_bad_crc, *BAD, "undecodable", filename="crc.png", content_type="image/png"),
     Case("random-1k", lambda: random_bytes(1024), *BAD, "undecodable"),
-    Case("random-256k", lambda: random_bytes(256 * 1024, 1), *BAD, "undecodable", content_type="application/octet-stream"),
+    Case(
+        "random-256k", lambda: random_bytes(256 * 1024, 1), *BAD, "undecodable", content_type="application/octet-stream"
+    ),
     Case("text-as-jpeg", lambda: b"just some text\n" * 20, *BAD, "undecodable"),
-    Case("html-as-png", lambda: b"<!doctype html><html><body><img src=x onerror=alert(1)></body></html>", *BAD,
-         "undecodable", filename="page.png", content_type="image/png"),
-    Case("svg", lambda: b'<svg xmlns="http://www.w3.org/2000/svg" width="4000" height="4000"><rect/></svg>', *BAD,
-         "undecodable", filename="vector.svg", content_type="image/svg+xml"),
+    Case(
+        "html-as-png",
+        lambda: b"<!doctype html><html><body><img src=x onerror=alert(1)></body></html>",
+        *BAD,
+        "undecodable",
+        filename="page.png",
+        content_type="image/png",
+    ),
+    Case(
+        "svg",
+        lambda: b'<svg xmlns="http://www.w3.org/2000/svg" width="4000" height="4000"><rect/></svg>',
+        *BAD,
+        "undecodable",
+        filename="vector.svg",
+        content_type="image/svg+xml",
+    ),
     Case("pdf-as-jpeg", lambda: b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n", *BAD, "undecodable"),
     Case("zip-as-jpeg", zip_file, *BAD, "undecodable"),
-    Case("eps-never-run", lambda: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n", *BAD,
-         "undecodable", filename="x.eps", content_type="image/eps"),
+    Case(
+        "eps-never-run",
+        lambda: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",
+        *BAD,
+        "undecodable",
+        filename="x.eps",
+        content_type="image/eps",
+    ),
     Case("png-named-jpg", lambda: png_bytes(make_image(9)), *OK, size=(96, 72)),
     Case("jpeg-named-png", lambda: jpeg(10), *OK, filename="photo.png", content_type="image/png", size=(96, 72)),
-    Case("gif-named-txt", lambda: image_bytes(make_image(11), "GIF"), *OK, filename="notes.txt",
-         content_type="application/octet-stream", size=(96, 72)),
-    Case("bomb-png-30000x30000", lambda: png_header_only(30000, 30000), *BIG, "too_large",
-         filename="bomb.png", content_type="image/png"),
-    Case("bomb-png-9000x9000", lambda: png_header_only(9000, 9000), *BIG, "too_large",
-         filename="bomb.png", content_type="image/png"),
+    Case(
+        "gif-named-txt",
+        lambda: image_bytes(make_image(11), "GIF"),
+        *OK,
+        filename="notes.txt",
+        content_type="application/octet-stream",
+        size=(96, 72),
+    ),
+    Case(
+        "bomb-png-30000x30000",
+        lambda: png_header_only(30000, 30000),
+        *BIG,
+        "too_large",
+        filename="bomb.png",
+        content_type="image/png",
+    ),
+    Case(
+        "bomb-png-9000x9000",
+        lambda: png_header_only(9000, 9000),
+        *BIG,
+        "too_large",
+        filename="bomb.png",
+        content_type="image/png",
+    ),
     Case("bomb-jpeg-65000x65000", lambda: jpeg_with_sof_size(65000, 65000), *BIG, "too_large"),
-    Case("bomb-gif-65535x65535", lambda: gif_header_only(65535, 65535), *BIG, "too_large",
-         filename="bomb.gif", content_type="image/gif"),
-    Case("bomb-tiff-60000x60000", lambda: tiff_header_only(60000, 60000), *BIG, "too_large",
-         filename="bomb.tif", content_type="image/tiff"),
-    Case("real-12000x12000-png", lambda: solid_png(12000, 12000), *BIG, "too_large",
-         filename="huge.png", content_type="image/png"),
+    Case(
+        "bomb-gif-65535x65535",
+        lambda: gif_header_only(65535, 65535),
+        *BIG,
+        "too_large",
+        filename="bomb.gif",
+        content_type="image/gif",
+    ),
+    Case(
+        "bomb-tiff-60000x60000",
+        lambda: tiff_header_only(60000, 60000),
+        *BIG,
+        "too_large",
+        filename="bomb.tif",
+        content_type="image/tiff",
+    ),
+    Case(
+        "real-12000x12000-png",
+        lambda: solid_png(12000, 12000),
+        *BIG,
+        "too_large",
+        filename="huge.png",
+        content_type="image/png",
+    ),
     Case("real-7000x7000-jpeg-under-limit", lambda: solid_jpeg(7000, 7000), *OK, size=(7000, 7000)),
     Case("png-ztxt-bomb", png_text_bomb, *BAD, "undecodable", filename="text.png", content_type="image/png"),
-    Case("1x1", lambda: png_bytes(Image.new("RGB", (1, 1), (200, 10, 10))), *OK,
-         filename="dot.png", content_type="image/png", size=(1, 1)),
-    Case("5000x3", lambda: png_bytes(make_image(12, (5000, 3))), *OK, filename="wide.png",
-         content_type="image/png", size=(5000, 3)),
-    Case("3x5000-overlay", lambda: png_bytes(make_image(13, (3, 5000))), *OK, filename="tall.png",
-         content_type="image/png", query="attention=overlay", size=(3, 5000)),
+    Case(
+        "1x1",
+        lambda: png_bytes(Image.new("RGB", (1, 1), (200, 10, 10))),
+        *OK,
+        filename="dot.png",
+        content_type="image/png",
+        size=(1, 1),
+    ),
+    Case(
+        "5000x3",
+        lambda: png_bytes(make_image(12, (5000, 3))),
+        *OK,
+        filename="wide.png",
+        content_type="image/png",
+        size=(5000, 3),
+    ),
+    Case(
+        "3x5000-overlay",
+        lambda: png_bytes(make_image(13, (3, 5000))),
+        *OK,
+        filename="tall.png",
+        content_type="image/png",
+        query="attention=overlay",
+        size=(3, 5000),
+    ),
     Case("cmyk-jpeg", lambda: image_bytes(make_image(14).convert("CMYK"), "JPEG"), *OK, size=(96, 72)),
-    Case("grey-alpha-png", lambda: png_bytes(make_image(15).convert("LA")), *OK, filename="la.png",
-         content_type="image/png", size=(96, 72)),
-    Case("palette-transparent-png", palette_with_transparency, *OK, filename="p.png", content_type="image/png",
-         size=(80, 60)),
+    Case(
+        "grey-alpha-png",
+        lambda: png_bytes(make_image(15).convert("LA")),
+        *OK,
+        filename="la.png",
+        content_type="image/png",
+        size=(96, 72),
+    ),
+    Case(
+        "palette-transparent-png",
+        palette_with_transparency,
+        *OK,
+        filename="p.png",
+        content_type="image/png",
+        size=(80, 60),
+    ),
     Case("16-bit-png", sixteen_bit, *OK, filename="deep.png", content_type="image/png", size=(80, 60)),
     Case("float-tiff-nan-inf", float_tiff_nan, *OK, filename="f.tif", content_type="image/tiff", size=(40, 30)),
     Case("animated-gif", animated_gif, *OK, filename="anim.gif", content_type="image/gif", size=(40, 30)),
     # Cut after its first frame: that frame is complete and is the only one decoded (the rest is never read).
-    Case("truncated-animated-gif", truncated_animation, *OK, filename="cut.gif", content_type="image/gif",
-         size=(40, 30)),
-    Case("webp", lambda: image_bytes(make_image(16), "WEBP"), *OK, filename="x.webp", content_type="image/webp",
-         size=(96, 72)),
-    Case("bmp", lambda: image_bytes(make_image(17), "BMP"), *OK, filename="x.bmp", content_type="image/bmp",
-         size=(96, 72)),
-    Case("tiff-lzw", lambda: image_bytes(make_image(18), "TIFF", compression="tiff_lzw"), *OK, filename="x.tiff",
-         content_type="image/tiff", size=(96, 72)),
+    Case(
+        "truncated-animated-gif", truncated_animation, *OK, filename="cut.gif", content_type="image/gif", size=(40, 30)
+    ),
+    Case(
+        "webp",
+        lambda: image_bytes(make_image(16), "WEBP"),
+        *OK,
+        filename="x.webp",
+        content_type="image/webp",
+        size=(96, 72),
+    ),
+    Case(
+        "bmp",
+        lambda: image_bytes(make_image(17), "BMP"),
+        *OK,
+        filename="x.bmp",
+        content_type="image/bmp",
+        size=(96, 72),
+    ),
+    Case(
+        "tiff-lzw",
+        lambda: image_bytes(make_image(18), "TIFF", compression="tiff_lzw"),
+        *OK,
+        filename="x.tiff",
+        content_type="image/tiff",
+        size=(96, 72),
+    ),
     Case("exif-rotated", exif_rotated, *OK, size=(90, 60)),
     Case("exif-orientation-9", lambda: exif_rotated(9), *OK, size=(90, 60)),
     Case("exif-garbage", corrupt_exif, *OK, size=(96, 72)),
@@ -257,22 +386,36 @@ CASES = [
     Case("above-upload-limit", lambda: jpeg(20) + b"\x00" * (21 * MiB), 413, "payload_too_large", "caption"),
     Case("missing-image", None, 400, "missing_image", "not_found"),
     Case("beam_size=0", jpeg, 400, "invalid_parameter", "usage", query="beam_size=0", cli_args=("--beam-size", "0")),
-    Case("beam_size=11", jpeg, 400, "invalid_parameter", "usage", query="beam_size=11",
-         cli_args=("--beam-size", "11")),
-    Case("beam_size=abc", jpeg, 400, "invalid_parameter", "usage", query="beam_size=abc",
-         cli_args=("--beam-size", "abc")),
-    Case("beam_size=huge", jpeg, 400, "invalid_parameter", "usage", query="beam_size=" + "9" * 40,
-         cli_args=("--beam-size", "9" * 40)),
+    Case("beam_size=11", jpeg, 400, "invalid_parameter", "usage", query="beam_size=11", cli_args=("--beam-size", "11")),
+    Case(
+        "beam_size=abc", jpeg, 400, "invalid_parameter", "usage", query="beam_size=abc", cli_args=("--beam-size", "abc")
+    ),
+    Case(
+        "beam_size=huge",
+        jpeg,
+        400,
+        "invalid_parameter",
+        "usage",
+        query="beam_size=" + "9" * 40,
+        cli_args=("--beam-size", "9" * 40),
+    ),
     Case("n_best=0", jpeg, 400, "invalid_parameter", "usage", query="n_best=0", cli_args=("--n-best", "0")),
     Case("n_best=11", jpeg, 400, "invalid_parameter", "usage", query="n_best=11", cli_args=("--n-best", "11")),
-    Case("n_best>beam_size", jpeg, *OK, query="n_best=10&beam_size=2", cli_args=("--n-best", "10", "--beam-size", "2"),
-         size=(96, 72)),
-    Case("max_length=0", jpeg, 400, "invalid_parameter", "usage", query="max_length=0",
-         cli_args=("--max-length", "0")),
-    Case("max_length=61", jpeg, 400, "invalid_parameter", "usage", query="max_length=61",
-         cli_args=("--max-length", "61")),
-    Case("max_length=-1", jpeg, 400, "invalid_parameter", "usage", query="max_length=-1",
-         cli_args=("--max-length=-1",)),
+    Case(
+        "n_best>beam_size",
+        jpeg,
+        *OK,
+        query="n_best=10&beam_size=2",
+        cli_args=("--n-best", "10", "--beam-size", "2"),
+        size=(96, 72),
+    ),
+    Case("max_length=0", jpeg, 400, "invalid_parameter", "usage", query="max_length=0", cli_args=("--max-length", "0")),
+    Case(
+        "max_length=61", jpeg, 400, "invalid_parameter", "usage", query="max_length=61", cli_args=("--max-length", "61")
+    ),
+    Case(
+        "max_length=-1", jpeg, 400, "invalid_parameter", "usage", query="max_length=-1", cli_args=("--max-length=-1",)
+    ),
     Case("attention=bogus", jpeg, 400, "invalid_parameter", None, query="attention=bogus"),
     Case("attention=../../etc", jpeg, 400, "invalid_parameter", None, query="attention=../../etc/passwd"),
 ]
@@ -289,8 +432,15 @@ def model(tiny_checkpoint: Path) -> Captioner:
 @pytest.fixture(scope="module")
 def app(tiny_checkpoint: Path, model: Captioner):
     """The service with its documented default limits (20 MiB, 50 M pixels)."""
-    application = create_app({"CAPTIONER_MODEL": str(tiny_checkpoint), "CAPTIONER_INSTANCE": model,
-                              "CAPTIONER_LOAD_IN_BACKGROUND": False, "CAPTIONER_BATCH_WAIT_MS": 0, "TESTING": True})
+    application = create_app(
+        {
+            "CAPTIONER_MODEL": str(tiny_checkpoint),
+            "CAPTIONER_INSTANCE": model,
+            "CAPTIONER_LOAD_IN_BACKGROUND": False,
+            "CAPTIONER_BATCH_WAIT_MS": 0,
+            "TESTING": True,
+        }
+    )
     yield application
     application.extensions[EXTENSION_KEY].close()
 
@@ -330,8 +480,9 @@ def test_service_raw_body(app, case: Case) -> None:
     assert client.get("/readyz").status_code == 200
 
 
-@pytest.mark.parametrize("extra", [{"note": "x" * 600_000}, {f"f{i}": "1" for i in range(1500)}],
-                         ids=["text-field-600kB", "1500-form-parts"])
+@pytest.mark.parametrize(
+    "extra", [{"note": "x" * 600_000}, {f"f{i}": "1" for i in range(1500)}], ids=["text-field-600kB", "1500-form-parts"]
+)
 def test_service_form_limits(app, extra: dict[str, str]) -> None:
     """Werkzeug's form limits (text fields <= 500 kB, <= 1000 parts) answer 413 with a message that says
     which limit, not the body-size one (the body is far below 20 MiB)."""
@@ -352,8 +503,14 @@ def test_service_is_healthy_after_the_corpus(app, model: Captioner) -> None:
     assert statuses and not [s for s, n in statuses if s.startswith("5") and float(n) > 0], statuses
     body = client.post("/v1/captions", data=jpeg(3), content_type="image/jpeg").get_json()
     assert body["caption"] == model.caption(jpeg(3), beam_size=3).text
-    assert_scored_by_the_model(model, jpeg(3), [t["word"] for t in body["tokens"]],
-                               [t["logprob"] for t in body["tokens"]], body["score"], body["parameters"]["max_length"])
+    assert_scored_by_the_model(
+        model,
+        jpeg(3),
+        [t["word"] for t in body["tokens"]],
+        [t["logprob"] for t in body["tokens"]],
+        body["score"],
+        body["parameters"]["max_length"],
+    )
 
 
 # ---------------------------------------------------------------- the batch CLI, in-process
@@ -365,8 +522,18 @@ def test_batch_cli(case: Case, tiny_checkpoint: Path, tmp_path: Path, load_once:
     if case.build is not None:
         path.write_bytes(case.build())
     out = tmp_path / "out.jsonl"
-    argv = ["caption", str(path), "--checkpoint", str(tiny_checkpoint), "--workers", "0", "-q", "-o", str(out),
-            *case.cli_args]
+    argv = [
+        "caption",
+        str(path),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--workers",
+        "0",
+        "-q",
+        "-o",
+        str(out),
+        *case.cli_args,
+    ]
     if case.cli == "usage":
         with pytest.raises(SystemExit) as exc:
             main(argv)
@@ -435,8 +602,14 @@ def test_bombs_never_allocate_their_claimed_size(tmp_path: Path) -> None:
         path = tmp_path / name.split(" ")[0]
         path.write_bytes(data)
         args.append(f"{path}:{draft}")
-    proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, *args], capture_output=True, text=True, timeout=120,
-                          cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     print(json.dumps(report, indent=1))  # figures for docs/reliability.md (pytest -s)
@@ -449,9 +622,16 @@ def test_bombs_never_allocate_their_claimed_size(tmp_path: Path) -> None:
 def test_concurrent_decodes_are_bounded(tiny_checkpoint: Path, model: Captioner) -> None:
     """However many request threads, at most CAPTIONER_DECODE_SLOTS uploads are decoded at once per worker
     (each in its own capped decode process), and every request still gets its caption."""
-    application = create_app({"CAPTIONER_MODEL": str(tiny_checkpoint), "CAPTIONER_INSTANCE": model,
-                              "CAPTIONER_LOAD_IN_BACKGROUND": False, "CAPTIONER_WARMUP": False, "TESTING": True,
-                              "CAPTIONER_DECODE_SLOTS": 2})
+    application = create_app(
+        {
+            "CAPTIONER_MODEL": str(tiny_checkpoint),
+            "CAPTIONER_INSTANCE": model,
+            "CAPTIONER_LOAD_IN_BACKGROUND": False,
+            "CAPTIONER_WARMUP": False,
+            "TESTING": True,
+            "CAPTIONER_DECODE_SLOTS": 2,
+        }
+    )
     pool = application.extensions[EXTENSION_KEY].decoder
     n = 3 * pool.size
     barrier, statuses = threading.Barrier(n), []
@@ -477,9 +657,28 @@ def test_concurrent_decodes_are_bounded(tiny_checkpoint: Path, model: Captioner)
 # ---------------------------------------------------------------- security: uploads never touch the disk
 _WATCH = threading.Event()
 _EVENTS: list[tuple[str, tuple]] = []
-_FS_EVENTS = {"open", "os.rename", "os.replace", "os.remove", "os.unlink", "os.mkdir", "os.rmdir", "os.link",
-              "os.symlink", "os.truncate", "os.chmod", "os.chown", "shutil.copyfile", "shutil.move",
-              "tempfile.mkstemp", "tempfile.mkdtemp", "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn"}
+_FS_EVENTS = {
+    "open",
+    "os.rename",
+    "os.replace",
+    "os.remove",
+    "os.unlink",
+    "os.mkdir",
+    "os.rmdir",
+    "os.link",
+    "os.symlink",
+    "os.truncate",
+    "os.chmod",
+    "os.chown",
+    "shutil.copyfile",
+    "shutil.move",
+    "tempfile.mkstemp",
+    "tempfile.mkdtemp",
+    "subprocess.Popen",
+    "os.system",
+    "os.exec",
+    "os.posix_spawn",
+}
 
 
 def _audit(event: str, args: tuple) -> None:
@@ -498,14 +697,24 @@ def _writes(events: list[tuple[str, tuple]]) -> list:
             continue
         path, mode, flags = (tuple(args) + (None, None, None))[:3]
         writing = bool(mode and set(str(mode)) & set("wax+")) or bool(
-            isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC))
+            isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        )
         if writing:
             bad.append((event, args))
     return bad
 
 
-@pytest.mark.parametrize("filename", ["../../etc/passwd", "/etc/shadow", "..\\..\\windows\\win.ini",
-                                      "%2e%2e%2f%2e%2e%2ftmp%2fpwn.jpg", "a\x00b.jpg", "x" * 5000 + ".jpg"])
+@pytest.mark.parametrize(
+    "filename",
+    [
+        "../../etc/passwd",
+        "/etc/shadow",
+        "..\\..\\windows\\win.ini",
+        "%2e%2e%2f%2e%2e%2ftmp%2fpwn.jpg",
+        "a\x00b.jpg",
+        "x" * 5000 + ".jpg",
+    ],
+)
 def test_upload_file_names_and_bytes_never_reach_the_file_system(app, filename: str) -> None:
     """A Python audit hook records every open/rename/remove/exec while the request runs: no write at all,
     nothing named after the upload, no program started. (Large uploads too: above Werkzeug's
@@ -519,14 +728,21 @@ def test_upload_file_names_and_bytes_never_reach_the_file_system(app, filename: 
     assert len(big) > 500_000
     # The body is encoded here: Werkzeug's test client would itself spool a large form to a temporary file.
     boundary = "hostile-boundary-7f3a"
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
-            "Content-Type: image/png\r\n\r\n").encode("utf-8", "surrogateescape") + big + f"\r\n--{boundary}--\r\n".encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode("utf-8", "surrogateescape")
+        + big
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     client = app.test_client()
     _EVENTS.clear()
     _WATCH.set()
     try:
-        r = client.post("/v1/captions?attention=overlay", data=body,
-                        content_type=f"multipart/form-data; boundary={boundary}")
+        r = client.post(
+            "/v1/captions?attention=overlay", data=body, content_type=f"multipart/form-data; boundary={boundary}"
+        )
     finally:
         _WATCH.clear()
     assert r.status_code == 200, r.get_data(as_text=True)[:300]
@@ -608,10 +824,19 @@ def test_pickled_model_is_refused_by_the_cli(evil, images_dir: Path, tmp_path: P
     assert not marker.exists(), "the pickle's payload ran"
 
 
-@pytest.mark.parametrize("broken", ["vocab.json={}", "vocab.json=not json", "config.json=[1, 2]",
-                                    'config.json={"format_version": 1}', "model.safetensors=\x00\x01"])
-def test_malformed_checkpoint_is_a_clear_error(broken: str, tiny_checkpoint: Path, images_dir: Path,
-                                               tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize(
+    "broken",
+    [
+        "vocab.json={}",
+        "vocab.json=not json",
+        "config.json=[1, 2]",
+        'config.json={"format_version": 1}',
+        "model.safetensors=\x00\x01",
+    ],
+)
+def test_malformed_checkpoint_is_a_clear_error(
+    broken: str, tiny_checkpoint: Path, images_dir: Path, tmp_path: Path, capsys
+) -> None:
     name, content = broken.split("=", 1)
     folder = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, folder)
@@ -625,16 +850,40 @@ def test_malformed_checkpoint_is_a_clear_error(broken: str, tiny_checkpoint: Pat
 def test_attention_dir_names_are_sanitised(tiny_checkpoint: Path, tmp_path: Path, load_once: None) -> None:
     src = tmp_path / "in"
     src.mkdir()
-    names = ["a b;rm -rf ~.jpg", "$(touch pwn).jpg", "名前 ünïcödé.jpg", "-rf.jpg", "line\nbreak.jpg", "..jpg",
-             ".hidden.jpg", "x" * 200 + ".jpg"]
+    names = [
+        "a b;rm -rf ~.jpg",
+        "$(touch pwn).jpg",
+        "名前 ünïcödé.jpg",
+        "-rf.jpg",
+        "line\nbreak.jpg",
+        "..jpg",
+        ".hidden.jpg",
+        "x" * 200 + ".jpg",
+    ]
     for i, name in enumerate(names):
         (src / name).write_bytes(jpeg(30 + i))
     (src / "deep").mkdir()
     inputs = [str(src / n) for n in names] + [str(src / "deep" / ".." / ".." / "in" / names[0])]
     att = tmp_path / "att"
     out = tmp_path / "out.jsonl"
-    assert main(["caption", *inputs, "--checkpoint", str(tiny_checkpoint), "--workers", "0", "-q", "-o", str(out),
-                 "--attention-dir", str(att)]) == 0
+    assert (
+        main(
+            [
+                "caption",
+                *inputs,
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--workers",
+                "0",
+                "-q",
+                "-o",
+                str(out),
+                "--attention-dir",
+                str(att),
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == len(names)  # the '..' spelling of names[0] is the same file: captioned once
     for f in att.rglob("*"):
@@ -655,7 +904,14 @@ def test_limits_table_matches_the_code() -> None:
     doc = (REPO / "docs" / "reliability.md").read_text()
     s = load_settings({}, {})
     assert s.max_upload_mb == 20 and s.max_pixels == DEFAULT_MAX_PIXELS
-    for needle in (f"1–{MAX_BEAM_SIZE}", f"1–{MAX_LENGTH_LIMIT}", f"{DEFAULT_MAX_PIXELS:,}", "20 MiB",
-                   "`CAPTIONER_MAX_UPLOAD_MB`", "`CAPTIONER_MAX_PIXELS`", "`CAPTIONER_QUEUE_SIZE`",
-                   "`CAPTIONER_REQUEST_TIMEOUT_S`"):
+    for needle in (
+        f"1–{MAX_BEAM_SIZE}",
+        f"1–{MAX_LENGTH_LIMIT}",
+        f"{DEFAULT_MAX_PIXELS:,}",
+        "20 MiB",
+        "`CAPTIONER_MAX_UPLOAD_MB`",
+        "`CAPTIONER_MAX_PIXELS`",
+        "`CAPTIONER_QUEUE_SIZE`",
+        "`CAPTIONER_REQUEST_TIMEOUT_S`",
+    ):
         assert needle in doc, needle

@@ -1,4 +1,5 @@
 """The one preprocessing path: any mode/format -> upright RGB -> normalised tensor."""
+
 from __future__ import annotations
 
 import io
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from captioner.images import LITE_NORM, ImageError, load_and_preprocess, load_image, preprocess
+
 from conftest import image_bytes, make_image
 
 
@@ -20,7 +22,7 @@ def test_every_mode_becomes_rgb(mode: str) -> None:
     if mode == "PA":
         img = img.convert("P").convert("PA")
     elif mode == "I;16":
-        arr = (np.asarray(img.convert("L"), dtype=np.uint16) * 257)
+        arr = np.asarray(img.convert("L"), dtype=np.uint16) * 257
         img = Image.fromarray(arr)  # uint16 -> mode I;16
     else:
         img = img.convert(mode)
@@ -114,7 +116,7 @@ def test_preprocess_shape_range_and_determinism() -> None:
     img = make_image(6)
     x = preprocess(img, 64, LITE_NORM)
     assert x.shape == (3, 64, 64) and x.dtype == torch.float32
-    assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0 + 1e-6  # (v - 127) / 128
+    assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0 + 1e-6  # (v - 127) / 128
     assert torch.equal(x, preprocess(img, 64, LITE_NORM))
     # channel order is RGB: a pure red image has a high first channel
     red = preprocess(Image.new("RGB", (8, 8), (255, 0, 0)), 8)

@@ -1,5 +1,6 @@
 """Kubernetes manifests (deploy/k8s) and the compose scale/GPU files: schema-valid, and consistent with the
 service's settings, the image and the documented limits."""
+
 from __future__ import annotations
 
 import re
@@ -73,7 +74,10 @@ def test_image_tags_follow_the_version():
     for name in ("docker-compose.yml", "docker-compose.gpu.yml"):
         compose = yaml.safe_load((REPO / name).read_text())
         tags |= {svc["image"] for svc in compose["services"].values() if "image" in svc}
-    assert tags == {"captioner:${CAPTIONER_VERSION:?set in .env}-cpu", "captioner:${CAPTIONER_VERSION:?set in .env}-cuda"}
+    assert tags == {
+        "captioner:${CAPTIONER_VERSION:?set in .env}-cpu",
+        "captioner:${CAPTIONER_VERSION:?set in .env}-cuda",
+    }
     versions = r"\b\d+\.\d+\.\d+-(cpu|cuda)\b"  # no literal tag elsewhere
     for path in [REPO / "docker-compose.yml", REPO / "docker-compose.gpu.yml", *K8S.glob("*.yaml")]:
         if path.name != "kustomization.yaml":
@@ -96,9 +100,14 @@ def test_deployment(objects):
     spec = deploy["spec"]
     pod = spec["template"]["spec"]
     (container,) = pod["containers"]
-    assert spec["replicas"] == 2 and spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    assert (
+        spec["replicas"] == 2
+        and spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    )
     # settings: every name is one the service reads, every value parses; all of them reach the container
-    assert set(settings) <= set(ENV_VARS) | set(GUNICORN_ENV_VARS), set(settings) - set(ENV_VARS) - set(GUNICORN_ENV_VARS)
+    assert set(settings) <= set(ENV_VARS) | set(GUNICORN_ENV_VARS), (
+        set(settings) - set(ENV_VARS) - set(GUNICORN_ENV_VARS)
+    )
     app_settings = load_settings({k: v for k, v in settings.items() if k in ENV_VARS}, {})
     assert app_settings.model_path.name == "flickr8k-lite2"  # the model shipped in the image
     assert container["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
@@ -107,8 +116,11 @@ def test_deployment(objects):
     # probes: readiness /readyz, liveness /healthz, a startup probe that waits out the model load
     port = container["ports"][0]["name"]
     probes = {k: container[k]["httpGet"] for k in ("startupProbe", "readinessProbe", "livenessProbe")}
-    assert probes == {"startupProbe": {"path": "/readyz", "port": port}, "readinessProbe": {"path": "/readyz", "port": port},
-                      "livenessProbe": {"path": "/healthz", "port": port}}
+    assert probes == {
+        "startupProbe": {"path": "/readyz", "port": port},
+        "readinessProbe": {"path": "/readyz", "port": port},
+        "livenessProbe": {"path": "/healthz", "port": port},
+    }
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 180, "the startup probe must cover the model load"
     # shutdown: in-flight requests finish (CAPTIONER_GRACEFUL_TIMEOUT) before the kubelet kills the pod
@@ -149,11 +161,18 @@ def test_service_hpa_and_pdb_point_at_the_deployment(objects):
     labels = deploy["spec"]["template"]["metadata"]["labels"]
     service, pdb = objects["Service"], objects["PodDisruptionBudget"]
     assert service["spec"]["selector"].items() <= labels.items()
-    assert service["spec"]["ports"][0]["targetPort"] == deploy["spec"]["template"]["spec"]["containers"][0]["ports"][0]["name"]
+    assert (
+        service["spec"]["ports"][0]["targetPort"]
+        == deploy["spec"]["template"]["spec"]["containers"][0]["ports"][0]["name"]
+    )
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert pdb["spec"]["minAvailable"] < deploy["spec"]["replicas"], "a drain must be able to evict a pod"
     for hpa in (objects["HorizontalPodAutoscaler"], _load("hpa-queue-depth.yaml")):
-        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deploy["metadata"]["name"]}
+        assert hpa["spec"]["scaleTargetRef"] == {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": deploy["metadata"]["name"],
+        }
         assert hpa["spec"]["minReplicas"] == deploy["spec"]["replicas"]
     assert objects["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["resource"]["name"] == "cpu"
     # the queue-depth HPA scales on the gauge /metrics exports
@@ -178,8 +197,9 @@ class _ComposeLoader(yaml.SafeLoader):
     """YAML with compose's ``!reset`` tag (Compose >= 2.24), read as its plain value."""
 
 
-_ComposeLoader.add_constructor("!reset", lambda loader, node: loader.construct_sequence(node)
-                               if isinstance(node, yaml.SequenceNode) else None)
+_ComposeLoader.add_constructor(
+    "!reset", lambda loader, node: loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode) else None
+)
 
 
 def test_compose_scale_and_gpu_files():
@@ -205,6 +225,11 @@ def test_compose_override_is_valid(extra):
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.skip("docker-compose not installed (Debian: apt-get install -y docker-compose; .ci/run installs it)")
-    done = subprocess.run([binary, "-f", "docker-compose.yml", "-f", extra, "config", "-q"], capture_output=True,
-                          text=True, timeout=60, cwd=REPO)
+    done = subprocess.run(
+        [binary, "-f", "docker-compose.yml", "-f", extra, "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -1,5 +1,6 @@
 """Request ids and structured logs (service/logs.py): the id rules, the echo in headers and error bodies,
 one JSON access line per request under the real server, and CAPTIONER_LOG_FORMAT=text."""
+
 from __future__ import annotations
 
 import io
@@ -13,10 +14,11 @@ import urllib.request
 import pytest
 from gunicorn.config import Config
 
-from conftest import gunicorn_server, image_bytes, make_image
 from service import logs
 from service.app import create_app
 from service.config import ConfigError, load_settings
+
+from conftest import gunicorn_server, image_bytes, make_image
 
 HEX_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -26,7 +28,7 @@ def test_a_sane_request_id_is_kept(given):
     assert logs.request_id({"HTTP_X_REQUEST_ID": given}) == given
 
 
-@pytest.mark.parametrize("given", ["", "x" * 129, "two words", "quote\"d", "line\nbreak", "é", "a;b", "<script>"])
+@pytest.mark.parametrize("given", ["", "x" * 129, "two words", 'quote"d', "line\nbreak", "é", "a;b", "<script>"])
 def test_an_insane_request_id_is_replaced(given):
     environ = {"HTTP_X_REQUEST_ID": given}
     rid = logs.request_id(environ)
@@ -36,8 +38,15 @@ def test_an_insane_request_id_is_replaced(given):
 
 @pytest.fixture(scope="module")
 def client(tiny_checkpoint):
-    app = create_app({"CAPTIONER_MODEL": str(tiny_checkpoint), "CAPTIONER_LOAD_IN_BACKGROUND": "0",
-                      "CAPTIONER_WARMUP": "0", "CAPTIONER_FAST": "0", "TESTING": True})
+    app = create_app(
+        {
+            "CAPTIONER_MODEL": str(tiny_checkpoint),
+            "CAPTIONER_LOAD_IN_BACKGROUND": "0",
+            "CAPTIONER_WARMUP": "0",
+            "CAPTIONER_FAST": "0",
+            "TESTING": True,
+        }
+    )
     return app.test_client()
 
 
@@ -46,10 +55,14 @@ def test_request_id_is_echoed_in_headers_and_error_bodies(client):
     assert r.status_code == 200 and r.headers["X-Request-ID"] == "client-id-1"
     r = client.get("/nope", headers={"X-Request-ID": "client-id-2"})
     assert r.status_code == 404 and r.headers["X-Request-ID"] == "client-id-2"
-    assert r.get_json()["error"] == {"code": "not_found", "message": r.get_json()["error"]["message"],
-                                     "request_id": "client-id-2"}
-    r = client.post("/v1/captions", data=b"not an image", content_type="image/jpeg",
-                    headers={"X-Request-ID": "bad id\twith tab"})
+    assert r.get_json()["error"] == {
+        "code": "not_found",
+        "message": r.get_json()["error"]["message"],
+        "request_id": "client-id-2",
+    }
+    r = client.post(
+        "/v1/captions", data=b"not an image", content_type="image/jpeg", headers={"X-Request-ID": "bad id\twith tab"}
+    )
     rid = r.headers["X-Request-ID"]
     assert r.status_code == 400 and HEX_ID.fullmatch(rid) and r.get_json()["error"]["request_id"] == rid
     r1, r2 = client.get("/healthz"), client.get("/healthz")
@@ -109,8 +122,12 @@ def test_access_line_levels_and_fields(monkeypatch):
     logger.access_log.handlers = [handler]
     try:
         for status in (200, 404, 503, 500):
-            environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/v1/captions", "REMOTE_ADDR": "10.0.0.1",
-                       "HTTP_X_REQUEST_ID": f"r{status}"}
+            environ = {
+                "REQUEST_METHOD": "POST",
+                "PATH_INFO": "/v1/captions",
+                "REMOTE_ADDR": "10.0.0.1",
+                "HTTP_X_REQUEST_ID": f"r{status}",
+            }
             if status == 200:
                 logs.annotate(environ, model="m", model_version="1", batch_size=4)
             resp = SimpleNamespace(status=f"{status} X", status_code=status, sent=12, headers=[])
@@ -118,12 +135,29 @@ def test_access_line_levels_and_fields(monkeypatch):
     finally:
         logger.access_log.handlers = saved
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-    assert [(r["status"], r["level"]) for r in lines] == [(200, "info"), (404, "info"), (503, "warning"), (500, "error")]
+    assert [(r["status"], r["level"]) for r in lines] == [
+        (200, "info"),
+        (404, "info"),
+        (503, "warning"),
+        (500, "error"),
+    ]
     assert list(lines[0])[4:] == list(logs.ACCESS_FIELDS)
     assert lines[0] | {"time": None} == {
-        "time": None, "level": "info", "logger": "gunicorn.access", "message": "POST /v1/captions 200",
-        "request_id": "r200", "method": "POST", "path": "/v1/captions", "status": 200, "duration_ms": 250.0,
-        "model": "m", "model_version": "1", "batch_size": 4, "remote_addr": "10.0.0.1", "bytes": 12}
+        "time": None,
+        "level": "info",
+        "logger": "gunicorn.access",
+        "message": "POST /v1/captions 200",
+        "request_id": "r200",
+        "method": "POST",
+        "path": "/v1/captions",
+        "status": 200,
+        "duration_ms": 250.0,
+        "model": "m",
+        "model_version": "1",
+        "batch_size": 4,
+        "remote_addr": "10.0.0.1",
+        "bytes": 12,
+    }
     assert lines[1]["model"] is None and lines[1]["batch_size"] is None
 
 
@@ -141,8 +175,9 @@ def test_gunicorn_writes_one_json_access_line_per_request(tmp_path, tiny_checkpo
     env = {"CAPTIONER_MODEL": str(tiny_checkpoint), "CAPTIONER_TORCH_THREADS": "1"}
     with gunicorn_server(tmp_path, env) as (base, proc, log_path):
         photo = image_bytes(make_image(3))
-        status, headers, body = _get(f"{base}/v1/captions?attention=none", {"Content-Type": "image/jpeg",
-                                                                           "X-Request-ID": "req-caption-1"}, photo)
+        status, headers, body = _get(
+            f"{base}/v1/captions?attention=none", {"Content-Type": "image/jpeg", "X-Request-ID": "req-caption-1"}, photo
+        )
         assert status == 200 and headers["X-Request-ID"] == "req-caption-1"
         batch_size = json.loads(body)["batch_size"]
         status, headers, body = _get(f"{base}/missing", {"X-Request-ID": "x" * 200})
@@ -157,8 +192,14 @@ def test_gunicorn_writes_one_json_access_line_per_request(tmp_path, tiny_checkpo
     line = caption[0]
     assert list(line)[:4] == ["time", "level", "logger", "message"]
     assert {k: line[k] for k in ("level", "method", "path", "status", "model", "model_version", "batch_size")} == {
-        "level": "info", "method": "POST", "path": "/v1/captions", "status": 200, "model": "tiny-test",
-        "model_version": "0.0", "batch_size": batch_size}
+        "level": "info",
+        "method": "POST",
+        "path": "/v1/captions",
+        "status": 200,
+        "model": "tiny-test",
+        "model_version": "0.0",
+        "batch_size": batch_size,
+    }
     assert line["duration_ms"] > 0 and line["bytes"] > 0 and line["remote_addr"] == "127.0.0.1"
     missing = [r for r in access if r["request_id"] == generated]
     assert len(missing) == 1 and missing[0]["status"] == 404 and missing[0]["batch_size"] is None

@@ -1,5 +1,6 @@
 """The attention overlay draws with a 256-entry copy of matplotlib's "jet" colormap: the same pixels as
 when it called matplotlib, which the service image no longer carries."""
+
 from __future__ import annotations
 
 import io
@@ -9,6 +10,7 @@ import pytest
 from PIL import Image
 
 from captioner.overlay import JET, overlay_png, render_overlay
+
 from conftest import make_image
 
 matplotlib = pytest.importorskip("matplotlib", reason="matplotlib comes with the [train] extra")

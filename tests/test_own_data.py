@@ -1,14 +1,16 @@
 """Bring your own dataset: COCO files per split, Karpathy JSON and CSV/JSONL, and the malformed ones."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import pytest
-from conftest import make_image
 
 from captioner.commands.main import main
 from captioner.datasets import DatasetError, load_records, verify
+
+from conftest import make_image
 
 SPLIT_IMAGES = {"train": ["t0.jpg", "t1.jpg", "t2.jpg"], "dev": ["d0.jpg"], "test": ["e0.jpg", "e1.jpg"]}
 
@@ -26,8 +28,11 @@ def coco_files(root: Path) -> tuple[Path, dict[str, Path]]:
     files = {}
     for s, (split, names) in enumerate(SPLIT_IMAGES.items()):
         images = [{"id": 100 * s + i, "file_name": n, "width": 32, "height": 32} for i, n in enumerate(names)]
-        anns = [{"id": 1000 * s + 10 * i + k, "image_id": 100 * s + i, "caption": f"A photo {n} number {k}."}
-                for i, n in enumerate(names) for k in range(2)]
+        anns = [
+            {"id": 1000 * s + 10 * i + k, "image_id": 100 * s + i, "caption": f"A photo {n} number {k}."}
+            for i, n in enumerate(names)
+            for k in range(2)
+        ]
         files[split] = root / "ann" / f"{split}.json"
         files[split].write_text(json.dumps({"images": images, "annotations": anns}))
     return root / "images", files
@@ -68,16 +73,20 @@ def test_images_looked_for_in_the_wrong_folder(tmp_path: Path) -> None:
     assert "--data-dir" in text
 
 
-@pytest.mark.parametrize("case, message", [
-    ("no_images", "no 'images' list"),
-    ("duplicate_ids", "duplicate image ids"),
-    ("orphan_captions", "refer to image ids that are not in 'images'"),
-    ("empty_split", "split 'test' would be empty"),
-    ("no_annotations", "no 'annotations' list"),
-    ("karpathy_given", "Karpathy-style JSON"),
-])
-def test_malformed_coco_files_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture, case: str,
-                                               message: str) -> None:
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no_images", "no 'images' list"),
+        ("duplicate_ids", "duplicate image ids"),
+        ("orphan_captions", "refer to image ids that are not in 'images'"),
+        ("empty_split", "split 'test' would be empty"),
+        ("no_annotations", "no 'annotations' list"),
+        ("karpathy_given", "Karpathy-style JSON"),
+    ],
+)
+def test_malformed_coco_files_are_clear_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture, case: str, message: str
+) -> None:
     images, files = coco_files(tmp_path)
     data = json.loads(files["test"].read_text())
     if case == "no_images":
@@ -95,13 +104,19 @@ def test_malformed_coco_files_are_clear_errors(tmp_path: Path, capsys: pytest.Ca
     files["test"].write_text(json.dumps(data))
     with pytest.raises(DatasetError, match=message):
         load_records("coco", images, "train", annotations=split_args(files))
-    argv = ["--dataset", "coco", "--data-dir", str(images)] + [a for s in split_args(files) for a in ("--annotations", s)]
+    argv = ["--dataset", "coco", "--data-dir", str(images)] + [
+        a for s in split_args(files) for a in ("--annotations", s)
+    ]
     # every command: a message naming the file, a non-zero exit, no traceback
     assert main(["data", "verify", *argv, "--output", str(tmp_path / "m.json"), "--quiet"]) == 1
     out = capsys.readouterr().out
     assert message in out and str(files["test"]) in out and "Traceback" not in out
-    for command in (["data", "stats", *argv], ["train", *argv, "--output", str(tmp_path / "run")],
-                    ["evaluate", *argv, "--split", "test"], ["score", *argv, "--captions", str(files["test"])]):
+    for command in (
+        ["data", "stats", *argv],
+        ["train", *argv, "--output", str(tmp_path / "run")],
+        ["evaluate", *argv, "--split", "test"],
+        ["score", *argv, "--captions", str(files["test"])],
+    ):
         assert main(command) == 2, command
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
@@ -109,9 +124,15 @@ def test_malformed_coco_files_are_clear_errors(tmp_path: Path, capsys: pytest.Ca
 
 def test_karpathy_json_with_dataset_karpathy(tmp_path: Path) -> None:
     _images(tmp_path / "images")
-    images = [{"filename": n, "split": "val" if split == "dev" else split, "imgid": i,
-               "sentences": [{"raw": f"A photo of {n}.", "tokens": ["a", "photo"]}]}
-              for i, (split, n) in enumerate((s, n) for s, ns in SPLIT_IMAGES.items() for n in ns)]
+    images = [
+        {
+            "filename": n,
+            "split": "val" if split == "dev" else split,
+            "imgid": i,
+            "sentences": [{"raw": f"A photo of {n}.", "tokens": ["a", "photo"]}],
+        }
+        for i, (split, n) in enumerate((s, n) for s, ns in SPLIT_IMAGES.items() for n in ns)
+    ]
     (tmp_path / "my_split.json").write_text(json.dumps({"images": images, "dataset": "mine"}))
     for split, names in SPLIT_IMAGES.items():
         recs = load_records("karpathy", tmp_path, split, annotations="my_split.json")
@@ -122,8 +143,24 @@ def test_karpathy_json_with_dataset_karpathy(tmp_path: Path) -> None:
 
 def test_karpathy_given_a_coco_file_names_the_right_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     images, files = coco_files(tmp_path)
-    assert main(["data", "verify", "--dataset", "karpathy", "--data-dir", str(images), "--annotations",
-                 str(files["train"]), "--output", str(tmp_path / "m.json"), "--quiet"]) == 1
+    assert (
+        main(
+            [
+                "data",
+                "verify",
+                "--dataset",
+                "karpathy",
+                "--data-dir",
+                str(images),
+                "--annotations",
+                str(files["train"]),
+                "--output",
+                str(tmp_path / "m.json"),
+                "--quiet",
+            ]
+        )
+        == 1
+    )
     out = capsys.readouterr().out
     assert "is a COCO captions file" in out and "--dataset coco --annotations SPLIT=" in out
 
@@ -145,12 +182,14 @@ def test_tables_one_per_split(tmp_path: Path, fmt: str) -> None:
         if fmt == "csv":
             path.write_text("image,caption\n" + "".join(f"images/{n},a photo of {n}\n" for n in names))
         else:
-            path.write_text("".join(json.dumps({"image": f"images/{n}", "caption": f"a photo of {n}"}) + "\n"
-                                    for n in names))
+            path.write_text(
+                "".join(json.dumps({"image": f"images/{n}", "caption": f"a photo of {n}"}) + "\n" for n in names)
+            )
         ann.append(f"{split}={path}")
     for split, names in SPLIT_IMAGES.items():
-        assert [r.image_id for r in load_records("custom", tmp_path, split, annotations=ann)] == \
-            [f"images/{n}" for n in names]
+        assert [r.image_id for r in load_records("custom", tmp_path, split, annotations=ann)] == [
+            f"images/{n}" for n in names
+        ]
     (tmp_path / f"test.{fmt}").write_text("image,caption\n" if fmt == "csv" else "")
     with pytest.raises(DatasetError, match="would be empty"):
         load_records("custom", tmp_path, "train", annotations=ann)
@@ -167,7 +206,9 @@ def test_flickr_refuses_per_split_files(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("t0.jpg#0\ta dog\n")
     (tmp_path / "b.txt").write_text("d0.jpg#0\ta cat\n")
     with pytest.raises(DatasetError, match="one caption file per split use --dataset coco"):
-        load_records("flickr8k", tmp_path, "train", annotations=[f"train={tmp_path / 'a.txt'}", f"dev={tmp_path / 'b.txt'}"])
+        load_records(
+            "flickr8k", tmp_path, "train", annotations=[f"train={tmp_path / 'a.txt'}", f"dev={tmp_path / 'b.txt'}"]
+        )
 
 
 def test_verify_does_not_report_folders_outside_the_data_dir(tmp_path: Path) -> None:
@@ -176,8 +217,11 @@ def test_verify_does_not_report_folders_outside_the_data_dir(tmp_path: Path) -> 
     make_image(99, size=(32, 32)).save(outside / "not_in_the_dataset.jpg")
     data = tmp_path / "data"
     data.mkdir()
-    rows = [{"image": str(outside / n), "caption": f"a photo of {n}", "split": s}
-            for s, names in SPLIT_IMAGES.items() for n in names]
+    rows = [
+        {"image": str(outside / n), "caption": f"a photo of {n}", "split": s}
+        for s, names in SPLIT_IMAGES.items()
+        for n in names
+    ]
     (data / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     m = verify.verify_dataset("custom", data, progress=False)
     assert m["usable"] and "images_without_captions" not in {p["kind"] for p in m["problems"]}

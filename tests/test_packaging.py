@@ -6,6 +6,7 @@ file, hides the evaluation extras (nltk, matplotlib, pycocoevalcap) from it as a
 lack them, and captions a photo from an empty folder with ``captioner caption`` and
 ``Captioner.load()``: the installed code and its packaged model, never this checkout.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -75,8 +76,15 @@ def test_tokenizer_matches_the_nltk_one_it_replaced():
     from captioner.vocab import tokenize
 
     nltk_tok = RegexpTokenizer(r"[a-z0-9]+(?:['\-][a-z0-9]+)*")
-    for text in ["A man's T-shirt, red.", "two--dogs  run''", "ÉCOLE café 3-4 kids' toys!", "", "-a- 'b' c-'d",
-                 "line\nbreak\ttab", "x-ray O'Neil 1990s"]:
+    for text in [
+        "A man's T-shirt, red.",
+        "two--dogs  run''",
+        "ÉCOLE café 3-4 kids' toys!",
+        "",
+        "-a- 'b' c-'d",
+        "line\nbreak\ttab",
+        "x-ray O'Neil 1990s",
+    ]:
         assert tokenize(text) == nltk_tok.tokenize(text.lower()), text
 
 
@@ -91,8 +99,24 @@ def wheel(tmp_path_factory) -> Path:
         shutil.copytree(REPO / name, src / name, ignore=ignore)
     shutil.copytree(REPO / "models" / MODEL, src / "models" / MODEL, ignore=ignore)
     dist = tmp_path_factory.mktemp("dist")
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                           "--quiet", "--wheel-dir", str(dist), str(src)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--quiet",
+            "--wheel-dir",
+            str(dist),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     (found,) = dist.glob("captioner-*.whl")
     return found
@@ -105,8 +129,16 @@ def test_wheel_contents(wheel):
         meta = z.read(f"captioner-{VERSION}.dist-info/METADATA").decode()
     packaged = {n.rsplit("/", 1)[1] for n in names if n.startswith(f"captioner/models/{MODEL}/")}
     assert packaged == MODEL_FILES  # weights, config, vocabulary and the card with its data licence
-    assert {"captioner/api.py", "captioner/datasets/__init__.py", "service/app.py", "service/logs.py",
-            "service/templates/index.html", "service/static/app.js", "captioner/py.typed", "service/py.typed"} <= names
+    assert {
+        "captioner/api.py",
+        "captioner/datasets/__init__.py",
+        "service/app.py",
+        "service/logs.py",
+        "service/templates/index.html",
+        "service/static/app.js",
+        "captioner/py.typed",
+        "service/py.typed",
+    } <= names
     assert f"captioner-{VERSION}.dist-info/licenses/LICENSE" in names
     assert not any(n.startswith(("tests/", "models/", "bench/", "docs/")) for n in names)
     core = [line for line in meta.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line]
@@ -122,16 +154,30 @@ def fresh_venv(wheel, tmp_path_factory) -> Path:
     venv = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    done = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
-                           "--quiet", str(wheel)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--quiet",
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     (site_dir,) = (venv / "lib").glob("python3*/site-packages")
     deps = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
     deps += [p for p in site.getsitepackages() if p not in deps]
     (site_dir / "zz_test_deps.pth").write_text("\n".join(deps) + "\n")
     # as in a core install without the [train] extra: importing these fails
-    (site_dir / "zz_no_train_extra.pth").write_text(
-        f"import sys; sys.modules.update(dict.fromkeys({EXTRAS_ONLY!r}))\n")
+    (site_dir / "zz_no_train_extra.pth").write_text(f"import sys; sys.modules.update(dict.fromkeys({EXTRAS_ONLY!r}))\n")
     return venv
 
 
@@ -171,7 +217,7 @@ for extra in {EXTRAS_ONLY!r}:
         raise SystemExit(extra + ' is importable')
 import service.app  # the service imports without them too
 cap = Captioner.load()
-out = cap.caption({str(photos / 'cat.jpg')!r})
+out = cap.caption({str(photos / "cat.jpg")!r})
 print(json.dumps({{"file": captioner.__file__, "version": captioner.__version__, "model": str(default_model_path()),
                   "name": cap.name, "caption": out.text}}))
 """
@@ -181,13 +227,29 @@ print(json.dumps({{"file": captioner.__file__, "version": captioner.__version__,
     assert Path(info["file"]).is_relative_to(site_dir), info
     assert Path(info["model"]) == site_dir / "captioner" / "models" / MODEL and info["name"] == MODEL
     assert info["version"] == VERSION and len(info["caption"].split()) >= 3, info
-    digest = {p: hashlib.sha256((p / "model.safetensors").read_bytes()).hexdigest()
-              for p in (Path(info["model"]), REPO / "models" / MODEL)}
+    digest = {
+        p: hashlib.sha256((p / "model.safetensors").read_bytes()).hexdigest()
+        for p in (Path(info["model"]), REPO / "models" / MODEL)
+    }
     assert len(set(digest.values())) == 1, digest  # the shipped weights, byte for byte
 
     # the CLI entry point, overlays included (drawn without matplotlib)
-    done = _run(fresh_venv, [str(fresh_venv / "bin" / "captioner"), "caption", str(photos), "--output", "caps.jsonl",
-                             "--attention-dir", "attention", "--beam-size", "3", "-q"], empty)
+    done = _run(
+        fresh_venv,
+        [
+            str(fresh_venv / "bin" / "captioner"),
+            "caption",
+            str(photos),
+            "--output",
+            "caps.jsonl",
+            "--attention-dir",
+            "attention",
+            "--beam-size",
+            "3",
+            "-q",
+        ],
+        empty,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     (record,) = [json.loads(line) for line in (empty / "caps.jsonl").read_text().splitlines()]
     assert record["caption"] == info["caption"], (record, info)
@@ -195,7 +257,10 @@ print(json.dumps({{"file": captioner.__file__, "version": captioner.__version__,
     assert sorted(p.name for p in empty.iterdir()) == ["attention", "caps.jsonl"]
 
     # a command of the [train] extra says what to install instead of a traceback
-    done = _run(fresh_venv, [str(fresh_venv / "bin" / "captioner"), "evaluate", "--dataset", "flickr8k",
-                             "--data-dir", str(photos)], empty)
+    done = _run(
+        fresh_venv,
+        [str(fresh_venv / "bin" / "captioner"), "evaluate", "--dataset", "flickr8k", "--data-dir", str(photos)],
+        empty,
+    )
     assert done.returncode == 2 and "pip install 'captioner[train]'" in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr

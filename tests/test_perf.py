@@ -1,4 +1,5 @@
 """The CPU fast path (captioner.perf) that Captioner.load applies by default, and checkpoint averaging."""
+
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ from captioner import checkpoint
 from captioner.api import Captioner
 from captioner.commands.main import main as cli_main
 from captioner.perf import ChunkedEncoder, fold_batchnorm
+
 from conftest import build_tiny_checkpoint, make_image
 
 

@@ -1,4 +1,5 @@
 """Self-critical sequence training: the CIDEr-D reward, sampling, the policy gradient and the two-phase CLI."""
+
 from __future__ import annotations
 
 import json
@@ -8,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from pycocoevalcap.cider.cider import Cider
 
 from captioner.commands.main import main
 from captioner.decoder import AttentionDecoder, DecoderConfig
-from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
-
 from captioner.rewards import CaptionReward, CiderD, MeteorLite, SentenceBleu
 from captioner.scst import scst_loss
 from captioner.search import sample
@@ -23,7 +23,24 @@ START, END, PAD, UNK = 1, 2, 0, 3
 
 
 def test_cider_d_matches_pycocoevalcap() -> None:
-    words = "a dog man runs in the park on grass black white two people street ball red".split()
+    words = [
+        "a",
+        "dog",
+        "man",
+        "runs",
+        "in",
+        "the",
+        "park",
+        "on",
+        "grass",
+        "black",
+        "white",
+        "two",
+        "people",
+        "street",
+        "ball",
+        "red",
+    ]
     rng = random.Random(0)
     refs = {str(i): [" ".join(rng.choices(words, k=rng.randint(4, 12))) for _ in range(5)] for i in range(40)}
     hyps = {k: [" ".join(rng.choices(words, k=rng.randint(3, 12)))] for k in refs}
@@ -35,8 +52,10 @@ def test_cider_d_matches_pycocoevalcap() -> None:
 
 
 def test_cider_d_prefers_the_right_image() -> None:
-    refs = [[["a", "dog", "runs", "on", "grass"], ["a", "brown", "dog", "runs"]],
-            [["two", "men", "ride", "bikes"], ["men", "on", "bikes", "in", "a", "street"]]]
+    refs = [
+        [["a", "dog", "runs", "on", "grass"], ["a", "brown", "dog", "runs"]],
+        [["two", "men", "ride", "bikes"], ["men", "on", "bikes", "in", "a", "street"]],
+    ]
     reward = CiderD(refs)
     dog = ["a", "dog", "runs", "on", "grass"]
     assert reward.score(dog, 0) > 1.0 > reward.score(dog, 1)
@@ -44,7 +63,24 @@ def test_cider_d_prefers_the_right_image() -> None:
 
 
 def test_sentence_bleu_matches_nltk_and_penalises_short_captions() -> None:
-    words = "a dog man runs in the park on grass black white two people street ball red".split()
+    words = [
+        "a",
+        "dog",
+        "man",
+        "runs",
+        "in",
+        "the",
+        "park",
+        "on",
+        "grass",
+        "black",
+        "white",
+        "two",
+        "people",
+        "street",
+        "ball",
+        "red",
+    ]
     rng = random.Random(1)
     refs = [[rng.choices(words, k=rng.randint(4, 12)) for _ in range(5)] for _ in range(60)]
     bleu = SentenceBleu(refs)
@@ -60,7 +96,7 @@ def test_sentence_bleu_matches_nltk_and_penalises_short_captions() -> None:
 
 
 def test_meteor_lite_rewards_recall_and_order() -> None:
-    ref = "a black dog runs on the green grass".split()
+    ref = ["a", "black", "dog", "runs", "on", "the", "green", "grass"]
     meteor = MeteorLite([[ref, ["a", "dog"]]])
     full = meteor.score(ref, 0)
     assert full == pytest.approx(1.0 - 0.6 * (1 / len(ref)) ** 0.2)  # one chunk, every word matched
@@ -68,34 +104,40 @@ def test_meteor_lite_rewards_recall_and_order() -> None:
     assert meteor.score(ref[::-1], 0) < meteor.score(ref, 0)  # same words, more chunks
     assert meteor.score(["cat"], 0) == meteor.score([], 0) == 0.0
     # stems match at a lower weight than exact words; content words count more than function words
-    assert 0 < meteor.score("a black dogs running".split(), 0) < meteor.score("a black dog runs".split(), 0)
-    assert meteor.score("a on the green".split(), 0) < meteor.score("a dog the green".split(), 0)
+    assert 0 < meteor.score(["a", "black", "dogs", "running"], 0) < meteor.score(["a", "black", "dog", "runs"], 0)
+    assert meteor.score(["a", "on", "the", "green"], 0) < meteor.score(["a", "dog", "the", "green"], 0)
     assert {"a", "the", "on"} <= meteor.function_words
     # the best reference counts: "a dog" is matched perfectly by the second one
-    assert meteor.score(["a", "dog"], 0) == pytest.approx(1.0 - 0.6 * 0.5 ** 0.2)
+    assert meteor.score(["a", "dog"], 0) == pytest.approx(1.0 - 0.6 * 0.5**0.2)
 
 
 def test_caption_reward_mixes_the_scores() -> None:
-    refs = [[["a", "dog", "runs", "on", "grass"], ["a", "brown", "dog", "runs"]],
-            [["two", "men", "ride", "bikes"], ["men", "on", "bikes", "in", "a", "street"]]]
+    refs = [
+        [["a", "dog", "runs", "on", "grass"], ["a", "brown", "dog", "runs"]],
+        [["two", "men", "ride", "bikes"], ["men", "on", "bikes", "in", "a", "street"]],
+    ]
     cand = ["a", "dog", "runs"]
     mixed = CaptionReward(refs, cider_weight=1.0, bleu_weight=2.0, meteor_weight=3.0)
-    assert mixed.score(cand, 0) == pytest.approx(CiderD(refs).score(cand, 0) + 2.0 * SentenceBleu(refs).score(cand, 0)
-                                                 + 3.0 * MeteorLite(refs).score(cand, 0))
+    assert mixed.score(cand, 0) == pytest.approx(
+        CiderD(refs).score(cand, 0) + 2.0 * SentenceBleu(refs).score(cand, 0) + 3.0 * MeteorLite(refs).score(cand, 0)
+    )
     assert CaptionReward(refs).score(cand, 0) == pytest.approx(CiderD(refs).score(cand, 0))
 
 
 def tiny_decoder(vocab: int = 12, seed: int = 0) -> AttentionDecoder:
     torch.manual_seed(seed)
-    return AttentionDecoder(DecoderConfig(vocab, feature_dim=8, embed_dim=16, hidden_dim=16, attention_dim=8,
-                                          proj_dim=8, dropout=0.0))
+    return AttentionDecoder(
+        DecoderConfig(vocab, feature_dim=8, embed_dim=16, hidden_dim=16, attention_dim=8, proj_dim=8, dropout=0.0)
+    )
 
 
 def test_sample_shapes_masks_and_banned_words() -> None:
     decoder = tiny_decoder()
     feats = torch.randn(3, 4, 8)  # (B, L, D)
     torch.manual_seed(1)
-    ids, logp, mask = sample(decoder, feats, samples=4, max_length=7, start_id=START, end_id=END, pad_id=PAD, unk_id=UNK)
+    ids, logp, mask = sample(
+        decoder, feats, samples=4, max_length=7, start_id=START, end_id=END, pad_id=PAD, unk_id=UNK
+    )
     assert ids.shape == logp.shape == mask.shape and ids.shape[0] == 12 and ids.shape[1] <= 7
     assert logp.requires_grad
     assert not torch.isin(ids, torch.tensor([START, UNK])).any()
@@ -122,8 +164,9 @@ def test_scst_raises_the_reward_of_a_tiny_decoder(candidates: str) -> None:
     opt = torch.optim.Adam(decoder.parameters(), lr=1e-2)
     rewards = []
     for _ in range(100):
-        loss, mean_reward = scst_loss(decoder, feats, [0, 1, 2, 3], reward, vocab, samples=6, max_length=5,
-                                      candidates=candidates)
+        loss, mean_reward = scst_loss(
+            decoder, feats, [0, 1, 2, 3], reward, vocab, samples=6, max_length=5, candidates=candidates
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -151,14 +194,29 @@ def test_beam_candidates_are_the_search_output_with_gradients() -> None:
     assert logp[0, : len(hyp.ids)].tolist() == pytest.approx(hyp.logprobs, abs=1e-5)
     assert mask[0].sum() == n
     with pytest.raises(ValueError, match="unknown SCST candidates"):
-        scst_loss(decoder, feats, [0, 0], CaptionReward([[["a"]]]), Vocabulary([f"w{i}" for i in range(8)]),
-                  samples=2, max_length=3, candidates="greedy")
+        scst_loss(
+            decoder,
+            feats,
+            [0, 0],
+            CaptionReward([[["a"]]]),
+            Vocabulary([f"w{i}" for i in range(8)]),
+            samples=2,
+            max_length=3,
+            candidates="greedy",
+        )
 
 
 def test_scst_needs_two_samples() -> None:
     with pytest.raises(ValueError, match="2 samples"):
-        scst_loss(tiny_decoder(), torch.randn(1, 4, 8), [0], CaptionReward([[["a"]]]), Vocabulary([f"w{i}" for i in range(8)]),
-                  samples=1, max_length=3)
+        scst_loss(
+            tiny_decoder(),
+            torch.randn(1, 4, 8),
+            [0],
+            CaptionReward([[["a"]]]),
+            Vocabulary([f"w{i}" for i in range(8)]),
+            samples=1,
+            max_length=3,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +231,23 @@ def test_train_with_scst_epochs_runs_both_phases_and_resumes(dataset: Path, tmp_
     from test_train import log_lines, train_args
 
     out = tmp_path / "run"
-    args = train_args(dataset, out, 3, "--scst-epochs", "2", "--scst-samples", "3", "--scst-max-length", "8",
-                      "--scst-bleu-weight", "1", "--scst-meteor-weight", "2", "--scst-candidates", "beam")
+    args = train_args(
+        dataset,
+        out,
+        3,
+        "--scst-epochs",
+        "2",
+        "--scst-samples",
+        "3",
+        "--scst-max-length",
+        "8",
+        "--scst-bleu-weight",
+        "1",
+        "--scst-meteor-weight",
+        "2",
+        "--scst-candidates",
+        "beam",
+    )
     assert main(args) == 0
     assert [r["epoch"] for r in log_lines(out / "xe")] == [1, 2, 3]
     log = log_lines(out)
@@ -194,8 +267,14 @@ def test_train_with_scst_epochs_runs_both_phases_and_resumes(dataset: Path, tmp_
     assert (out / "last" / "model.safetensors").read_bytes() == before
     # --init-from skips the cross-entropy phase and fine-tunes an existing checkpoint
     again = tmp_path / "again"
-    assert main(train_args(dataset, again, 1, "--init-from", str(out / "xe" / "best"), "--scst-epochs", "1",
-                           "--scst-samples", "2")) == 0
+    assert (
+        main(
+            train_args(
+                dataset, again, 1, "--init-from", str(out / "xe" / "best"), "--scst-epochs", "1", "--scst-samples", "2"
+            )
+        )
+        == 0
+    )
     assert not (again / "xe").exists()
     assert [r["epoch"] for r in log_lines(again)] == [0, 1]
     assert log_lines(again)[0]["dev_cider"] == pytest.approx(start["dev_cider"])  # same starting weights
@@ -212,11 +291,30 @@ def test_init_from_needs_scst_epochs_and_a_checkpoint(dataset: Path, tmp_path: P
 
 def test_scst_after_finetuning_keeps_the_fine_tuned_encoder(dataset: Path, tmp_path: Path) -> None:
     from captioner.checkpoint import read_weights
+
     from test_train import log_lines, train_args
 
     out = tmp_path / "ft"
-    assert main(train_args(dataset, out, 2, "--finetune-blocks", "1", "--encoder-lr", "1e-3", "--scst-epochs", "1",
-                           "--scst-samples", "2", "--scst-max-length", "6")) == 0
+    assert (
+        main(
+            train_args(
+                dataset,
+                out,
+                2,
+                "--finetune-blocks",
+                "1",
+                "--encoder-lr",
+                "1e-3",
+                "--scst-epochs",
+                "1",
+                "--scst-samples",
+                "2",
+                "--scst-max-length",
+                "6",
+            )
+        )
+        == 0
+    )
     xe, final = read_weights(out / "xe" / "best"), read_weights(out / "last")
     encoder_keys = {k for k in xe if k.startswith("encoder.")}
     assert encoder_keys and encoder_keys == {k for k in final if k.startswith("encoder.")}
@@ -227,13 +325,24 @@ def test_scst_after_finetuning_keeps_the_fine_tuned_encoder(dataset: Path, tmp_p
     xe_best = max(r["dev_cider"] for r in log_lines(out / "xe"))
     assert log_lines(out)[0]["dev_cider"] == pytest.approx(xe_best)
     with pytest.raises(SystemExit, match="cross-entropy phase"):
-        main(train_args(dataset, tmp_path / "b", 1, "--init-from", str(out / "xe" / "best"), "--scst-epochs", "1",
-                        "--finetune-blocks", "1"))
+        main(
+            train_args(
+                dataset,
+                tmp_path / "b",
+                1,
+                "--init-from",
+                str(out / "xe" / "best"),
+                "--scst-epochs",
+                "1",
+                "--finetune-blocks",
+                "1",
+            )
+        )
 
 
 def test_advantage_is_the_reward_minus_the_mean_of_the_other_samples(monkeypatch: pytest.MonkeyPatch) -> None:
     """Three candidates with rewards 1, 2, 6: leave-one-out baselines 4, 3.5, 1.5, advantages -3, -1.5, 4.5."""
-    import captioner.scst as scst
+    from captioner import scst
 
     ids = torch.tensor([[4, 5], [5, 6], [6, 4]])  # (S, T) candidate words
     logp = torch.tensor([[-0.5, -1.0], [-2.0, -0.25], [-1.5, -3.0]], requires_grad=True)  # (S, T)

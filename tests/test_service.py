@@ -1,4 +1,5 @@
 """The Flask service through its test client: every endpoint, every error, batching, limits."""
+
 from __future__ import annotations
 
 import base64
@@ -37,7 +38,9 @@ def validate(instance, schema, root, path="$"):
     if kind == "integer":
         assert isinstance(instance, int) and not isinstance(instance, bool), f"{path}: {instance!r} is not an integer"
     elif kind == "number":
-        assert isinstance(instance, (int, float)) and not isinstance(instance, bool), f"{path}: {instance!r} is not a number"
+        assert isinstance(instance, (int, float)) and not isinstance(instance, bool), (
+            f"{path}: {instance!r} is not a number"
+        )
     elif kind:
         assert isinstance(instance, checks[kind]), f"{path}: {instance!r} is not {kind}"
     if "enum" in schema:
@@ -96,11 +99,14 @@ def metric_samples(client, name):
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height pixels (no pixel data): a decompression bomb's shape."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    )
 
 
 class GatedCaptioner:
@@ -130,8 +136,12 @@ class GatedCaptioner:
 
 
 def make_app(tiny_checkpoint, captioner=None, **overrides):
-    config = {"CAPTIONER_MODEL": str(tiny_checkpoint), "CAPTIONER_LOAD_IN_BACKGROUND": False,
-              "CAPTIONER_BATCH_WAIT_MS": 5, "TESTING": True}
+    config = {
+        "CAPTIONER_MODEL": str(tiny_checkpoint),
+        "CAPTIONER_LOAD_IN_BACKGROUND": False,
+        "CAPTIONER_BATCH_WAIT_MS": 5,
+        "TESTING": True,
+    }
     if captioner is not None:
         config["CAPTIONER_INSTANCE"] = captioner
     config.update(overrides)
@@ -182,8 +192,13 @@ def test_caption_multipart(client, spec, model):
         assert tok["logprob"] <= 0
     assert body["image"] == {"width": 96, "height": 72}
     assert body["model"] == {"name": "tiny-test", "version": "0.0"}
-    assert body["parameters"] == {"beam_size": 3, "max_length": 12, "n_best": 1, "attention": "grid",
-                                  "guidance": "concepts"}
+    assert body["parameters"] == {
+        "beam_size": 3,
+        "max_length": 12,
+        "n_best": 1,
+        "attention": "grid",
+        "guidance": "concepts",
+    }
     assert body["alternatives"] == []
     t = body["timing_ms"]
     assert set(t) == {"queue", "preprocess", "inference", "postprocess", "total"}
@@ -198,14 +213,25 @@ def test_same_caption_as_the_library(client, model):
     assert body["score"] == pytest.approx(expected.score, abs=1e-3)
     words = [t["word"] for t in body["tokens"]]
     assert " ".join(words) == body["caption"]
-    assert_scored_by_the_model(model, data, words, [t["logprob"] for t in body["tokens"]], body["score"], body["parameters"]["max_length"])
+    assert_scored_by_the_model(
+        model, data, words, [t["logprob"] for t in body["tokens"]], body["score"], body["parameters"]["max_length"]
+    )
 
 
 @pytest.mark.parametrize(
     "fmt,mode,content_type",
-    [("PNG", "RGB", "image/png"), ("PNG", "RGBA", "image/png"), ("PNG", "L", "image/png"), ("PNG", "I;16", "image/png"),
-     ("GIF", "P", "image/gif"), ("BMP", "RGB", "image/bmp"), ("TIFF", "CMYK", "image/tiff"),
-     ("WEBP", "RGB", "image/webp"), ("JPEG", "L", "image/jpeg"), ("TIFF", "RGB", "application/octet-stream")],
+    [
+        ("PNG", "RGB", "image/png"),
+        ("PNG", "RGBA", "image/png"),
+        ("PNG", "L", "image/png"),
+        ("PNG", "I;16", "image/png"),
+        ("GIF", "P", "image/gif"),
+        ("BMP", "RGB", "image/bmp"),
+        ("TIFF", "CMYK", "image/tiff"),
+        ("WEBP", "RGB", "image/webp"),
+        ("JPEG", "L", "image/jpeg"),
+        ("TIFF", "RGB", "application/octet-stream"),
+    ],
 )
 def test_raw_body_every_allowed_format(client, fmt, mode, content_type):
     img = make_image(3, (80, 60)).convert("L").convert(mode) if mode == "I;16" else make_image(3, (80, 60), mode)
@@ -215,7 +241,9 @@ def test_raw_body_every_allowed_format(client, fmt, mode, content_type):
 
 
 def test_parameters_from_form_and_query(client):
-    body = client.post("/v1/captions?beam_size=2&n_best=2&max_length=5&guidance=none", data=multipart(jpeg(4))).get_json()
+    body = client.post(
+        "/v1/captions?beam_size=2&n_best=2&max_length=5&guidance=none", data=multipart(jpeg(4))
+    ).get_json()
     assert body["parameters"] == {"beam_size": 2, "max_length": 5, "n_best": 2, "attention": "grid", "guidance": "none"}
     assert len(body["alternatives"]) == 1 and len(body["tokens"]) <= 5
     # A form field wins over the query parameter of the same name.
@@ -237,7 +265,7 @@ def test_attention_none_and_overlay(client, spec, model):
         assert set(tok) == {"word", "logprob", "attention", "overlay"}
         prefix = "data:image/png;base64,"
         assert tok["overlay"].startswith(prefix)
-        png = Image.open(io.BytesIO(base64.b64decode(tok["overlay"][len(prefix):])))
+        png = Image.open(io.BytesIO(base64.b64decode(tok["overlay"][len(prefix) :])))
         assert png.format == "PNG" and png.size == (300, 200)
 
 
@@ -253,8 +281,18 @@ def test_exif_orientation_and_original_size(client):
 # ---------------------------------------------------------------- captions: errors
 @pytest.mark.parametrize(
     "query",
-    ["beam_size=0", "beam_size=11", "beam_size=abc", "beam_size=3.5", "max_length=0", "max_length=61",
-     "n_best=0", "n_best=11", "attention=heatmap", "guidance=sometimes"],
+    [
+        "beam_size=0",
+        "beam_size=11",
+        "beam_size=abc",
+        "beam_size=3.5",
+        "max_length=0",
+        "max_length=61",
+        "n_best=0",
+        "n_best=11",
+        "attention=heatmap",
+        "guidance=sometimes",
+    ],
 )
 def test_invalid_parameters(client, spec, query):
     err = check_error(client.post(f"/v1/captions?{query}", data=multipart(jpeg())), 400, "invalid_parameter", spec)
@@ -263,14 +301,25 @@ def test_invalid_parameters(client, spec, query):
 
 def test_missing_image(client, spec):
     check_error(client.post("/v1/captions"), 400, "missing_image", spec)
-    check_error(client.post("/v1/captions", data={"beam_size": "3"}, content_type="multipart/form-data"), 400, "missing_image", spec)
-    err = check_error(client.post("/v1/captions", data={"image": "not a file"}, content_type="multipart/form-data"), 400, "missing_image")
+    check_error(
+        client.post("/v1/captions", data={"beam_size": "3"}, content_type="multipart/form-data"),
+        400,
+        "missing_image",
+        spec,
+    )
+    err = check_error(
+        client.post("/v1/captions", data={"image": "not a file"}, content_type="multipart/form-data"),
+        400,
+        "missing_image",
+    )
     assert "file" in err["message"]
     check_error(client.post("/v1/captions", data=multipart(b"")), 400, "missing_image")
     check_error(client.post("/v1/captions", data=b"", content_type="image/jpeg"), 400, "missing_image")
 
 
-@pytest.mark.parametrize("data", [b"not an image at all", jpeg(7)[:300], b"GIF89a" + b"\x00" * 20, png_header_only(64, 64)[:40]])
+@pytest.mark.parametrize(
+    "data", [b"not an image at all", jpeg(7)[:300], b"GIF89a" + b"\x00" * 20, png_header_only(64, 64)[:40]]
+)
 def test_undecodable_image(client, spec, data):
     err = check_error(client.post("/v1/captions", data=multipart(data)), 400, "undecodable", spec)
     assert "object at 0x" not in err["message"]
@@ -278,9 +327,12 @@ def test_undecodable_image(client, spec, data):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(json={"image": "x"}), dict(data="hello", content_type="text/plain"),
-     dict(data={"image": "abc"}, content_type="application/x-www-form-urlencoded"),
-     dict(data=multipart(b"hello", "a.txt", "text/plain"))],
+    [
+        dict(json={"image": "x"}),
+        dict(data="hello", content_type="text/plain"),
+        dict(data={"image": "abc"}, content_type="application/x-www-form-urlencoded"),
+        dict(data=multipart(b"hello", "a.txt", "text/plain")),
+    ],
 )
 def test_unsupported_media_type(client, spec, kwargs):
     check_error(client.post("/v1/captions", **kwargs), 415, "unsupported_media_type", spec)
@@ -306,22 +358,33 @@ def test_upload_above_the_limit_is_refused_unread(tiny_checkpoint, model, spec):
     app = make_app(tiny_checkpoint, model, CAPTIONER_MAX_UPLOAD_MB=0.05)  # 51,200 bytes
     try:
         client = app.test_client()
-        big = image_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)), "PNG")
+        big = image_bytes(
+            Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)), "PNG"
+        )
         assert len(big) > 60_000
         stream = CountingStream(big)
-        r = client.post("/v1/captions", input_stream=stream, content_type="image/png",
-                        headers={"Content-Length": str(len(big))})
+        r = client.post(
+            "/v1/captions", input_stream=stream, content_type="image/png", headers={"Content-Length": str(len(big))}
+        )
         err = check_error(r, 413, "payload_too_large", spec)
         assert "0.05 MiB" in err["message"]
         assert stream.bytes_read == 0, "the body must be refused before it is read"
         check_error(client.post("/v1/captions", data=multipart(big, "big.png", "image/png")), 413, "payload_too_large")
         # A chunked body (no Content-Length; the server terminates the stream) is cut at the limit: refused too.
-        r = client.post("/v1/captions", input_stream=io.BytesIO(big), content_type="image/png",
-                        environ_overrides={"wsgi.input_terminated": True})
+        r = client.post(
+            "/v1/captions",
+            input_stream=io.BytesIO(big),
+            content_type="image/png",
+            environ_overrides={"wsgi.input_terminated": True},
+        )
         check_error(r, 413, "payload_too_large")
         small = jpeg(1)
-        r = client.post("/v1/captions", input_stream=io.BytesIO(small), content_type="image/jpeg",
-                        environ_overrides={"wsgi.input_terminated": True})
+        r = client.post(
+            "/v1/captions",
+            input_stream=io.BytesIO(small),
+            content_type="image/jpeg",
+            environ_overrides={"wsgi.input_terminated": True},
+        )
         assert r.status_code == 200, r.get_data(as_text=True)
         assert client.post("/v1/captions", data=multipart(jpeg(1))).status_code == 200  # small ones still pass
     finally:
@@ -330,8 +393,12 @@ def test_upload_above_the_limit_is_refused_unread(tiny_checkpoint, model, spec):
 
 def test_image_above_the_pixel_limit(client, spec, tiny_checkpoint, model):
     # A decompression bomb: tiny file, enormous header size; refused from the header alone.
-    err = check_error(client.post("/v1/captions", data=png_header_only(100_000, 100_000), content_type="image/png"),
-                      413, "too_large", spec)
+    err = check_error(
+        client.post("/v1/captions", data=png_header_only(100_000, 100_000), content_type="image/png"),
+        413,
+        "too_large",
+        spec,
+    )
     assert "pixels" in err["message"]
     app = make_app(tiny_checkpoint, model, CAPTIONER_MAX_PIXELS=5_000)
     try:
@@ -571,8 +638,14 @@ def test_concurrent_requests_are_batched(tiny_checkpoint, model):
         for i, r in enumerate(responses):
             body = r.get_json()
             assert body["caption"] == model.caption(jpeg(i), beam_size=3).text
-            assert_scored_by_the_model(model, jpeg(i), [t["word"] for t in body["tokens"]],
-                                       [t["logprob"] for t in body["tokens"]], body["score"], body["parameters"]["max_length"])
+            assert_scored_by_the_model(
+                model,
+                jpeg(i),
+                [t["word"] for t in body["tokens"]],
+                [t["logprob"] for t in body["tokens"]],
+                body["score"],
+                body["parameters"]["max_length"],
+            )
     finally:
         close(app)
 
@@ -589,8 +662,14 @@ def test_batches_are_grouped_by_decoding_settings(tiny_checkpoint, model):
             assert len(body["alternatives"]) == i % 2
             expected = model.caption(jpeg(i), beam_size=1 + i % 2, n_best=1 + i % 2)
             assert body["caption"] == expected.text
-            assert_scored_by_the_model(model, jpeg(i), [t["word"] for t in body["tokens"]],
-                                       [t["logprob"] for t in body["tokens"]], body["score"], body["parameters"]["max_length"])
+            assert_scored_by_the_model(
+                model,
+                jpeg(i),
+                [t["word"] for t in body["tokens"]],
+                [t["logprob"] for t in body["tokens"]],
+                body["score"],
+                body["parameters"]["max_length"],
+            )
         groups = metric_samples(app.test_client(), "captioner_batch_groups_sum")[0].value
         batches = metric_samples(app.test_client(), "captioner_batch_groups_count")[0].value
         assert (batches, groups) == (2, 3)  # the blocker's one group, then one batch holding both settings
@@ -617,7 +696,9 @@ class FakeCaptioner:
 def test_micro_batcher_one_encode_one_decode_per_group():
     fake = FakeCaptioner()
     sizes: list[int] = []
-    batcher = MicroBatcher(fake, max_batch=16, wait_ms=200, queue_size=16, on_batch=lambda n, g, s: sizes.append(n)).start()
+    batcher = MicroBatcher(
+        fake, max_batch=16, wait_ms=200, queue_size=16, on_batch=lambda n, g, s: sizes.append(n)
+    ).start()
     try:
         a, b = DecodeSettings(3, 20, 1), DecodeSettings(1, 20, 1)
         futures = [batcher.submit(torch.full((3, 4, 4), float(i)), a if i % 3 else b) for i in range(7)]
@@ -689,13 +770,24 @@ def test_metrics(client):
     r = client.get("/metrics")
     assert r.status_code == 200 and r.mimetype == "text/plain"
     families = {f.name: f for f in text_string_to_metric_families(r.get_data(as_text=True))}
-    assert {"captioner_http_requests", "captioner_http_request_duration_seconds", "captioner_batch_size",
-            "captioner_queue_depth", "captioner_model_ready", "captioner_model_info"} <= set(families)
-    counts = {(s.labels["endpoint"], s.labels["method"], s.labels["status"]): s.value
-              for s in families["captioner_http_requests"].samples if s.name.endswith("_total")}
+    assert {
+        "captioner_http_requests",
+        "captioner_http_request_duration_seconds",
+        "captioner_batch_size",
+        "captioner_queue_depth",
+        "captioner_model_ready",
+        "captioner_model_info",
+    } <= set(families)
+    counts = {
+        (s.labels["endpoint"], s.labels["method"], s.labels["status"]): s.value
+        for s in families["captioner_http_requests"].samples
+        if s.name.endswith("_total")
+    }
     assert counts[("/v1/captions", "POST", "200")] >= 1
     assert counts[("unmatched", "GET", "404")] >= 1
-    assert any(s.labels.get("endpoint") == "/v1/captions" for s in families["captioner_http_request_duration_seconds"].samples)
+    assert any(
+        s.labels.get("endpoint") == "/v1/captions" for s in families["captioner_http_request_duration_seconds"].samples
+    )
     assert [s.value for s in families["captioner_model_ready"].samples] == [1.0]
     assert [s.value for s in families["captioner_queue_depth"].samples] == [0.0]
 
@@ -715,7 +807,13 @@ def test_openapi_documents_every_route(app, spec):
     for name in set(re.findall(r"#/components/schemas/(\w+)", text)):
         assert name in spec["components"]["schemas"]
     caption_op = spec["paths"]["/v1/captions"]["post"]
-    assert {p["name"] for p in caption_op["parameters"]} == {"beam_size", "max_length", "n_best", "attention", "guidance"}
+    assert {p["name"] for p in caption_op["parameters"]} == {
+        "beam_size",
+        "max_length",
+        "n_best",
+        "attention",
+        "guidance",
+    }
     assert {"200", "400", "413", "415", "500", "503", "504"} <= set(caption_op["responses"])
     assert set(caption_op["requestBody"]["content"]) == {"multipart/form-data", "image/*", "application/octet-stream"}
 
@@ -745,19 +843,35 @@ def test_pages_use_no_external_resources():
         text = path.read_text()
         assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text), path
         assert not re.search(r"""@import|url\(\s*["']?(https?:)?//""", text), path
-        assert "fetch(\"http" not in text and "fetch('http" not in text, path
+        assert 'fetch("http' not in text and "fetch('http" not in text, path
 
 
 # ---------------------------------------------------------------- configuration
 def test_settings_from_env_and_config(tiny_checkpoint):
-    s = load_settings({"CAPTIONER_MAX_BATCH": 4}, {"CAPTIONER_MODEL": str(tiny_checkpoint), "CAPTIONER_MAX_BATCH": "9",
-                                                   "CAPTIONER_MAX_UPLOAD_MB": "2", "CAPTIONER_LOAD_IN_BACKGROUND": "false"})
+    s = load_settings(
+        {"CAPTIONER_MAX_BATCH": 4},
+        {
+            "CAPTIONER_MODEL": str(tiny_checkpoint),
+            "CAPTIONER_MAX_BATCH": "9",
+            "CAPTIONER_MAX_UPLOAD_MB": "2",
+            "CAPTIONER_LOAD_IN_BACKGROUND": "false",
+        },
+    )
     assert s.max_batch == 4 and s.model_path == tiny_checkpoint and s.max_upload_bytes == 2 * 2**20
     assert s.load_in_background is False
     defaults = load_settings({}, {})
-    assert defaults.max_upload_mb == 20 and defaults.default_beam_size == 3 and defaults.model_path.name == "flickr8k-lite2"
-    for bad in ({"CAPTIONER_MAX_BATCH": "x"}, {"CAPTIONER_QUEUE_SIZE": "0"}, {"CAPTIONER_BEAM_SIZE": "11"},
-                {"CAPTIONER_WARMUP": "maybe"}, {"CAPTIONER_MAX_UPLOAD_MB": "-1"}):
+    assert (
+        defaults.max_upload_mb == 20
+        and defaults.default_beam_size == 3
+        and defaults.model_path.name == "flickr8k-lite2"
+    )
+    for bad in (
+        {"CAPTIONER_MAX_BATCH": "x"},
+        {"CAPTIONER_QUEUE_SIZE": "0"},
+        {"CAPTIONER_BEAM_SIZE": "11"},
+        {"CAPTIONER_WARMUP": "maybe"},
+        {"CAPTIONER_MAX_UPLOAD_MB": "-1"},
+    ):
         with pytest.raises(ConfigError):
             load_settings({}, bad)
 
@@ -794,8 +908,14 @@ def test_gunicorn_conf(monkeypatch):
     assert conf["control_socket_disable"] is True
     assert conf["accesslog"] == "-" and conf["errorlog"] == "-"
     assert conf["timeout"] > 0 and conf["graceful_timeout"] > 0
-    conf = load_gunicorn_conf(monkeypatch, HOST="::", PORT="9001", CAPTIONER_WORKERS="2", CAPTIONER_THREADS="16",
-                              CAPTIONER_WORKER_TIMEOUT="300")
+    conf = load_gunicorn_conf(
+        monkeypatch,
+        HOST="::",
+        PORT="9001",
+        CAPTIONER_WORKERS="2",
+        CAPTIONER_THREADS="16",
+        CAPTIONER_WORKER_TIMEOUT="300",
+    )
     assert conf["bind"] == ["[::]:9001"] and conf["workers"] == 2 and conf["threads"] == 16 and conf["timeout"] == 300
     with pytest.raises(SystemExit):
         load_gunicorn_conf(monkeypatch, CAPTIONER_WORKERS="zero")

@@ -4,6 +4,7 @@ Skipped only where chromium is not installed (`apt-get install -y chromium`);
 playwright's own browser download is never used. Set SERVICE_SCREENSHOT_DIR to
 keep the screenshots.
 """
+
 from __future__ import annotations
 
 import base64
@@ -14,15 +15,26 @@ from pathlib import Path
 
 import pytest
 
-from conftest import image_bytes, live_app_server, make_image
 from service.app import create_app
 
-CHROMIUM = shutil.which("chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+from conftest import image_bytes, live_app_server, make_image
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow,
-              pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (apt-get install -y chromium)")]
+CHROMIUM = shutil.which("chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (apt-get install -y chromium)"),
+]
 
 HEAT_ALPHA_JS = """() => {
   const c = document.getElementById('heatmap');
@@ -61,8 +73,14 @@ def browser_page(live_server):
         problems: list[str] = []
         page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
         page.on("console", lambda msg: problems.append(f"console: {msg.text}") if msg.type == "error" else None)
-        page.on("request", lambda req: None if req.url.startswith((live_server, "blob:", "data:"))
-                else problems.append(f"external request: {req.url}"))
+        page.on(
+            "request",
+            lambda req: (
+                None
+                if req.url.startswith((live_server, "blob:", "data:"))
+                else problems.append(f"external request: {req.url}")
+            ),
+        )
         yield page, problems
         browser.close()
 

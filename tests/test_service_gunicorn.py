@@ -1,4 +1,5 @@
 """The real server: the `make serve` command (gunicorn + service/gunicorn_conf.py) on a free loopback port."""
+
 from __future__ import annotations
 
 import http.client
@@ -21,6 +22,7 @@ from conftest import REPO, gunicorn_server, image_bytes, make_image
 
 pytestmark = pytest.mark.slow
 
+
 def request(url: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 60):
     """(status, headers, body bytes) without raising for HTTP errors."""
     req = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
@@ -38,8 +40,10 @@ def chunked_upload(port: int, n_chunks: int, chunk: int = 65536) -> tuple[int, b
     answer's (status, body); the server must answer even when it refuses the rest of the body.
     """
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(b"POST /v1/captions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
-                     b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        sock.sendall(
+            b"POST /v1/captions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        )
         try:
             for i in range(n_chunks):
                 if select.select([sock], [], [], 0)[0]:
@@ -61,7 +65,9 @@ def multipart_body(image: bytes, filename="photo.jpg", content_type="image/jpeg"
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
     parts.append(
         f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
-        f"Content-Type: {content_type}\r\n\r\n".encode() + image + b"\r\n"
+        f"Content-Type: {content_type}\r\n\r\n".encode()
+        + image
+        + b"\r\n"
     )
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
@@ -74,8 +80,12 @@ def post_image(base: str, image: bytes, query: str = "", **fields):
 
 @contextmanager
 def serve(tmp_path: Path, model: Path, **env_extra: str):
-    with gunicorn_server(tmp_path, {"CAPTIONER_MODEL": str(model), "CAPTIONER_TORCH_THREADS": "1", **env_extra},
-                         ready_timeout=180, stop_timeout=60) as running:
+    with gunicorn_server(
+        tmp_path,
+        {"CAPTIONER_MODEL": str(model), "CAPTIONER_TORCH_THREADS": "1", **env_extra},
+        ready_timeout=180,
+        stop_timeout=60,
+    ) as running:
         yield running
 
 
@@ -93,8 +103,9 @@ def test_make_serve_command_captions_over_http(tmp_path, tiny_checkpoint):
     makefile = (REPO / "Makefile").read_text()
     assert '$(BIN)/gunicorn --config service/gunicorn_conf.py "service.app:create_app()"' in makefile
 
-    with serve(tmp_path, tiny_checkpoint, CAPTIONER_THREADS="8", CAPTIONER_BATCH_WAIT_MS="250",
-               CAPTIONER_MAX_UPLOAD_MB="1") as (base, proc, log_path):
+    with serve(
+        tmp_path, tiny_checkpoint, CAPTIONER_THREADS="8", CAPTIONER_BATCH_WAIT_MS="250", CAPTIONER_MAX_UPLOAD_MB="1"
+    ) as (base, proc, log_path):
         status, _, body = request(f"{base}/healthz")
         assert status == 200 and json.loads(body) == {"status": "ok"}
 
@@ -109,8 +120,9 @@ def test_make_serve_command_captions_over_http(tmp_path, tiny_checkpoint):
         assert abs(sum(map(sum, result["tokens"][0]["attention"])) - 1) < 1e-4
 
         # A raw image body.
-        status, _, body = request(f"{base}/v1/captions?attention=none", image_bytes(make_image(2), "PNG"),
-                                  {"Content-Type": "image/png"})
+        status, _, body = request(
+            f"{base}/v1/captions?attention=none", image_bytes(make_image(2), "PNG"), {"Content-Type": "image/png"}
+        )
         assert status == 200 and "attention" not in json.loads(body)["tokens"][0]
 
         # Errors are JSON over the wire too.
@@ -164,8 +176,13 @@ def test_multiple_workers_share_metrics(tmp_path, tiny_checkpoint):
     metrics_dir = tmp_path / "prom"
     metrics_dir.mkdir()
     (metrics_dir / "counter_999999.db").write_bytes(b"stale")  # cleared at start-up
-    with serve(tmp_path, tiny_checkpoint, CAPTIONER_WORKERS="2", CAPTIONER_THREADS="2",
-               PROMETHEUS_MULTIPROC_DIR=str(metrics_dir)) as (base, proc, _):
+    with serve(
+        tmp_path,
+        tiny_checkpoint,
+        CAPTIONER_WORKERS="2",
+        CAPTIONER_THREADS="2",
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+    ) as (base, proc, _):
         deadline = time.time() + 180
         while metric(base, "captioner_model_ready") < 2 and time.time() < deadline:  # both workers warm
             time.sleep(0.5)

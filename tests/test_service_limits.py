@@ -1,5 +1,6 @@
 """Service limits and exposure: decode slots under load, settings from the cgroup, headers, metric
 labels, error texts, gunicorn and compose settings, CSV resume, and docs/reliability.md's limits table."""
+
 from __future__ import annotations
 
 import csv
@@ -15,6 +16,7 @@ from captioner.api import MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, Captioner
 from captioner.commands.main import main
 from service.app import API_CSP, EXTENSION_KEY, PAGE_CSP, create_app
 from service.config import ENV_VARS, GUNICORN_ENV_VARS, available_cpus, load_settings
+
 from conftest import image_bytes, make_image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,17 +25,30 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def app(tiny_checkpoint: Path):
     model = Captioner.load(tiny_checkpoint, device="cpu")
-    application = create_app({"CAPTIONER_MODEL": str(tiny_checkpoint), "CAPTIONER_INSTANCE": model, "TESTING": True,
-                              "CAPTIONER_LOAD_IN_BACKGROUND": False, "CAPTIONER_BATCH_WAIT_MS": 0,
-                              "CAPTIONER_DECODE_SLOTS": 1, "CAPTIONER_REQUEST_TIMEOUT_S": 1})
+    application = create_app(
+        {
+            "CAPTIONER_MODEL": str(tiny_checkpoint),
+            "CAPTIONER_INSTANCE": model,
+            "TESTING": True,
+            "CAPTIONER_LOAD_IN_BACKGROUND": False,
+            "CAPTIONER_BATCH_WAIT_MS": 0,
+            "CAPTIONER_DECODE_SLOTS": 1,
+            "CAPTIONER_REQUEST_TIMEOUT_S": 1,
+        }
+    )
     yield application
     application.extensions[EXTENSION_KEY].close()
 
 
 def test_security_headers_on_pages_and_api(app) -> None:
     client = app.test_client()
-    for path, csp in [("/", PAGE_CSP), ("/docs", PAGE_CSP), ("/readyz", API_CSP), ("/openapi.json", API_CSP),
-                      ("/nope", API_CSP)]:
+    for path, csp in [
+        ("/", PAGE_CSP),
+        ("/docs", PAGE_CSP),
+        ("/readyz", API_CSP),
+        ("/openapi.json", API_CSP),
+        ("/nope", API_CSP),
+    ]:
         r = client.get(path)
         assert r.headers["X-Content-Type-Options"] == "nosniff", path
         assert r.headers["Referrer-Policy"] == "no-referrer", path
@@ -58,8 +73,9 @@ def test_metric_method_labels_are_a_fixed_set(app) -> None:
 
 def test_readyz_and_errors_show_no_paths(tmp_path: Path) -> None:
     missing = tmp_path / "secret-dir" / "model"
-    application = create_app({"CAPTIONER_MODEL": str(missing), "CAPTIONER_LOAD_IN_BACKGROUND": True,
-                              "CAPTIONER_WARMUP": False})
+    application = create_app(
+        {"CAPTIONER_MODEL": str(missing), "CAPTIONER_LOAD_IN_BACKGROUND": True, "CAPTIONER_WARMUP": False}
+    )
     try:
         assert not application.extensions[EXTENSION_KEY].wait_ready(60)
         body = application.test_client().get("/readyz").get_json()
@@ -75,8 +91,11 @@ def test_a_decode_that_cannot_start_in_time_gets_503(app) -> None:
     from test_hostile_formats import many_scan_jpeg
 
     client, slow, results = app.test_client(), many_scan_jpeg(), {}
-    t = threading.Thread(target=lambda: results.update(slow=app.test_client().post(
-        "/v1/captions?attention=overlay", data=slow, content_type="image/jpeg")))
+    t = threading.Thread(
+        target=lambda: results.update(
+            slow=app.test_client().post("/v1/captions?attention=overlay", data=slow, content_type="image/jpeg")
+        )
+    )
     t.start()
     import time
 
@@ -89,11 +108,17 @@ def test_a_decode_that_cannot_start_in_time_gets_503(app) -> None:
     assert client.post("/v1/captions", data=image_bytes(make_image(2)), content_type="image/jpeg").status_code == 200
 
 
-@pytest.mark.parametrize("files,expected", [
-    ({"cpu.max": "200000 100000\n"}, 2), ({"cpu.max": "150000 100000\n"}, 2), ({"cpu.max": "max 100000\n"}, None),
-    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
-    ({"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, None), ({}, None),
-])
+@pytest.mark.parametrize(
+    "files,expected",
+    [
+        ({"cpu.max": "200000 100000\n"}, 2),
+        ({"cpu.max": "150000 100000\n"}, 2),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
+        ({"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
 def test_decode_slots_follow_the_cgroup_cpu_quota(tmp_path: Path, files: dict[str, str], expected: int | None) -> None:
     import os
 
@@ -120,22 +145,35 @@ def test_compose_is_hardened_and_consistent() -> None:
     assert int(env["CAPTIONER_THREADS"]) > int(env["CAPTIONER_MAX_BATCH"]) + int(env["CAPTIONER_QUEUE_SIZE"])
     assert svc["captioner"]["ports"] == ["${CAPTIONER_PUBLISH:-127.0.0.1}:8000:8000"]
     # memory limit >= model (1.5 GB) + slots x (cap + 60 MB process) + threads x body limit
-    need_mb = (1536 + int(env["CAPTIONER_DECODE_SLOTS"]) * (int(env["CAPTIONER_DECODE_MEMORY_MB"]) + 60)
-               + int(env["CAPTIONER_THREADS"]) * float(env["CAPTIONER_MAX_UPLOAD_MB"]))
+    need_mb = (
+        1536
+        + int(env["CAPTIONER_DECODE_SLOTS"]) * (int(env["CAPTIONER_DECODE_MEMORY_MB"]) + 60)
+        + int(env["CAPTIONER_THREADS"]) * float(env["CAPTIONER_MAX_UPLOAD_MB"])
+    )
     limit = svc["captioner"]["deploy"]["resources"]["limits"]["memory"]
     assert int(limit.rstrip("g")) * 1024 >= need_mb
 
 
-def test_csv_resume_after_a_torn_row_with_a_newline_in_its_path(tiny_checkpoint: Path, tmp_path: Path,
-                                                                  load_once: None) -> None:
+def test_csv_resume_after_a_torn_row_with_a_newline_in_its_path(
+    tiny_checkpoint: Path, tmp_path: Path, load_once: None
+) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
     names = ["a.jpg", "b\nnewline.jpg", "c.jpg", "d\nx.jpg"]
     for i, name in enumerate(names):
         (folder / name).write_bytes(image_bytes(make_image(i)))
     out = tmp_path / "out.csv"
-    argv = ["caption", *[str(folder / n) for n in names], "--checkpoint", str(tiny_checkpoint), "--workers", "0",
-            "-q", "-o", str(out)]
+    argv = [
+        "caption",
+        *[str(folder / n) for n in names],
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--workers",
+        "0",
+        "-q",
+        "-o",
+        str(out),
+    ]
     assert main(argv) == 0
     full = list(csv.DictReader(out.open(newline="")))
     assert [Path(r["image"]).name for r in full] == names
@@ -149,7 +187,7 @@ def test_csv_resume_after_a_torn_row_with_a_newline_in_its_path(tiny_checkpoint:
 def test_limits_table_matches_the_code_row_by_row() -> None:
     """Every row of docs/reliability.md's Limits table, parsed, against the settings' defaults."""
     doc = (REPO / "docs" / "reliability.md").read_text()
-    table = doc[doc.index("| Dimension |"):]
+    table = doc[doc.index("| Dimension |") :]
     rows = {}
     for line in table.splitlines()[2:]:
         if not line.startswith("|"):

@@ -1,4 +1,5 @@
 """End-to-end training on a tiny generated dataset: loss falls, checkpoints, exact resume after SIGKILL."""
+
 from __future__ import annotations
 
 import json
@@ -30,11 +31,51 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train_args(data: Path, out: Path, epochs: int, *extra: str) -> list[str]:
-    return ["train", "--dataset", "custom", "--data-dir", str(data), "--output", str(out), "--epochs", str(epochs),
-            "--encoder", "efficientnet-lite0", "--image-size", "64", "--min-count", "1", "--embed-dim", "32",
-            "--hidden-dim", "32", "--attention-dim", "16", "--proj-dim", "32", "--batch-size", "1",
-            "--warmup-steps", "2", "--lr", "0.02", "--label-smoothing", "0", "--dropout", "0.1", "--patience", "50", "--workers", "0",
-            "--cache-dir", str(out.parent / "cache"), "--quiet", "--seed", "7", *extra]
+    return [
+        "train",
+        "--dataset",
+        "custom",
+        "--data-dir",
+        str(data),
+        "--output",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--encoder",
+        "efficientnet-lite0",
+        "--image-size",
+        "64",
+        "--min-count",
+        "1",
+        "--embed-dim",
+        "32",
+        "--hidden-dim",
+        "32",
+        "--attention-dim",
+        "16",
+        "--proj-dim",
+        "32",
+        "--batch-size",
+        "1",
+        "--warmup-steps",
+        "2",
+        "--lr",
+        "0.02",
+        "--label-smoothing",
+        "0",
+        "--dropout",
+        "0.1",
+        "--patience",
+        "50",
+        "--workers",
+        "0",
+        "--cache-dir",
+        str(out.parent / "cache"),
+        "--quiet",
+        "--seed",
+        "7",
+        *extra,
+    ]
 
 
 def log_lines(out: Path) -> list[dict]:
@@ -53,8 +94,27 @@ def test_training_lowers_loss_and_writes_checkpoints(dataset: Path, tmp_path: Pa
     assert {p.name for p in (out / "last").iterdir()} == weights | {"trainer_state.json", "trainer_state.safetensors"}
     assert not list(out.glob(".*tmp*")), "no temporary folders left behind"
     # the trained checkpoint captions and evaluates through the public commands
-    assert main(["evaluate", "--checkpoint", str(out / "best"), "--dataset", "custom", "--data-dir", str(dataset),
-                 "--split", "dev", "--beam-size", "2", "--no-meteor", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(out / "best"),
+                "--dataset",
+                "custom",
+                "--data-dir",
+                str(dataset),
+                "--split",
+                "dev",
+                "--beam-size",
+                "2",
+                "--no-meteor",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
     evals = list((out / "best").glob("eval-*.json"))
     assert evals and {"bleu4", "cider", "rouge_l", "meteor"} <= set(json.loads(evals[0].read_text()))
 
@@ -83,7 +143,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(dataset: Path, tmp_path: 
     assert main(train_args(dataset, straight, 3)) == 0
 
     resumed = tmp_path / "resumed"
-    proc = subprocess.run([sys.executable, "-c", KILLER, *train_args(dataset, resumed, 3)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, *train_args(dataset, resumed, 3)], capture_output=True, text=True
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert [r["epoch"] for r in log_lines(resumed)] == [1]
     assert main(train_args(dataset, resumed, 3, "--resume")) == 0
@@ -115,11 +177,18 @@ def test_finetune_blocks_train_from_a_trunk_cache(dataset: Path, tmp_path: Path)
     assert checkpoint.read_config(out / "best")["encoder_finetuned"] is True
 
     stock = Encoder(EncoderConfig("efficientnet-lite0", 64, "head")).state_dict()
-    saved = {k[len("encoder."):]: v for k, v in checkpoint.read_weights(out / "best").items() if k.startswith("encoder.")}
+    saved = {
+        k[len("encoder.") :]: v for k, v in checkpoint.read_weights(out / "best").items() if k.startswith("encoder.")
+    }
     assert saved.keys() == stock.keys()
     changed = {k for k in saved if "running" not in k and not torch.equal(saved[k], stock[k])}
-    last_two = {f"net._blocks.{i}." for i in (len(Encoder(EncoderConfig("efficientnet-lite0", 64)).net._blocks) - 2,
-                                            len(Encoder(EncoderConfig("efficientnet-lite0", 64)).net._blocks) - 1)}
+    last_two = {
+        f"net._blocks.{i}."
+        for i in (
+            len(Encoder(EncoderConfig("efficientnet-lite0", 64)).net._blocks) - 2,
+            len(Encoder(EncoderConfig("efficientnet-lite0", 64)).net._blocks) - 1,
+        )
+    }
     assert changed and all(k.startswith(tuple(last_two) + ("net._conv_head", "net._bn1")) for k in changed)
     assert all(torch.equal(saved[k], stock[k]) for k in saved if "running" in k), "batch norms stay frozen"
 
@@ -132,13 +201,32 @@ def test_finetune_blocks_train_from_a_trunk_cache(dataset: Path, tmp_path: Path)
     via_cache = top_features(cap.encoder.encoder, feats[[rows[image]]], 2, "cpu").float()  # the caption encoder
     direct = cap.encode(cap.preprocess(image)[0][None]).float()
     assert torch.allclose(via_cache, direct, atol=0.05, rtol=0.02)
-    assert main(["evaluate", "--checkpoint", str(out / "best"), "--dataset", "custom", "--data-dir", str(dataset),
-                 "--split", "dev", "--no-meteor", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(out / "best"),
+                "--dataset",
+                "custom",
+                "--data-dir",
+                str(dataset),
+                "--split",
+                "dev",
+                "--no-meteor",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
     # an fp16 export keeps the trained blocks; the frozen trunk loads from the packaged fp32 weights
     assert main(["export", "--checkpoint", str(out / "best"), "--output", str(tmp_path / "export")]) == 0
     exported = Captioner.load(tmp_path / "export", device="cpu", fast=False).encoder.encoder.state_dict()
     top = cap.encoder.encoder.top_state_keys(2)
     assert top and all(torch.equal(exported[k], stock[k]) for k in stock if k not in top)
-    assert all(torch.equal(exported[k], saved[k].half().to(saved[k].dtype)) for k in top if saved[k].is_floating_point())
+    assert all(
+        torch.equal(exported[k], saved[k].half().to(saved[k].dtype)) for k in top if saved[k].is_floating_point()
+    )
     with pytest.raises(SystemExit, match="cannot split off the last 99"):
         main(train_args(dataset, tmp_path / "too-many", 1, "--finetune-blocks", "99"))

@@ -1,4 +1,5 @@
 """Training defaults that fit the data and honest logs: warm-up in epochs, decoding tuned on dev, lr and SCST counts."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,11 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train import CAPTIONS, log_lines, train_args
 
 from captioner.commands.main import build_parser, main
 from captioner.schedule import warmup_steps
 from captioner.tuning import tune_decoding
+
+from test_train import CAPTIONS, log_lines, train_args
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +45,15 @@ def test_warmup_scales_with_the_epoch() -> None:
 
 
 def test_tuning_picks_the_best_setting_and_the_smaller_beam_on_ties() -> None:
-    scores = {(1, 0.0): 50.0, (3, 0.0): 55.0, (3, 0.5): 61.0, (3, 1.0): 61.0, (5, 0.0): 58.0, (5, 0.5): 61.0,
-              (5, 1.0): 60.0}
+    scores = {
+        (1, 0.0): 50.0,
+        (3, 0.0): 55.0,
+        (3, 0.5): 61.0,
+        (3, 1.0): 61.0,
+        (5, 0.0): 58.0,
+        (5, 0.5): 61.0,
+        (5, 1.0): 60.0,
+    }
     tried = []
 
     def score(beam: int, alpha: float) -> dict:
@@ -87,8 +96,13 @@ def test_log_file_has_real_lr_and_no_progress_bars(dataset: Path, tmp_path: Path
     argv = _without(train_args(dataset, out, 3, "--lr", "2e-4"), "--lr")
     argv.remove("--quiet")
     with (tmp_path / "log").open("w") as log:
-        subprocess.run([sys.executable, "-m", "captioner.commands.main", *argv], stdout=log, stderr=subprocess.STDOUT,
-                       check=True, timeout=600)
+        subprocess.run(
+            [sys.executable, "-m", "captioner.commands.main", *argv],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            check=True,
+            timeout=600,
+        )
     text = (tmp_path / "log").read_text()
     assert "\r" not in text and "batch/s" not in text and "it/s" not in text
     printed = [json.loads(line) for line in text.splitlines() if line.startswith('{"epoch"')]
@@ -103,8 +117,25 @@ def test_scst_summary_counts_scst_epochs(dataset: Path, tmp_path: Path, capsys: 
     assert main(train_args(dataset, xe, 1, "--no-tune-decoding")) == 0
     capsys.readouterr()
     out = tmp_path / "scst"
-    assert main(train_args(dataset, out, 1, "--init-from", str(xe / "best"), "--scst-epochs", "2",
-                           "--scst-samples", "2", "--scst-max-length", "6", "--no-tune-decoding")) == 0
+    assert (
+        main(
+            train_args(
+                dataset,
+                out,
+                1,
+                "--init-from",
+                str(xe / "best"),
+                "--scst-epochs",
+                "2",
+                "--scst-samples",
+                "2",
+                "--scst-max-length",
+                "6",
+                "--no-tune-decoding",
+            )
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert summary["epochs"] == 2 and [r["epoch"] for r in log_lines(out)] == [0, 1, 2]
 
@@ -131,6 +162,12 @@ def test_every_option_has_help_and_its_default_once() -> None:
             assert " ".join(block.split()).count("(default") <= 1, f"{' '.join(path)}: {block.split()[0]}"
     train = next(p for path, p in _subcommands(build_parser()) if path == ("train",))
     helps = {a.option_strings[0]: train._get_formatter()._expand_help(a) for a in train._actions if a.option_strings}
-    for option, default in (("--epochs", "20"), ("--encoder", "efficientnet-lite2"), ("--image-size", "260"),
-                            ("--lr", "0.001"), ("--warmup-epochs", "0.5"), ("--dataset", "flickr8k")):
+    for option, default in (
+        ("--epochs", "20"),
+        ("--encoder", "efficientnet-lite2"),
+        ("--image-size", "260"),
+        ("--lr", "0.001"),
+        ("--warmup-epochs", "0.5"),
+        ("--dataset", "flickr8k"),
+    ):
         assert helps[option].count(f"(default: {default})") == 1, option

@@ -1,4 +1,5 @@
 """The learning-rate schedule and the label-smoothed cross-entropy, against their formulas."""
+
 from __future__ import annotations
 
 import math

@@ -26,4 +26,6 @@ def test_json_round_trip(tmp_path) -> None:
 def test_build_orders_by_frequency_then_alphabet() -> None:
     v = Vocabulary.build(["zebra zebra zebra", "apple zebra", "mango apple", "kiwi"], min_count=1)
     assert v.itos[4:] == ["zebra", "apple", "kiwi", "mango"]  # 4, 2, then the ties 1, 1 alphabetically
-    assert Vocabulary.build(["zebra zebra zebra", "apple zebra", "mango apple", "kiwi"], min_count=3).itos[4:] == ["zebra"]
+    assert Vocabulary.build(["zebra zebra zebra", "apple zebra", "mango apple", "kiwi"], min_count=3).itos[4:] == [
+        "zebra"
+    ]

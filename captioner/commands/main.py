@@ -1,4 +1,5 @@
 """``captioner`` entry point: the command registry, the top-level parser and error handling."""
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,11 @@ def input_errors() -> tuple[type[Exception], ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         return int(args.func(args) or 0)
     except input_errors() as exc:
@@ -52,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         extra = EXTRA_OF.get((exc.name or "").partition(".")[0])
         if extra is None:
             raise
-        print(f"captioner {args.command}: error: {exc.name} is not installed; it comes with the [{extra}] extra: "
-              f"pip install 'captioner[{extra}]'", file=sys.stderr)
+        print(
+            f"captioner {args.command}: error: {exc.name} is not installed; it comes with the [{extra}] extra: "
+            f"pip install 'captioner[{extra}]'",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

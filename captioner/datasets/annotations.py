@@ -5,6 +5,7 @@ of FILE in SPLIT (COCO ships one caption file per split); a FILE without ``SPLIT
 splits it names itself (Karpathy ``images[].split``, a CSV ``split`` column, a Flickr token
 file's split lists). Without ``--annotations`` the files are looked up in ``--data-dir``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -13,10 +14,12 @@ from pathlib import Path
 
 from .records import SPLITS, DatasetError, normalise_split
 
-ANNOTATIONS_HELP = ("caption file, as [SPLIT=]FILE; repeat it for one file per split (train=T.json dev=D.json "
-                    "test=E.json). SPLIT= puts every image of FILE in that split; without it the file's own splits "
-                    "are used. FILE: Flickr token file, COCO captions JSON, Karpathy JSON, or CSV/JSONL "
-                    "(default: looked up in --data-dir)")
+ANNOTATIONS_HELP = (
+    "caption file, as [SPLIT=]FILE; repeat it for one file per split (train=T.json dev=D.json "
+    "test=E.json). SPLIT= puts every image of FILE in that split; without it the file's own splits "
+    "are used. FILE: Flickr token file, COCO captions JSON, Karpathy JSON, or CSV/JSONL "
+    "(default: looked up in --data-dir)"
+)
 # an image folder a Flickr/Karpathy folder may hold its images in, tried in this order
 _IMAGE_FOLDERS = ("images", "Images", "Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k-images", "flickr30k_images")
 
@@ -122,7 +125,9 @@ def image_root(data_dir: Path) -> Path:
 
 
 def find_annotations(
-    dataset: str, data_dir: str | Path, annotations: str | Path | Sequence | None = None,
+    dataset: str,
+    data_dir: str | Path,
+    annotations: str | Path | Sequence | None = None,
 ) -> DatasetFiles:
     """The caption files ``dataset`` is read from, given ``--data-dir`` and ``--annotations``; raises DatasetError."""
     from .records import DATASETS
@@ -131,8 +136,10 @@ def find_annotations(
     specs = [(split, _resolve(data_dir, name)) for split, name in _as_specs(annotations)]
     for _, path in specs:
         if not path.is_file():
-            raise DatasetError(f"annotation file not found: {path} (relative names are looked up in the current "
-                               f"folder, then in --data-dir {data_dir})")
+            raise DatasetError(
+                f"annotation file not found: {path} (relative names are looked up in the current "
+                f"folder, then in --data-dir {data_dir})"
+            )
     if dataset in ("flickr8k", "flickr30k"):
         return _flickr(dataset, data_dir, specs)
     if dataset == "coco":
@@ -141,8 +148,10 @@ def find_annotations(
         if not specs:
             found = first_match(data_dir, "dataset_*.json")
             if found is None:
-                raise DatasetError(f"no dataset_*.json in {data_dir}; pass --annotations FILE (Karpathy JSON with "
-                                   "images[].filename, .split and .sentences)")
+                raise DatasetError(
+                    f"no dataset_*.json in {data_dir}; pass --annotations FILE (Karpathy JSON with "
+                    "images[].filename, .split and .sentences)"
+                )
             specs = [(None, found)]
         root = image_root(data_dir)
         return DatasetFiles(dataset, data_dir, [CaptionFile(p, "karpathy", root, s) for s, p in specs])
@@ -150,8 +159,9 @@ def find_annotations(
         if not specs:
             found = first_match(data_dir, "captions.csv", "captions.jsonl", "*.csv", "*.jsonl")
             if found is None:
-                raise DatasetError(f"no captions CSV/JSONL in {data_dir}; pass --annotations FILE "
-                                   "(columns image, caption[, split])")
+                raise DatasetError(
+                    f"no captions CSV/JSONL in {data_dir}; pass --annotations FILE (columns image, caption[, split])"
+                )
             specs = [(None, found)]
         return DatasetFiles(dataset, data_dir, [CaptionFile(p, "table", p.parent, s) for s, p in specs])
     raise DatasetError(f"unknown dataset {dataset!r}; use one of {', '.join(DATASETS)}")
@@ -159,8 +169,10 @@ def find_annotations(
 
 def _flickr(dataset: str, data_dir: Path, specs: list[tuple[str | None, Path]]) -> DatasetFiles:
     if len(specs) > 1 or any(split for split, _ in specs):
-        raise DatasetError(f"--dataset {dataset} reads one caption file (its splits come from the split lists); "
-                           "for one caption file per split use --dataset coco, karpathy or custom")
+        raise DatasetError(
+            f"--dataset {dataset} reads one caption file (its splits come from the split lists); "
+            "for one caption file per split use --dataset coco, karpathy or custom"
+        )
     given = specs[0][1] if specs else None
     root = image_root(data_dir)
     if given is not None and given.suffix == ".json":
@@ -175,13 +187,13 @@ def _flickr(dataset: str, data_dir: Path, specs: list[tuple[str | None, Path]]) 
     raise DatasetError(
         f"no {dataset} caption files in {data_dir}: looked for *.token.txt with *_trainImages.txt split lists, "
         f"or dataset_{dataset}.json. 'train' and 'evaluate' default to --dataset flickr8k; for other data pass "
-        "--dataset coco, karpathy or custom with --annotations (see 'Your own data' in data/README.md)")
+        "--dataset coco, karpathy or custom with --annotations (see 'Your own data' in data/README.md)"
+    )
 
 
 def _coco(data_dir: Path, specs: list[tuple[str | None, Path]]) -> DatasetFiles:
     if specs:
-        files = [CaptionFile(p, "karpathy" if p.name.startswith("dataset_") else "coco", data_dir, s)
-                 for s, p in specs]
+        files = [CaptionFile(p, "karpathy" if p.name.startswith("dataset_") else "coco", data_dir, s) for s, p in specs]
         return DatasetFiles("coco", data_dir, files)
     karpathy = first_match(data_dir, "dataset_coco.json")
     if karpathy is not None:
@@ -189,9 +201,11 @@ def _coco(data_dir: Path, specs: list[tuple[str | None, Path]]) -> DatasetFiles:
     ann_dir = data_dir / "annotations" if (data_dir / "annotations").is_dir() else data_dir
     found = sorted(ann_dir.glob("captions_*.json"))
     if not found:
-        raise DatasetError(f"no dataset_coco.json or annotations/captions_*.json in {data_dir}; pass one COCO "
-                           "captions file per split: --annotations train=T.json --annotations dev=D.json "
-                           "--annotations test=E.json (file_name is looked up under --data-dir)")
+        raise DatasetError(
+            f"no dataset_coco.json or annotations/captions_*.json in {data_dir}; pass one COCO "
+            "captions file per split: --annotations train=T.json --annotations dev=D.json "
+            "--annotations test=E.json (file_name is looked up under --data-dir)"
+        )
     files = []
     for f in found:
         part = f.stem.split("_", 1)[1]  # e.g. train2014: its images are in DATA_DIR/train2014

@@ -1,11 +1,20 @@
 """``load_records``: one split of a dataset, read from the files :func:`find_annotations` names."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
 from .annotations import CaptionFile, DatasetFiles, find_annotations
-from .records import CaptionRecord, DatasetError, normalise_split, read_coco, read_flickr_tokens, read_karpathy, read_table
+from .records import (
+    CaptionRecord,
+    DatasetError,
+    normalise_split,
+    read_coco,
+    read_flickr_tokens,
+    read_karpathy,
+    read_table,
+)
 
 
 def read_caption_file(f: CaptionFile, split_lists: dict[str, Path] | None = None) -> list[CaptionRecord]:
@@ -53,8 +62,10 @@ def load_records(
     if split != "all":
         if records and all(r.split == "all" for r in records):
             names = " ".join(f"--annotations {split}={f.path}" for f in files.captions)
-            raise DatasetError(f"{', '.join(str(f.path) for f in files.captions)} name no split (a COCO captions "
-                               f"file has none), so split {split!r} is empty; give each file its split, e.g. {names}")
+            raise DatasetError(
+                f"{', '.join(str(f.path) for f in files.captions)} name no split (a COCO captions "
+                f"file has none), so split {split!r} is empty; give each file its split, e.g. {names}"
+            )
         records = [r for r in records if r.split == split]
     if require_images:
         _check_found(records, files, split)
@@ -74,4 +85,5 @@ def _check_found(records: list[CaptionRecord], files: DatasetFiles, split: str) 
     raise DatasetError(
         f"split {split!r}: none of the {len(records)} images named in {names} was found; looked under "
         f"{' and '.join(roots)} (e.g. {records[0].path}). Pass --data-dir the folder that holds the images' "
-        "file names (for CSV/JSONL tables image paths are relative to the table's folder)")
+        "file names (for CSV/JSONL tables image paths are relative to the table's folder)"
+    )

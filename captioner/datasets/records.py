@@ -7,6 +7,7 @@
 
 Which files a dataset is read from is decided in :mod:`.annotations`; :mod:`.loading` reads a split.
 """
+
 from __future__ import annotations
 
 import csv
@@ -49,7 +50,9 @@ def split_order(splits: set[str]) -> list[str]:
     return [s for s in EVAL_SPLITS if s in splits] + sorted(s for s in splits if s not in EVAL_SPLITS)
 
 
-def read_flickr_tokens(token_file: str | Path, split_lists: dict[str, Path], image_root: str | Path) -> list[CaptionRecord]:
+def read_flickr_tokens(
+    token_file: str | Path, split_lists: dict[str, Path], image_root: str | Path
+) -> list[CaptionRecord]:
     """Flickr8k/30k ``Flickr8k.token.txt`` + split lists -> records (images in no list get split ``none``)."""
     token_file = Path(token_file)
     captions: OrderedDict[str, list[str]] = OrderedDict()
@@ -92,8 +95,10 @@ def _json_images(path: Path, kind: str) -> tuple[dict, list[dict]]:
 def _no_duplicates(path: Path, what: str, values: list) -> None:
     dupes = sorted({str(v) for v, n in Counter(values).items() if n > 1})
     if dupes:
-        raise DatasetError(f"{path}: {len(dupes)} duplicate {what} in 'images', e.g. {', '.join(dupes[:3])}; "
-                           "each image must be listed once")
+        raise DatasetError(
+            f"{path}: {len(dupes)} duplicate {what} in 'images', e.g. {', '.join(dupes[:3])}; "
+            "each image must be listed once"
+        )
 
 
 def read_karpathy(path: str | Path, image_root: str | Path, split: str | None = None) -> list[CaptionRecord]:
@@ -104,8 +109,10 @@ def read_karpathy(path: str | Path, image_root: str | Path, split: str | None = 
     path, image_root = Path(path), Path(image_root)
     data, images = _json_images(path, "Karpathy JSON (images[].filename, .split, .sentences)")
     if "annotations" in data or (images and "file_name" in images[0] and "filename" not in images[0]):
-        raise DatasetError(f"{path} is a COCO captions file ('images' + 'annotations'), not Karpathy JSON: "
-                           f"use --dataset coco --annotations SPLIT={path}")
+        raise DatasetError(
+            f"{path} is a COCO captions file ('images' + 'annotations'), not Karpathy JSON: "
+            f"use --dataset coco --annotations SPLIT={path}"
+        )
     bad = [i for i, img in enumerate(images) if not isinstance(img.get("filename"), str)]
     if bad:
         raise DatasetError(f"{path}: images[{bad[0]}] has no 'filename' ({len(bad)} entries without one)")
@@ -113,10 +120,18 @@ def read_karpathy(path: str | Path, image_root: str | Path, split: str | None = 
     records = []
     for img in images:
         rel = Path(img.get("filepath", "")) / img["filename"]
-        captions = [s.get("raw") or " ".join(s.get("tokens", [])) for s in img.get("sentences", []) if isinstance(s, dict)]
+        captions = [
+            s.get("raw") or " ".join(s.get("tokens", [])) for s in img.get("sentences", []) if isinstance(s, dict)
+        ]
         own = str(img.get("split", "train"))
-        records.append(CaptionRecord(image_id=img["filename"], path=str(image_root / rel), captions=captions,
-                                     split=split or _SPLIT_ALIASES.get(own, own)))
+        records.append(
+            CaptionRecord(
+                image_id=img["filename"],
+                path=str(image_root / rel),
+                captions=captions,
+                split=split or _SPLIT_ALIASES.get(own, own),
+            )
+        )
     return records
 
 
@@ -129,8 +144,10 @@ def read_coco(path: str | Path, image_dir: str | Path, split: str | None) -> lis
     path, image_dir = Path(path), Path(image_dir)
     data, images = _json_images(path, "COCO captions")
     if "annotations" not in data and images and "sentences" in images[0]:
-        raise DatasetError(f"{path} is Karpathy-style JSON (images[].sentences), not a COCO captions file: "
-                           f"use --dataset karpathy --annotations {path}")
+        raise DatasetError(
+            f"{path} is Karpathy-style JSON (images[].sentences), not a COCO captions file: "
+            f"use --dataset karpathy --annotations {path}"
+        )
     anns = data.get("annotations")
     if not isinstance(anns, list):
         raise DatasetError(f"{path}: no 'annotations' list; a COCO captions file has 'images' and 'annotations'")
@@ -149,8 +166,10 @@ def read_coco(path: str | Path, image_dir: str | Path, split: str | None) -> lis
             continue
         caps[a["image_id"]].append(a["caption"].strip())
     if orphans:
-        raise DatasetError(f"{path}: {len(orphans)} captions refer to image ids that are not in 'images' "
-                           f"(e.g. {orphans[0]!r}); add those images or remove their captions")
+        raise DatasetError(
+            f"{path}: {len(orphans)} captions refer to image ids that are not in 'images' "
+            f"(e.g. {orphans[0]!r}); add those images or remove their captions"
+        )
     return [
         CaptionRecord(image_id=files[i], path=str(image_dir / files[i]), captions=c, split=split or "all")
         for i, c in caps.items()
@@ -181,8 +200,10 @@ def read_table(path: str | Path, split: str | None = None) -> list[CaptionRecord
     if path.suffix.lower() in (".jsonl", ".json"):
         text = path.read_text(encoding="utf-8")
         if path.suffix.lower() == ".json" and '"images"' in text[:10000]:
-            raise DatasetError(f"{path} looks like a COCO or Karpathy JSON file ('images'), not a CSV/JSONL table: "
-                               f"use --dataset coco --annotations SPLIT={path}, or --dataset karpathy")
+            raise DatasetError(
+                f"{path} looks like a COCO or Karpathy JSON file ('images'), not a CSV/JSONL table: "
+                f"use --dataset coco --annotations SPLIT={path}, or --dataset karpathy"
+            )
         rows = parse_jsonl(text, path)
     else:
         with path.open(newline="", encoding="utf-8") as fh:

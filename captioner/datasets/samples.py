@@ -1,4 +1,5 @@
 """Torch datasets of (image, caption) pairs for teacher-forced training."""
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,14 @@ class ImageGroupedBatches(Sampler[list[int]]):
     caption (five times fewer of the most expensive operations on Flickr/COCO).
     """
 
-    def __init__(self, pairs: "CaptionPairs", images_per_batch: int, generator: torch.Generator | None = None,
-                 rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self,
+        pairs: CaptionPairs,
+        images_per_batch: int,
+        generator: torch.Generator | None = None,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
         by_image: dict[str, list[int]] = {}
         for i, (path, _) in enumerate(pairs.items):
             by_image.setdefault(path, []).append(i)
@@ -67,7 +74,9 @@ class ImageGroupedBatches(Sampler[list[int]]):
         return -(-n // self.images_per_batch)
 
 
-def collate_pairs(batch: list[tuple[int, torch.Tensor]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate_pairs(
+    batch: list[tuple[int, torch.Tensor]], pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> cache rows (B,), captions (B, T) padded, lengths (B,)."""
     sources, caps = zip(*batch)
     lengths = torch.tensor([len(c) for c in caps], dtype=torch.long)
