@@ -677,6 +677,7 @@ def _run(args: argparse.Namespace, fmt: str, dist: Dist) -> int:
         rate = (done + failed) / elapsed if elapsed > 0 else 0.0
         before = f" ({plan['failed_before']} in an earlier run)" if plan["failed_before"] else ""
         print(f"{PROG}: {done} captioned, {plan['skipped']} skipped, {failed + plan['failed_before']} failed{before}"
-              f" in {elapsed:.1f} s ({rate:.2f} images/s)" + (f" -> {args.output}" if args.output else ""),
+              f" in {elapsed:.1f} s ({rate:.2f} images/s, encoder: {cap.runtime})"
+              + (f" -> {args.output}" if args.output else ""),
               file=sys.stderr)
     return 1 if failed or plan["failed_before"] else 0

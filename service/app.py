@@ -386,7 +386,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         body: dict[str, Any] = {"status": state.status}
         if cap is not None:
             body["model"] = {"name": cap.name, "version": cap.version,
-                             "optimizations": list(getattr(cap, "optimizations", []))}
+                             "optimizations": list(getattr(cap, "optimizations", [])),
+                             "runtime": getattr(cap, "runtime", "torch")}
             return jsonify(body)
         message = {"failed": _clean(state.error or ""), "stopped": "the service is shutting down"}.get(
             state.status, "the model is loading and warming up")

@@ -91,6 +91,8 @@ def _schemas() -> dict[str, Any]:
                 "version": {"type": "string"},
                 "optimizations": {"type": "array", "items": {"type": "string"},
                                   "description": "CPU speed-ups applied to the loaded model (/readyz only; see CAPTIONER_FAST)."},
+                "runtime": {"type": "string", "enum": ["torch", "onnxruntime-fp32"],
+                            "description": "What runs the encoder (/readyz only; see CAPTIONER_RUNTIME)."},
             },
         },
         "CaptionResponse": {

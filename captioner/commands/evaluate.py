@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from ..train import cached_features, default_cache_dir, evaluate_split
 
     ckpt = checkpoint.resolve(args.checkpoint or default_model_path())
-    cap = Captioner.load(ckpt, device=args.device, fast=False if args.exact else None)
+    cap = Captioner.load(ckpt, device=args.device, fast=False if args.exact else None, runtime="torch")  # torch heads
     records = load_records(args.dataset, args.data_dir, args.split, args.limit, args.annotations)
     if not records:
         raise DatasetError(f"no images with captions in split {args.split!r} of {args.data_dir}")

@@ -22,6 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="default maximum caption length to store (default: the checkpoint's)")
     x.add_argument("--name", help="model name to store (default: the checkpoint's)")
     x.add_argument("--model-version", help="model version to store (default: the checkpoint's)")
+    x.add_argument("--onnx", action="store_true",
+                   help="also build encoder.onnx, the encoder for ONNX Runtime (captioner[onnx]), with its recipe")
     x.set_defaults(func=run)
 
 
@@ -51,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
         config["version"] = args.model_version
     vocab = json.loads((src / checkpoint.VOCAB).read_text())
     out = checkpoint.save(args.output, weights, config, vocab, half=not args.fp32)
+    if args.onnx:
+        from ..onnx_export import build_onnx
+
+        build_onnx(out)
     size = (out / checkpoint.WEIGHTS).stat().st_size / 1e6
     print(json.dumps({"output": str(out), "weights_mb": round(size, 1), "inference": inference}))
     return 0
