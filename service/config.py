@@ -15,6 +15,7 @@ from typing import Any
 
 from captioner.api import MAX_BEAM_SIZE, default_model_path, parse_flag
 from captioner.images import DEFAULT_MAX_PIXELS
+from captioner.runtime import RUNTIMES
 
 from .logs import parse_log_format
 
@@ -39,6 +40,7 @@ class Settings:
     load_in_background: bool
     warmup: bool
     fast: bool  # CPU speed-ups of captioner.perf (Captioner.load's ``fast``)
+    runtime: str  # what runs the encoder on that fast path: auto | torch | onnx (Captioner.load's ``runtime``)
     decode_slots: int  # 0: from the CPU quota (cgroup), see decode_workers
     decode_timeout_s: float
     decode_memory_mb: int
@@ -70,6 +72,7 @@ ENV_VARS: dict[str, tuple[str, str, str, str]] = {
     "CAPTIONER_LOAD_IN_BACKGROUND": ("load_in_background", "bool", "1", "Load + warm the model in a background thread (`/readyz` says when done) instead of inside `create_app`."),
     "CAPTIONER_WARMUP": ("warmup", "bool", "1", "Run one inference on a blank image before reporting ready."),
     "CAPTIONER_FAST": ("fast", "bool", "1", "On CPU: fold batch norms, channels-last encoder in chunks of 2, int8 decoder (BENCHMARKS.md; dev scores within noise). 0 serves the fp32 model exactly as trained."),
+    "CAPTIONER_RUNTIME": ("runtime", "str", "auto", "What runs the encoder on the CPU fast path: `auto` (ONNX Runtime when the `[onnx]` extra is installed and the model folder has an `encoder.onnx` built from its weights, else torch), `torch`, or `onnx` (fail to load without it). `/readyz` names it (`model.runtime`)."),
     "CAPTIONER_DECODE_SLOTS": ("decode_slots", "int", "0", "Uploads decoded at once per worker, each in its own decode process (0: the CPU quota of the container's cgroup, else the usable cores; 1-8). Requests wait for a slot in arrival order until their deadline; then 503 `overloaded` + `Retry-After`."),
     "CAPTIONER_DECODE_TIMEOUT_S": ("decode_timeout_s", "float", "2.5", "Longest decode of one upload; a slower one is killed and answered 422 `too_slow`."),
     "CAPTIONER_DECODE_MEMORY_MB": ("decode_memory_mb", "int", "1024", "Memory (address space, `RLIMIT_AS`) one decode process may add to its start-up size; beyond it: 413 `too_large`."),
@@ -170,6 +173,7 @@ def _check(s: Settings) -> None:
     need(1 <= s.default_beam_size <= MAX_BEAM_SIZE, f"CAPTIONER_BEAM_SIZE must be between 1 and {MAX_BEAM_SIZE}")
     need(16 <= s.overlay_max_side <= 4096, "CAPTIONER_OVERLAY_MAX_SIDE must be between 16 and 4096")
     need(s.torch_threads >= 0, "CAPTIONER_TORCH_THREADS must be >= 0")
+    need(s.runtime in RUNTIMES, f"CAPTIONER_RUNTIME must be one of {', '.join(RUNTIMES)}")
     need(0 <= s.decode_slots <= 64, "CAPTIONER_DECODE_SLOTS must be between 0 and 64")
     need(0 < s.decode_timeout_s <= 600, "CAPTIONER_DECODE_TIMEOUT_S must be > 0 and <= 600")
     need(64 <= s.decode_memory_mb <= 65536, "CAPTIONER_DECODE_MEMORY_MB must be between 64 and 65536")
