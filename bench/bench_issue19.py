@@ -10,7 +10,9 @@ Each round, interleaved on the same ``--n`` Flickr8k test photos:
 3. the service (gunicorn, its defaults, started once and warmed up before round 1): 8 concurrent
    clients sharing the ``--n`` photos (img/s), then 1 client posting the first ``--single-n`` one
    after another (img/s and p50 latency); beam 3, attention grids included;
-4. the CLI start: ``captioner caption -q`` on one photo in a fresh process, per runtime
+4. the encoder alone in this process: ms/image of the torch fast path and of ONNX Runtime on 32 of the
+   photos in batches of 8 (grid + concepts);
+5. the CLI start: ``captioner caption -q`` on one photo in a fresh process, per runtime
    (``CAPTIONER_RUNTIME`` onnx and torch), split into import torch / import captioner / load / first caption.
 
 Ratios are taken within each round and reported with their median. After the rounds, ``--dev``
@@ -33,9 +35,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.bench_anchor import AnchorDecoder, AnchorEncoder, pick_photos, run_anchor, run_cli  # noqa: E402
-from bench.bench_service import HOST, Service, free_port, get, run_clients  # noqa: E402
-from bench.common import machine, repo_root  # noqa: E402
+from bench.bench_anchor import AnchorDecoder, AnchorEncoder, pick_photos, run_anchor, run_cli
+from bench.bench_service import HOST, Service, free_port, get, run_clients
+from bench.common import machine, repo_root
 
 STAGES = r"""
 import json, sys, time
@@ -51,6 +53,10 @@ t4 = time.perf_counter()
 print(json.dumps({"runtime": cap.runtime, "import_torch": t1 - t0, "import_captioner": t2 - t1, "load": t3 - t2,
                   "first_caption": t4 - t3}))
 """
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], check=True, capture_output=True, text=True).stdout.strip()
 
 
 def load1() -> float:
@@ -77,6 +83,17 @@ def cli_start(photo: Path, runtime: str) -> dict:
                          text=True, cwd=repo_root())
     return {"wall_s": round(wall, 3), **{k: (round(v, 3) if isinstance(v, float) else v)
                                          for k, v in json.loads(run.stdout.splitlines()[-1]).items()}}
+
+
+def encoder_round(caps: dict, pixels: torch.Tensor, batch: int = 8) -> dict:
+    """ms/image of each captioner's encoder (``see``: grid + concepts) over ``pixels`` in batches of ``batch``."""
+    out = {}
+    for name, cap in caps.items():
+        t0 = time.perf_counter()
+        for i in range(0, len(pixels), batch):
+            cap.see(pixels[i : i + batch])
+        out[f"encoder_ms_{name}"] = round(1000 * (time.perf_counter() - t0) / len(pixels), 1)
+    return out
 
 
 def service_round(port: int, uploads: list[bytes], single_n: int, query: str) -> dict:
@@ -128,10 +145,14 @@ def main() -> None:
     data = Path(args.data)
     paths = pick_photos(data / "images", data / "Flickr_8k.testImages.txt", args.n)
     uploads = [p.read_bytes() for p in paths]
+    from captioner.api import Captioner
+
+    encoders = {"torch": Captioner.load(device="cpu", runtime="torch"), "onnx": Captioner.load(device="cpu")}
+    pixels = torch.stack([encoders["torch"].preprocess(p)[0] for p in paths[:32]])  # (32, 3, S, S)
+    encoder_round(encoders, pixels[:8])  # warm-up
     torch.manual_seed(0)
     anchor = (AnchorEncoder().eval(), AnchorDecoder().eval())
-    result: dict = {"bench": "issue19", "machine": machine(), "uptime_start": subprocess.run(
-        ["uptime"], capture_output=True, text=True).stdout.strip(), "n": args.n, "rounds": []}
+    result: dict = {"bench": "issue19", "machine": machine(), "uptime_start": uptime(), "n": args.n, "rounds": []}
     port = free_port()
     env = dict(os.environ, HOST=HOST, PORT=str(port), CAPTIONER_LOG_LEVEL="warning", PYTHONUNBUFFERED="1")
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -149,12 +170,14 @@ def main() -> None:
                 few = paths[: args.anchor_n]
                 r["anchor_ips"] = round(len(few) / run_anchor(*anchor, few, 3, 13), 3)
                 r |= service_round(port, uploads, args.single_n, query)
+                r |= encoder_round(encoders, pixels)
                 r["start_onnx"] = cli_start(paths[0], "auto")
                 r["start_torch"] = cli_start(paths[0], "torch")
                 r["load1_end"] = load1()
                 r["anchor_ratio"] = round(r["cli_ips"] / r["anchor_ips"], 2)
                 r["service8_vs_cli"] = round(r["c8_ips"] / r["cli_ips"], 2)
                 r["service8_vs_1"] = round(r["c8_ips"] / r["c1_ips"], 2)
+                r["onnx_encoder_speedup"] = round(r["encoder_ms_torch"] / r["encoder_ms_onnx"], 2)
                 result["rounds"].append(r)
                 log({"round": k + 1, **r})
         finally:
@@ -162,14 +185,14 @@ def main() -> None:
     rounds = result["rounds"]
     result["medians"] = {key: med([r[key] for r in rounds]) for key in
                          ("anchor_ratio", "service8_vs_cli", "service8_vs_1", "c1_p50_ms", "cli_ips", "anchor_ips",
-                          "c1_ips", "c8_ips")}
+                          "c1_ips", "c8_ips", "onnx_encoder_speedup", "encoder_ms_torch", "encoder_ms_onnx")}
     for rt in ("onnx", "torch"):
         for key in ("wall_s", "import_torch", "import_captioner", "load", "first_caption"):
             result["medians"][f"start_{rt}_{key}"] = med([r[f"start_{rt}"][key] for r in rounds])
     result["rounds_seconds"] = round(time.perf_counter() - started, 1)
     if args.dev >= 0:
         result["dev"] = dev_quality(data, args.dev)
-    result["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    result["uptime_end"] = uptime()
     result["total_seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result, indent=1))
 

@@ -115,7 +115,7 @@ class Captioner:
         self.defaults: dict[str, Any] = {"beam_size": 3, "max_length": 30, "length_alpha": 0.0, "block_repeats": True,
                                          "guidance": "concepts", "concept_threshold": 0.1, "concept_weight": 16.0}
         self.defaults.update(config.get("inference", {}))
-        # visual concepts need the encoder's ImageNet head (EfficientNet-Lite, head stage), in torch or in the ONNX graph
+        # visual concepts need the encoder's ImageNet head (EfficientNet-Lite, head stage), in torch or ONNX
         concepts = isinstance(encoder, ConceptEncoder) or getattr(encoder, "concepts", False)
         self.concept_map: ConceptMap | None = ConceptMap.load(vocab.itos) if concepts else None
         self.concept_head: ImageNetHead | None = encoder.head if isinstance(encoder, ConceptEncoder) else None

@@ -47,7 +47,8 @@ def build_onnx(folder: str | os.PathLike) -> dict:
     """
     folder = checkpoint.resolve(folder)
     if importlib.util.find_spec("onnx") is None:
-        raise checkpoint.CheckpointError("building encoder.onnx needs the onnx package: pip install 'captioner[export-onnx]'")
+        raise checkpoint.CheckpointError("building encoder.onnx needs the onnx package: "
+                                         "pip install 'captioner[export-onnx]'")
     cap = Captioner.load(folder, device="cpu", fast=False, runtime=TORCH)
     encoder = copy.deepcopy(cap.encoder).eval()
     fold_batchnorm(encoder)
