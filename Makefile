@@ -10,7 +10,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 export HOST PORT
 
-.PHONY: install test serve docker-smoke lint clean
+.PHONY: install test serve docker-smoke lint clean onnx
 
 install: $(STAMP)
 
@@ -50,6 +50,12 @@ SMOKE_JPEG := $(VENV)/smoke-chelsea.jpg
 docker-smoke: install
 	$(BIN)/python -c "import sys; from PIL import Image; from skimage import data; Image.fromarray(data.chelsea()).save(sys.argv[1])" $(SMOKE_JPEG)
 	tools/container_smoke.sh . $(SMOKE_JPEG)
+
+# (Re)builds the shipped model's encoder.onnx for ONNX Runtime from its checkpoint, recipe in its
+# config.json (captioner/onnx_export.py); any other folder: make onnx MODEL_DIR=models/NAME.
+MODEL_DIR ?= models/flickr8k-lite2
+onnx: install
+	$(BIN)/python -m captioner.onnx_export $(MODEL_DIR)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

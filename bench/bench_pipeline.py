@@ -116,7 +116,7 @@ def main() -> None:
 
     n = len(photos)
     summary = lambda t: {
-        "images_per_s": round(n / sum(t.values()), 2),  # noqa: E731
+        "images_per_s": round(n / sum(t.values()), 2),
         **{f"{s}_ms_per_image": round(v * 1e3 / n, 1) for s, v in t.items()},
     }
     same = sum(" ".join(cap.vocab.itos[i] for i in c) == b.text for c, b in zip(classic, batched))

@@ -38,7 +38,7 @@ from captioner import checkpoint, perf
 from captioner.encoder import Encoder
 out["import_captioner_api"] = time.perf_counter() - t; t = time.perf_counter()
 prof = cProfile.Profile(); prof.enable()
-cap = Captioner.load(device="cpu")
+cap = Captioner.load(device="cpu", runtime="torch")  # the torch path these stages take apart (bench_issue19.py: both)
 prof.disable()
 out["load"] = time.perf_counter() - t; t = time.perf_counter()
 cap.caption(sys.argv[1])

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
+from . import runtime as runtimes
 from .concepts import Concept, ConceptEncoder, ConceptMap, ImageNetHead, show_placed
 from .decoder import AttentionDecoder, DecoderConfig
 from .encoder import Encoder, EncoderConfig
@@ -101,10 +102,9 @@ class Captioner:
             "concept_lift": 2.0,
         }
         self.defaults.update(config.get("inference", {}))
-        # visual concepts need the encoder's ImageNet head (EfficientNet-Lite, head stage)
-        self.concept_map: ConceptMap | None = (
-            ConceptMap.load(vocab.itos) if isinstance(encoder, ConceptEncoder) else None
-        )
+        # visual concepts need the encoder's ImageNet head (EfficientNet-Lite, head stage), in torch or ONNX
+        concepts = isinstance(encoder, ConceptEncoder) or getattr(encoder, "concepts", False)
+        self.concept_map: ConceptMap | None = ConceptMap.load(vocab.itos) if concepts else None
         self.concept_head: ImageNetHead | None = encoder.head if isinstance(encoder, ConceptEncoder) else None
         self.optimizations: list[str] = []  # CPU speed-ups applied by captioner.perf.optimize
 
@@ -120,6 +120,7 @@ class Captioner:
         path: str | os.PathLike | None = None,
         device: str | torch.device | None = None,
         fast: bool | None = None,
+        runtime: str | None = None,
     ) -> Captioner:
         """Load a checkpoint folder (safetensors + JSON; never unpickles). ``device`` defaults to CUDA if present.
 
@@ -127,6 +128,11 @@ class Captioner:
         measured in BENCHMARKS.md: batch norms folded into convolutions, channels-last encoder,
         encoder run two images at a time, int8 decoder weights. Use ``fast=False`` for the model
         exactly as trained (e.g. to save or fine-tune its weights).
+
+        ``runtime`` (default ``$CAPTIONER_RUNTIME``, else ``auto``): on the fast CPU path ``auto`` runs the
+        encoder with ONNX Runtime when it is installed and the folder has a fresh ``encoder.onnx``
+        (:mod:`captioner.runtime`), else torch; ``torch`` always torch; ``onnx`` raises if it cannot.
+        :attr:`runtime` names what runs.
         """
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -142,11 +148,21 @@ class Captioner:
             raise checkpoint.CheckpointError(
                 f"{folder} has an invalid config.json or vocab.json ({type(exc).__name__}: {exc})"
             ) from exc
-        weights = checkpoint.read_weights(folder)
         if dec_cfg.vocab_size != len(vocab):
             raise checkpoint.CheckpointError(
                 f"vocabulary has {len(vocab)} words but the decoder expects {dec_cfg.vocab_size}"
             )
+        if fast is None:
+            fast = parse_flag(os.environ.get("CAPTIONER_FAST", "1"), "CAPTIONER_FAST")
+        from .perf import optimize
+
+        device = torch.device(device)
+        exported = runtimes.open_encoder(folder, config, device, fast, runtime)
+        weights = checkpoint.read_weights(folder, prefix="" if exported is None else "decoder.")
+        if exported is not None:  # the encoder runs in ONNX Runtime: no torch encoder to build, no encoder weights
+            decoder = AttentionDecoder(dec_cfg)
+            checkpoint.load_decoder(decoder, weights, config)
+            return optimize(cls(exported, decoder, vocab, config, device), int8_decoder=True)
         encoder = Encoder(enc_cfg, pretrained=True)
         n_top = int(config.get("finetune_blocks") or 0)
         # the ImageNet head runs the packaged last blocks on the shared trunk (built before fine-tuned weights load)
@@ -156,13 +172,14 @@ class Captioner:
         checkpoint.load_decoder(decoder, weights, config)
         checkpoint.load_encoder(encoder, weights, n_top)  # fine-tuned blocks override the packaged ImageNet weights
         cap = cls(ConceptEncoder(encoder, head, n_top) if head is not None else encoder, decoder, vocab, config, device)
-        if fast is None:
-            fast = parse_flag(os.environ.get("CAPTIONER_FAST", "1"), "CAPTIONER_FAST")
         if fast and cap.device.type == "cpu":
-            from .perf import optimize
-
             optimize(cap, fold_bn=True, channels_last=True, encode_chunk=2, int8_decoder=True)
         return cap
+
+    @property
+    def runtime(self) -> str:
+        """What runs the encoder: ``torch``, or ``onnxruntime-fp32`` for the exported graph (captioner.runtime)."""
+        return str(getattr(self.encoder, "runtime", runtimes.TORCH))
 
     @property
     def name(self) -> str:

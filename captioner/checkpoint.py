@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 if TYPE_CHECKING:
@@ -80,11 +80,15 @@ def read_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def read_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Weights as float32 tensors on ``device`` (fp16-stored checkpoints are upcast)."""
+def read_weights(
+    path: str | os.PathLike, device: str | torch.device = "cpu", prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """Weights (only those whose names start with ``prefix``) as float32 tensors on ``device`` (fp16 is upcast)."""
     folder = resolve(path)
     try:
-        tensors = load_file(str(folder / WEIGHTS), device=str(device))
+        with safe_open(str(folder / WEIGHTS), framework="pt", device=str(device)) as fh:
+            names = [k for k in fh.keys() if k.startswith(prefix)]  # noqa: SIM118 (a safetensors file, not a dict)
+            tensors = {k: fh.get_tensor(k) for k in names}
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read {folder / WEIGHTS}: {exc}") from exc
     return {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}

@@ -168,13 +168,13 @@ def _as_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return linear
 
 
-def quantize_decoder(decoder: nn.Module) -> nn.Module:
-    """A copy of the decoder whose Linear/LSTMCell layers use int8 weights (CPU only).
+def quantize_decoder(decoder: nn.Module, inplace: bool = False) -> nn.Module:
+    """A copy of the decoder (``inplace``: the decoder itself) whose Linear/LSTMCell layers use int8 weights (CPU only).
 
     Batch-invariant (see :class:`Int8Linear`): captions do not depend on batch composition.
     Embeddings, attention softmax and gates stay float32.
     """
-    quantized = copy.deepcopy(decoder)
+    quantized = decoder if inplace else copy.deepcopy(decoder)
     for module in list(quantized.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
@@ -210,7 +210,7 @@ def optimize(
     if int8_decoder:
         if cap.device.type != "cpu":
             raise ValueError("int8 dynamic quantisation runs on the CPU only")
-        cap.decoder = quantize_decoder(cap.decoder).eval()
+        cap.decoder = quantize_decoder(cap.decoder, inplace=True).eval()  # the float layers are not kept
         applied.append("int8_decoder")
     cap.optimizations = applied
     return cap

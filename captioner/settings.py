@@ -24,6 +24,9 @@ MAX_LENGTH_LIMIT = 60
 #: and ``concept_lift`` times its words' class share, and the caption is kept when it scores at most
 #: ``concept_weight`` x (summed p) below the plain one; defaults chosen on dev data); ``none`` is the plain model.
 GUIDANCE = ("concepts", "none")
+#: What runs the encoder on the CPU fast path (``Captioner.load(runtime=...)``, ``CAPTIONER_RUNTIME``):
+#: ``auto`` (ONNX Runtime when installed and the model has a matching ``encoder.onnx``), ``torch`` or ``onnx``.
+RUNTIMES = ("auto", "torch", "onnx")
 #: Encoder choices of ``captioner train`` (``captioner.encoder`` builds them): backbones and the layer attended over.
 BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "resnet50", "resnet101")
 STAGES = ("head", "stride16")

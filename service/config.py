@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from captioner.images import DEFAULT_MAX_PIXELS
-from captioner.settings import MAX_BEAM_SIZE, default_model_path, parse_flag
+from captioner.settings import MAX_BEAM_SIZE, RUNTIMES, default_model_path, parse_flag
 
 from .logs import parse_log_format
 
@@ -40,6 +40,7 @@ class Settings:
     load_in_background: bool
     warmup: bool
     fast: bool  # CPU speed-ups of captioner.perf (Captioner.load's ``fast``)
+    runtime: str  # what runs the encoder on that fast path: auto | torch | onnx (Captioner.load's ``runtime``)
     decode_slots: int  # 0: from the CPU quota (cgroup), see decode_workers
     decode_timeout_s: float
     decode_memory_mb: int
@@ -122,6 +123,14 @@ ENV_VARS: dict[str, tuple[str, str, str, str]] = {
         "1",
         "On CPU: fold batch norms, channels-last encoder in chunks of 2, int8 decoder (BENCHMARKS.md; dev scores "
         "within noise). 0 serves the fp32 model exactly as trained.",
+    ),
+    "CAPTIONER_RUNTIME": (
+        "runtime",
+        "str",
+        "auto",
+        "What runs the encoder on the CPU fast path: `auto` (ONNX Runtime when the `[onnx]` extra is installed and "
+        "the model folder has an `encoder.onnx` built from its weights, else torch), `torch`, or `onnx` (fail to "
+        "load without it). `/readyz` names it (`model.runtime`).",
     ),
     "CAPTIONER_DECODE_SLOTS": (
         "decode_slots",
@@ -266,6 +275,7 @@ def _check(s: Settings) -> None:
     need(1 <= s.default_beam_size <= MAX_BEAM_SIZE, f"CAPTIONER_BEAM_SIZE must be between 1 and {MAX_BEAM_SIZE}")
     need(16 <= s.overlay_max_side <= 4096, "CAPTIONER_OVERLAY_MAX_SIDE must be between 16 and 4096")
     need(s.torch_threads >= 0, "CAPTIONER_TORCH_THREADS must be >= 0")
+    need(s.runtime in RUNTIMES, f"CAPTIONER_RUNTIME must be one of {', '.join(RUNTIMES)}")
     need(0 <= s.decode_slots <= 64, "CAPTIONER_DECODE_SLOTS must be between 0 and 64")
     need(0 < s.decode_timeout_s <= 600, "CAPTIONER_DECODE_TIMEOUT_S must be > 0 and <= 600")
     need(64 <= s.decode_memory_mb <= 65536, "CAPTIONER_DECODE_MEMORY_MB must be between 64 and 65536")

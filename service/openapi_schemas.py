@@ -120,6 +120,11 @@ def _model() -> dict[str, Any]:
                 "items": {"type": "string"},
                 "description": "CPU speed-ups applied to the loaded model (/readyz only; see CAPTIONER_FAST).",
             },
+            "runtime": {
+                "type": "string",
+                "enum": ["torch", "onnxruntime-fp32"],
+                "description": "What runs the encoder (/readyz only; see CAPTIONER_RUNTIME).",
+            },
         },
     }
 

@@ -30,6 +30,7 @@ def readyz() -> Response:
             "name": cap.name,
             "version": cap.version,
             "optimizations": list(getattr(cap, "optimizations", [])),
+            "runtime": getattr(cap, "runtime", "torch"),
         }
         return jsonify(body)
     message = {"failed": public_message(state.error or ""), "stopped": "the service is shutting down"}.get(

@@ -65,7 +65,7 @@ class ServiceState:
             if self.captioner is None:
                 started = time.perf_counter()
                 log.info("loading model %s", s.model_path)
-                self.captioner = Captioner.load(s.model_path, device=s.device, fast=s.fast)
+                self.captioner = Captioner.load(s.model_path, device=s.device, fast=s.fast, runtime=s.runtime)
                 log.info(
                     "loaded %s %s on %s in %.1f s",
                     self.captioner.name,

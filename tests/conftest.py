@@ -128,10 +128,10 @@ def load_once(monkeypatch: pytest.MonkeyPatch) -> None:
 
     real = Captioner.load.__func__
 
-    def load(cls, path=None, device=None, fast=None):
-        key = (str(path), str(device), fast)
+    def load(cls, path=None, device=None, fast=None, runtime=None):
+        key = (str(path), str(device), fast, runtime)
         if key not in _LOADED_CAPTIONERS:
-            _LOADED_CAPTIONERS[key] = real(cls, path, device, fast)
+            _LOADED_CAPTIONERS[key] = real(cls, path, device, fast, runtime)
         return _LOADED_CAPTIONERS[key]
 
     monkeypatch.setattr(Captioner, "load", classmethod(load))

@@ -526,7 +526,10 @@ def test_healthz_and_readyz(client, spec):
     assert r.status_code == 200
     validate(r.get_json(), response_schema(spec, "/readyz", "get", 200), spec)
     fast = ["fold_bn", "channels_last", "encode_chunk2", "int8_decoder"]
-    assert r.get_json() == {"status": "ready", "model": {"name": "tiny-test", "version": "0.0", "optimizations": fast}}
+    assert r.get_json() == {
+        "status": "ready",
+        "model": {"name": "tiny-test", "version": "0.0", "optimizations": fast, "runtime": "torch"},
+    }
 
 
 @pytest.mark.parametrize("fast", ["1", "0"])

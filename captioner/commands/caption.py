@@ -226,7 +226,8 @@ def _run(args: argparse.Namespace, fmt: str, ddp: Distributed) -> int:
         before = f" ({plan['failed_before']} in an earlier run)" if plan["failed_before"] else ""
         print(
             f"{PROG}: {done} captioned, {plan['skipped']} skipped, {failed + plan['failed_before']} failed{before}"
-            f" in {elapsed:.1f} s ({rate:.2f} images/s)" + (f" -> {args.output}" if args.output else ""),
+            f" in {elapsed:.1f} s ({rate:.2f} images/s, encoder: {cap.runtime})"
+            + (f" -> {args.output}" if args.output else ""),
             file=sys.stderr,
         )
     return 1 if failed or plan["failed_before"] else 0

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from ..settings import default_cache_dir, default_model_path
 
     ckpt = checkpoint.resolve(args.checkpoint or default_model_path())
-    cap = Captioner.load(ckpt, device=args.device, fast=False if args.exact else None)
+    cap = Captioner.load(ckpt, device=args.device, fast=False if args.exact else None, runtime="torch")  # torch heads
     records = load_records(args.dataset, args.data_dir, args.split, args.limit, args.annotations)
     if not records:
         raise DatasetError(f"no images with captions in split {args.split!r} of {args.data_dir}")

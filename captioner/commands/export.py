@@ -32,6 +32,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     x.add_argument("--name", help="model name to store (default: the checkpoint's)")
     x.add_argument("--model-version", help="model version to store (default: the checkpoint's)")
+    x.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also build encoder.onnx, the encoder for ONNX Runtime (captioner[onnx]), with its recipe",
+    )
     x.set_defaults(func=run)
 
 
@@ -47,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
         name=args.name,
         version=args.model_version,
     )
+    if args.onnx:
+        from ..onnx_export import build_onnx
+
+        build_onnx(out)
     size = (out / checkpoint.WEIGHTS).stat().st_size / 1e6
     inference = checkpoint.read_config(out)["inference"]
     print(json.dumps({"output": str(out), "weights_mb": round(size, 1), "inference": inference}))

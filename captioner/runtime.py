@@ -1,0 +1,152 @@
+"""Encoder runtimes: the checkpoint's encoder exported to ONNX and run by ONNX Runtime, torch as the fallback.
+
+    python -m captioner.onnx_export models/flickr8k-lite2   # writes encoder.onnx + its recipe in config.json
+    Captioner.load("models/flickr8k-lite2")      # runs it when onnxruntime is installed and the file is fresh
+
+The exported graph is exactly the encoder ``Captioner`` runs on the CPU: the trunk, the caption
+encoder's last blocks and head, and (EfficientNet-Lite) the ImageNet concept head on the shared
+trunk, with batch norms folded; images (B, 3, S, S) -> annotations (B, L, D) [, class_probs (B, 1000)].
+Its recipe, under ``"encoder_onnx"`` in config.json::
+
+    file            "encoder.onnx", next to model.safetensors
+    precision       "fp32"
+    outputs         ["annotations", "class_probs"] (or just ["annotations"] without a concept head)
+    weights_sha256  sha256 of the model.safetensors it was built from
+    onnx_sha256     sha256 of the ONNX file itself
+    encoder         the encoder config and finetune_blocks it was built for
+    opset, built_with   ONNX opset and the versions of captioner, torch and the packaged ImageNet weights
+
+A file whose recipe does not match the folder (other weights, another encoder, edited bytes) is
+*stale*: ``Captioner.load`` then runs torch and warns. ``$CAPTIONER_RUNTIME`` (``auto``, ``torch``,
+``onnx``) or ``Captioner.load(runtime=...)`` picks the runtime; ``auto`` takes ONNX Runtime for the
+fast CPU path whenever it can. Static graphs have no batch-dependent state, so an image's grid is
+bit-identical alone and in a batch (tests/test_runtime.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .encoder import EncoderConfig
+from .settings import RUNTIMES
+
+ONNX_FILE = "encoder.onnx"
+RECIPE_KEY = "encoder_onnx"
+OPSET = 17
+TORCH = "torch"
+
+
+class RuntimeUnavailable(checkpoint.CheckpointError):
+    """An unknown runtime name, or ``onnx`` asked for where it cannot run (no onnxruntime, no or stale encoder.onnx)."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def requested_runtime(runtime: str | None = None) -> str:
+    """``runtime``, else ``$CAPTIONER_RUNTIME``, else ``auto``; RuntimeUnavailable for an unknown name."""
+    value = (runtime if runtime is not None else os.environ.get("CAPTIONER_RUNTIME", "auto")).strip().lower() or "auto"
+    if value not in RUNTIMES:
+        raise RuntimeUnavailable(f"the runtime (CAPTIONER_RUNTIME) must be one of {', '.join(RUNTIMES)}, got {value!r}")
+    return value
+
+
+def onnxruntime_installed() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def expected_encoder(config: dict) -> dict:
+    """The part of a checkpoint's config that the exported graph depends on (besides the weights)."""
+    return {"config": config["encoder"], "finetune_blocks": int(config.get("finetune_blocks") or 0)}
+
+
+def stale_reason(folder: Path, config: dict) -> str | None:
+    """Why ``folder``'s encoder.onnx cannot stand for its weights (None: it is fresh). Hashes model.safetensors."""
+    recipe = config.get(RECIPE_KEY)
+    if not recipe:
+        return f"{folder} has no {ONNX_FILE} recipe in {checkpoint.CONFIG}"
+    if not (folder / recipe.get("file", ONNX_FILE)).is_file():
+        return f"{folder / recipe.get('file', ONNX_FILE)} is missing"
+    if recipe.get("encoder") != expected_encoder(config):
+        return f"{ONNX_FILE} was built for another encoder configuration"
+    if recipe.get("weights_sha256") != file_sha256(folder / checkpoint.WEIGHTS):
+        return f"{ONNX_FILE} was built from other weights than {checkpoint.WEIGHTS}"
+    return None
+
+
+class OnnxEncoder(nn.Module):
+    """The exported encoder in an ONNX Runtime session: images (B, 3, S, S) -> annotations (B, L, D)
+    and, with a concept head, class probabilities (B, 1000), as torch tensors on the CPU."""
+
+    def __init__(self, session: Any, config: EncoderConfig, precision: str, concepts: bool) -> None:
+        super().__init__()
+        self.session, self.config, self.concepts = session, config, concepts
+        self.runtime = f"onnxruntime-{precision}"
+
+    @classmethod
+    def open(cls, folder: Path, config: dict, threads: int | None = None) -> OnnxEncoder:
+        """A session on ``folder``'s encoder.onnx with ``threads`` intra-op threads (default: torch's count)."""
+        import onnxruntime as ort
+
+        recipe = config[RECIPE_KEY]
+        model = (folder / recipe["file"]).read_bytes()
+        if hashlib.sha256(model).hexdigest() != recipe["onnx_sha256"]:
+            raise RuntimeUnavailable(f"{folder / recipe['file']} does not match its recipe (onnx_sha256)")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        return cls(session, EncoderConfig(**config["encoder"]), recipe["precision"], len(recipe["outputs"]) == 2)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, S, S) -> annotations (B, L, D) [, class probabilities (B, 1000)]."""
+        pixels = images.detach().to("cpu", torch.float32).contiguous().numpy()  # (B, 3, S, S)
+        outs = [torch.from_numpy(o) for o in self.session.run(None, {"images": pixels})]
+        return (outs[0], outs[1]) if self.concepts else outs[0]
+
+
+def open_encoder(
+    folder: Path, config: dict, device: torch.device, fast: bool, runtime: str | None = None
+) -> OnnxEncoder | None:
+    """The ONNX encoder when it should run for this load, else None (torch).
+
+    Only the fast CPU path uses ONNX (``fast=False`` is the model exactly as trained). ``auto`` falls
+    back to torch, with a warning when the folder has an encoder.onnx that cannot be used;
+    ``onnx`` raises RuntimeUnavailable instead.
+    """
+    wanted = requested_runtime(runtime)
+    if wanted == TORCH:
+        return None
+    if device.type != "cpu" or not fast:
+        problem = "ONNX Runtime runs the fast CPU path only (device cpu, fast on)"
+    elif not onnxruntime_installed():
+        problem = "onnxruntime is not installed (pip install 'captioner[onnx]')"
+    else:
+        problem = stale_reason(folder, config)
+    if problem is None:
+        try:
+            return OnnxEncoder.open(folder, config)
+        except RuntimeUnavailable as exc:
+            problem = str(exc)
+    if wanted == "onnx":
+        raise RuntimeUnavailable(problem)
+    if RECIPE_KEY in config and device.type == "cpu" and fast and onnxruntime_installed():
+        warnings.warn(
+            f"{problem}; the encoder runs with torch (rebuild: make onnx, or captioner export --onnx)", stacklevel=3
+        )
+    return None

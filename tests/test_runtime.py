@@ -1,0 +1,170 @@
+"""The ONNX Runtime encoder (captioner.runtime, captioner.onnx_export): same captions as torch, batch
+invariance, fallback to torch when the file is missing or stale, and the runtime named to users."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioner import checkpoint, runtime
+from captioner.api import Captioner, default_model_path
+from captioner.commands.main import main as cli_main
+
+from conftest import build_tiny_checkpoint, make_image
+
+needs_ort = pytest.mark.skipif(
+    not runtime.onnxruntime_installed(), reason="onnxruntime is not installed (pip install 'captioner[onnx]')"
+)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint with its encoder.onnx built by ``captioner export --onnx``."""
+    src = build_tiny_checkpoint(tmp_path_factory.mktemp("src") / "tiny")
+    out = tmp_path_factory.mktemp("exported") / "tiny"
+    assert cli_main(["export", "--checkpoint", str(src), "--output", str(out), "--onnx"]) == 0
+    return out
+
+
+def copy_of(folder: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(folder, tmp_path / folder.name))
+
+
+@needs_ort
+def test_export_records_its_recipe_and_is_reproducible(exported: Path, tmp_path: Path) -> None:
+    from captioner.onnx_export import build_onnx
+
+    recipe = checkpoint.read_config(exported)[runtime.RECIPE_KEY]
+    assert recipe["weights_sha256"] == runtime.file_sha256(exported / checkpoint.WEIGHTS)
+    assert recipe["onnx_sha256"] == runtime.file_sha256(exported / runtime.ONNX_FILE)
+    assert recipe["outputs"] == ["annotations", "class_probs"] and recipe["opset"] == runtime.OPSET
+    assert recipe["precision"] == "fp32" and "torch" in recipe["built_with"]
+    again = build_onnx(copy_of(exported, tmp_path))  # same checkpoint, same versions -> the same bytes
+    assert again["onnx_sha256"] == recipe["onnx_sha256"]
+
+
+@needs_ort
+def test_onnx_encoder_matches_torch(exported: Path) -> None:
+    onnx = Captioner.load(exported, device="cpu")  # auto: the fresh encoder.onnx is used
+    torch_cap = Captioner.load(exported, device="cpu", runtime="torch")
+    assert onnx.runtime == "onnxruntime-fp32" and torch_cap.runtime == "torch"
+    assert onnx.optimizations == ["int8_decoder"]
+    images = torch.stack([onnx.preprocess(make_image(i))[0] for i in range(4)])  # (4, 3, S, S)
+    (grid_o, concepts_o), (grid_t, concepts_t) = onnx.see(images), torch_cap.see(images)
+    torch.testing.assert_close(grid_o, grid_t, atol=2e-4, rtol=1e-3)
+    assert [[c.word for c in cs] for cs in concepts_o] == [[c.word for c in cs] for cs in concepts_t]
+    caps_o = onnx.caption([make_image(i) for i in range(4)])
+    caps_t = torch_cap.caption([make_image(i) for i in range(4)])
+    assert [c.text for c in caps_o] == [c.text for c in caps_t]
+
+
+@needs_ort
+def test_shipped_model_onnx_captions_match_torch() -> None:
+    from skimage import data
+
+    folder = default_model_path()
+    if not (folder / runtime.ONNX_FILE).is_file():
+        pytest.skip(f"{folder} has no {runtime.ONNX_FILE} (make onnx)")
+    onnx = Captioner.load(folder, device="cpu", runtime="onnx")
+    torch_cap = Captioner.load(folder, device="cpu", runtime="torch")
+    photos = [
+        Image.fromarray(data.astronaut()),
+        Image.fromarray(data.chelsea()),
+        Image.fromarray(data.coffee()),
+        Image.fromarray(data.rocket()),
+    ]
+    caps_o, caps_t = onnx.caption(photos), torch_cap.caption(photos)
+    assert [c.text for c in caps_o] == [c.text for c in caps_t]
+    for a, b in zip(caps_o, caps_t):
+        np.testing.assert_allclose(a.attention, b.attention, atol=1e-3)
+        assert [c.word for c in a.concepts] == [c.word for c in b.concepts]
+
+
+@needs_ort
+def test_onnx_path_is_batch_invariant(exported: Path) -> None:
+    """An image's grid, caption and attention never depend on its batch-mates."""
+    cap = Captioner.load(exported, device="cpu", runtime="onnx")
+    images = [make_image(i) for i in range(6)]
+    pixels = torch.stack([cap.preprocess(x)[0] for x in images])  # (6, 3, S, S)
+    together = cap.encode(pixels)  # (6, L, D)
+    for i in (0, 3, 5):
+        assert torch.equal(cap.encode(pixels[i : i + 1])[0], together[i])  # bit-identical
+    captions = cap.caption(images, beam_size=3)
+    for i in (0, 4):
+        alone = cap.caption(images[i], beam_size=3)
+        assert alone.text == captions[i].text
+        assert alone.logprobs == pytest.approx(captions[i].logprobs, abs=1e-5)
+        np.testing.assert_allclose(alone.attention, captions[i].attention, atol=1e-5)
+
+
+@needs_ort
+def test_missing_or_stale_file_falls_back_to_torch(exported: Path, tmp_path: Path) -> None:
+    missing = copy_of(exported, tmp_path / "missing")
+    (missing / runtime.ONNX_FILE).unlink()
+    with pytest.warns(UserWarning, match="missing"):
+        assert Captioner.load(missing, device="cpu").runtime == "torch"
+    with pytest.raises(runtime.RuntimeUnavailable, match="missing"):
+        Captioner.load(missing, device="cpu", runtime="onnx")
+
+    stale = copy_of(exported, tmp_path / "stale")  # retrained weights, the old encoder.onnx left behind
+    weights = checkpoint.read_weights(stale)
+    weights["decoder.init_h.bias"] = weights["decoder.init_h.bias"] + 1.0
+    with (stale / checkpoint.WEIGHTS).open("wb") as fh:
+        from safetensors.torch import save
+
+        fh.write(save(weights))
+    with pytest.warns(UserWarning, match="other weights"):
+        assert Captioner.load(stale, device="cpu").runtime == "torch"
+
+    edited = copy_of(exported, tmp_path / "edited")  # bytes that are not what the recipe built
+    with (edited / runtime.ONNX_FILE).open("ab") as fh:
+        fh.write(b"\0")
+    with pytest.warns(UserWarning, match="onnx_sha256"):
+        assert Captioner.load(edited, device="cpu").runtime == "torch"
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a plain checkpoint without the file: torch, silently
+        assert Captioner.load(build_tiny_checkpoint(tmp_path / "plain"), device="cpu").runtime == "torch"
+    assert Captioner.load(exported, device="cpu", fast=False).runtime == "torch"  # the exact model stays torch
+
+
+def test_without_onnxruntime_torch_runs(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "onnxruntime_installed", lambda: False)
+    assert Captioner.load(tiny_checkpoint, device="cpu").runtime == "torch"
+    with pytest.raises(runtime.RuntimeUnavailable, match="not installed"):
+        Captioner.load(tiny_checkpoint, device="cpu", runtime="onnx")
+
+
+def test_unknown_runtime_is_a_clear_cli_error(
+    tiny_checkpoint: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = tmp_path / "a.png"
+    make_image(0).save(image)
+    monkeypatch.setenv("CAPTIONER_RUNTIME", "tensorrt")
+    assert cli_main(["caption", "--checkpoint", str(tiny_checkpoint), str(image)]) == 2
+    assert "CAPTIONER_RUNTIME" in capsys.readouterr().err
+
+
+@needs_ort
+def test_runtime_named_in_summary_line_and_readyz(exported: Path, tmp_path: Path, capsys) -> None:
+    from test_service import close, make_app
+
+    image = tmp_path / "a.png"
+    make_image(1).save(image)
+    out = tmp_path / "out.jsonl"
+    assert cli_main(["caption", "--checkpoint", str(exported), "--workers", "0", "-o", str(out), str(image)]) == 0
+    assert "encoder: onnxruntime-fp32" in capsys.readouterr().err
+    assert json.loads(out.read_text())["caption"]
+    app = make_app(exported, CAPTIONER_WARMUP=False)
+    try:
+        model = app.test_client().get("/readyz").get_json()["model"]
+        assert model["runtime"] == "onnxruntime-fp32" and model["optimizations"] == ["int8_decoder"]
+    finally:
+        close(app)
