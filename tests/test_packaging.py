@@ -54,9 +54,10 @@ def test_extras_split_and_the_requirements_files_agree():
     assert {"flask", "gunicorn", "prometheus-client"} <= extras["service"]
     assert set(EXTRAS_ONLY) <= extras["train"]
     assert {"pytest", "kubernetes-validate"} <= extras["dev"] and "captioner" in extras["dev"]
-    # requirements.txt pins exactly the service image's packages: core + [service]; then [train]; then [dev]
-    assert _requirements(REPO / "requirements.txt") == core | extras["service"]
-    assert _requirements(REPO / "requirements-train.txt") == core | extras["service"] | extras["train"]
+    # requirements.txt pins exactly the service image's packages: core + [service] + [onnx] (the image runs the
+    # encoder in ONNX Runtime); then [train]; then [dev]
+    assert _requirements(REPO / "requirements.txt") == core | extras["service"] | extras["onnx"]
+    assert _requirements(REPO / "requirements-train.txt") == core | extras["service"] | extras["onnx"] | extras["train"]
     assert _requirements(REPO / "requirements-test.txt") == core | set().union(*extras.values()) - {"captioner"}
 
 
