@@ -1,7 +1,6 @@
 """CPU speed levers for inference, each measured against the unchanged model.
 
-    .venv/bin/python bench/bench_levers.py [--checkpoint DIR] [--images FOLDER] [--n 48] \
-        [--only threads,draft,encoder,int8]
+    .venv/bin/python bench/bench_levers.py [--checkpoint DIR] [--images DIR] [--n N] [--only threads,draft,encoder,int8]
     .venv/bin/python bench/bench_levers.py --checkpoint runs/demo/best --n 4 --repeats 2   # smoke run
 
 Sections (all print one JSON line each, then one JSON summary):
