@@ -105,8 +105,8 @@ def anchor_preprocess(path: Path) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-    with Image.open(path) as img:
-        img = img.convert("RGB").resize((256, 256), Image.BILINEAR)
+    with Image.open(path) as src:
+        img = src.convert("RGB").resize((256, 256), Image.BILINEAR)
     arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)  # (256, 256, 3)
     arr = (arr - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     return arr.permute(2, 0, 1).unsqueeze(0).contiguous()  # (1, 3, 256, 256)

@@ -14,6 +14,7 @@ once before and once after the pipeline and the faster pass is used.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -83,10 +84,8 @@ def main() -> None:
     # the bare encoder's input: the same images, already decoded and preprocessed, same batch size
     tensors = []
     for path in paths:
-        try:
+        with contextlib.suppress(ImageError):
             tensors.append(cap.preprocess(path)[0])  # (3, S, S)
-        except ImageError:
-            pass
     batches = [torch.stack(tensors[i : i + bs]) for i in range(0, len(tensors), bs)]  # (b, 3, S, S)
     if not batches:
         sys.exit("no image could be decoded")

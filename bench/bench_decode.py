@@ -134,7 +134,7 @@ def measure(name: str, data: bytes, limits: bool) -> dict:
                 draft_size=side if "overlay" in name else 260,
                 thumbnail_side=side if "overlay" in name else 0,
             )
-            result = "decoded %dx%d" % out.original_size
+            result = "decoded {}x{}".format(*out.original_size)
         except ImageError as exc:
             result = f"{exc.code}: {exc}"[:90]
         seconds = time.perf_counter() - t0

@@ -1,6 +1,6 @@
 """CPU speed levers for inference, each measured against the unchanged model.
 
-    .venv/bin/python bench/bench_levers.py [--checkpoint DIR] [--images FOLDER] [--n 48] [--only threads,draft,encoder,int8]
+    .venv/bin/python bench/bench_levers.py [--checkpoint DIR] [--images DIR] [--n N] [--only threads,draft,encoder,int8]
     .venv/bin/python bench/bench_levers.py --checkpoint runs/demo/best --n 4 --repeats 2   # smoke run
 
 Sections (all print one JSON line each, then one JSON summary):
@@ -9,8 +9,8 @@ Sections (all print one JSON line each, then one JSON summary):
   torch threads.
 * ``draft``: whether JPEG draft-mode decoding (``load_image(..., draft_size=S)``) triggers, by
   input size, and decode + preprocess time with and without it (plus the tensor difference).
-* ``encoder``: encoder forward time per image at batch 1, 2, 4, 8 and 16 for the baseline, BatchNorm folded into the convs
-  (``captioner.perf.fold_batchnorm``), channels-last, both, a TorchScript
+* ``encoder``: encoder forward time per image at batch 1, 2, 4, 8 and 16 for the baseline, BatchNorm folded
+  into the convs (``captioner.perf.fold_batchnorm``), channels-last, both, a TorchScript
   ``optimize_for_inference`` trace, and ``torch.compile`` (only with ``--compile``: it takes
   minutes to compile on 2 cores). Each with its largest absolute output difference from the baseline.
 * ``int8``: the decoder with dynamic int8 Linear/LSTMCell weights (``captioner.perf.quantize_decoder``):
@@ -18,7 +18,8 @@ Sections (all print one JSON line each, then one JSON summary):
 * ``int8_quality`` (only when asked, with ``--data-dir``): BLEU-4 / CIDEr-D / ROUGE-L of the fp32 and
   int8 decoders on a Flickr8k split (beam 3), decoded from that split's existing feature cache.
 
-Times are milliseconds over ``--repeats`` runs after one warm-up, the variants of a comparison\ninterleaved round-robin; ``min`` (best of N) is robust to other load on a shared machine, ``median`` is shown too.
+Times are milliseconds over ``--repeats`` runs after one warm-up, the variants of a comparison
+interleaved round-robin; ``min`` (best of N) is robust to other load on a shared machine, ``median`` is shown too.
 """
 
 from __future__ import annotations
@@ -99,8 +100,8 @@ def bench_draft(cap: Captioner, photos: list, repeats: int) -> dict:
         diff = (preprocess(drafted, size, norm) - preprocess(full, size, norm)).abs().max().item()
         times = race(
             {
-                "with_draft": lambda: preprocess(load_image(data, draft_size=size), size, norm),
-                "without_draft": lambda: preprocess(load_image(data), size, norm),
+                "with_draft": lambda data=data: preprocess(load_image(data, draft_size=size), size, norm),
+                "without_draft": lambda data=data: preprocess(load_image(data), size, norm),
             },
             repeats,
         )
@@ -152,7 +153,7 @@ def bench_encoder(cap: Captioner, x: torch.Tensor, repeats: int, try_compile: bo
         for name, enc in encoders.items():
             out[name] = {"max_abs_diff": round((enc(x) - ref).abs().max().item(), 5), "per_image_ms": {}}
         for b in (1, 2, 4, 8, 16):
-            times = race({name: (lambda enc=enc: enc(x[:b])) for name, enc in encoders.items()}, repeats)
+            times = race({name: (lambda enc=enc, b=b: enc(x[:b])) for name, enc in encoders.items()}, repeats)
             for name, t in times.items():
                 out[name]["per_image_ms"][f"b{b}"] = {k: round(v / b, 1) for k, v in t.items()}
     for name in encoders:

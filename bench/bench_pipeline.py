@@ -106,7 +106,8 @@ def main() -> None:
         batched += timed("dec", cap.decode, timed("enc", cap.encode, x), beam_size=k)
     t_batched = dict(clock)
 
-    # hybrid: the encoder one image at a time, the beam search batched (for CPUs, where a big encoder batch is slower per image)
+    # hybrid: the encoder one image at a time, the beam search batched
+    # (for CPUs, where a big encoder batch is slower per image)
     clock.update(pre=0.0, enc=0.0, dec=0.0)
     for i in range(0, len(photos), bs):
         xs = [timed("pre", cap.preprocess, img)[0] for img in photos[i : i + bs]]
@@ -115,10 +116,13 @@ def main() -> None:
     t_hybrid = dict(clock)
 
     n = len(photos)
-    summary = lambda t: {
-        "images_per_s": round(n / sum(t.values()), 2),
-        **{f"{s}_ms_per_image": round(v * 1e3 / n, 1) for s, v in t.items()},
-    }
+
+    def summary(t: dict[str, float]) -> dict[str, float]:
+        return {
+            "images_per_s": round(n / sum(t.values()), 2),
+            **{f"{s}_ms_per_image": round(v * 1e3 / n, 1) for s, v in t.items()},
+        }
+
     same = sum(" ".join(cap.vocab.itos[i] for i in c) == b.text for c, b in zip(classic, batched))
     print(
         json.dumps(

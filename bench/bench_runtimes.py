@@ -173,7 +173,7 @@ def build(
             if run is not None:
                 runs[name] = run
             info[name] = {"build_s": round(time.perf_counter() - t0, 1)}
-        except Exception as exc:  # a runtime that cannot take this model is a finding, not a crash
+        except Exception as exc:  # noqa: BLE001  a runtime that cannot take this model is a finding, not a crash
             info[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         print(f"built {name}: {info[name]}", file=sys.stderr, flush=True)
 

@@ -94,7 +94,7 @@ class SyntheticPairs(Dataset):
         for img in range(n_images):
             for n in g.choice(lengths, size=per_image, p=probs / probs.sum()):
                 words = g.integers(4, vocab_size, size=int(n) - 2).tolist()  # ids 0..3 are the specials
-                self.items.append((f"img{img}", [1] + words + [2]))  # <start> .. <end>
+                self.items.append((f"img{img}", [1, *words, 2]))  # <start> .. <end>
 
     def __len__(self) -> int:
         return len(self.items)
@@ -211,7 +211,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: all cores)")
     p.add_argument(
         "--levers",
-        help="extraction encoder: omitted = as shipped (fast_encoder), none = plain, or a list of fold_bn, channels_last, encode_chunkN",
+        help="extraction encoder: omitted = as shipped (fast_encoder), none = plain, "
+        "or a list of fold_bn, channels_last, encode_chunkN",
     )
     p.add_argument("--skip-decoder", action="store_true")
     args = p.parse_args()

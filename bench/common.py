@@ -103,7 +103,7 @@ def write_sample_jpegs(folder: Path, n: int) -> list[Path]:
 def percentiles(values_ms: list[float]) -> dict[str, float]:
     """p50/p90/p99 (nearest rank) of a list of milliseconds."""
     s = sorted(values_ms)
-    q = lambda p: s[min(len(s) - 1, int(round(p * (len(s) - 1))))]  # noqa: E731
+    q = lambda p: s[min(len(s) - 1, round(p * (len(s) - 1)))]  # noqa: E731
     return {"p50": round(statistics.median(s), 1), "p90": round(q(0.9), 1), "p99": round(q(0.99), 1)}
 
 

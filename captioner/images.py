@@ -12,7 +12,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Union
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -20,7 +20,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 if TYPE_CHECKING:  # torch is imported where tensors are made, so that decode workers (decode_pool.py) need no torch
     import torch
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes], Image.Image]
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes] | Image.Image
 
 #: Images larger than this many pixels are refused before their pixels are decoded.
 DEFAULT_MAX_PIXELS = 50_000_000

@@ -159,7 +159,9 @@ class RecordWriter:
             if append:
                 with open(path, "r+b") as f:
                     f.truncate(scan.end)  # cut a torn last record (and a JSON array's closing bracket)
-            self.file = open(path, "a" if append else "w", encoding="utf-8", newline="", errors="surrogateescape")
+            self.file = open(  # noqa: SIM115  the sink owns the file until close(): one record is written per call
+                path, "a" if append else "w", encoding="utf-8", newline="", errors="surrogateescape"
+            )
         self.count = scan.count if append and scan is not None else 0
         if not append:
             self.file.write({"json": "[\n", "csv": ",".join(CSV_FIELDS) + "\n"}.get(fmt, ""))

@@ -40,7 +40,7 @@ class CiderD:
         self.log_df = {g: math.log(max(1.0, float(c))) for g, c in df.items()}
         # every reference as (tf-idf vectors per n, norms per n, length), computed once
         self.refs = [
-            [self._vector(ref) + (len(words),) for ref, words in zip(refs_g, refs)]
+            [(*self._vector(ref), len(words)) for ref, words in zip(refs_g, refs)]
             for refs_g, refs in zip(grams, references)
         ]
 

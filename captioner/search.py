@@ -219,14 +219,7 @@ def constrained_beam_search(
         )
         logp[done] = float("-inf")
         logp[done, pad_id] = 0.0
-        total = scores.unsqueeze(3) + logp.view(B, 2, K, V)  # (B, 2, K, V)
-        stay0 = total[:, 0].masked_fill(need, float("-inf"))  # (B, K, V) state 0 without the word
-        enter1 = total[:, 0].masked_fill(~need, float("-inf"))  # (B, K, V) state 0 -> 1 by using it
-        stay1 = total[:, 1].masked_fill(need, float("-inf"))  # (B, K, V) state 1, the word not again
-        s0, flat0 = stay0.reshape(B, K * V).topk(K, dim=1)  # (B, K): rows 0..K-1 of each image
-        s1, flat1 = torch.cat([enter1, stay1], 1).reshape(B, 2 * K * V).topk(K, dim=1)  # (B, K): rows 0..2K-1
-        scores = torch.stack([s0, s1], 1)  # (B, 2, K)
-        flat = torch.cat([flat0, flat1], 1)  # (B, 2K)
+        scores, flat = _two_state_topk(scores, logp.view(B, 2, K, V), need)  # (B, 2, K), (B, 2K)
         origin = (flat // V + base).view(-1)  # (B*2K,) row each new beam comes from
         word = (flat % V).view(-1)  # (B*2K,)
         word_lp = logp[origin, word]  # (B*2K,)
@@ -244,15 +237,41 @@ def constrained_beam_search(
 
     final = scores.view(-1) / length_penalty(lengths, length_alpha)  # (B*2K,)
     final = torch.where(torch.isfinite(final), final, torch.full_like(final, float("-inf")))
-    best = final.view(B, 2, K).max(dim=2).values  # (B, 2) best score per state
+    rows = _best_in_state(final.view(B, 2, K), allowance, n_best) + base  # (B, n_best) history rows, best first
+    return _collect(rows, hist_ids, hist_lp, hist_alpha, final, end_id, pad_id)
+
+
+def _two_state_topk(scores: torch.Tensor, logp: torch.Tensor, need: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the constrained search's selection: the K best continuations per state.
+
+    scores (B, 2, K) beam scores so far, logp (B, 2, K, V) next-word log-probs, need (B, 1, V) the required
+    words -> new scores (B, 2, K) and flat (B, 2K) indices into each image's (2K*V) candidates: the first K
+    (state 0) come from rows 0..K-1, the last K (state 1) from rows 0..2K-1.
+    """
+    B, _, K, V = logp.shape
+    total = scores.unsqueeze(3) + logp  # (B, 2, K, V)
+    stay0 = total[:, 0].masked_fill(need, float("-inf"))  # (B, K, V) state 0 without the word
+    enter1 = total[:, 0].masked_fill(~need, float("-inf"))  # (B, K, V) state 0 -> 1 by using it
+    stay1 = total[:, 1].masked_fill(need, float("-inf"))  # (B, K, V) state 1, the word not again
+    s0, flat0 = stay0.reshape(B, K * V).topk(K, dim=1)  # (B, K): rows 0..K-1 of each image
+    s1, flat1 = torch.cat([enter1, stay1], 1).reshape(B, 2 * K * V).topk(K, dim=1)  # (B, K): rows 0..2K-1
+    return torch.stack([s0, s1], 1), torch.cat([flat0, flat1], 1)  # (B, 2, K), (B, 2K)
+
+
+def _best_in_state(final: torch.Tensor, allowance: torch.Tensor | None, n_best: int) -> torch.Tensor:
+    """final (B, 2, K) normalised scores -> (B, n_best) rows within each image (state * K + beam), best first.
+
+    The rows come from state 1 when its best is alive and at most ``allowance`` (B,) below state 0's best
+    (no allowance: whenever it is alive), else from state 0.
+    """
+    B, _, K = final.shape
+    best = final.max(dim=2).values  # (B, 2) best score per state
     satisfied = torch.isfinite(best[:, 1])  # (B,)
     if allowance is not None:
-        satisfied &= best[:, 1] >= best[:, 0] - allowance.to(device)  # (B,)
+        satisfied &= best[:, 1] >= best[:, 0] - allowance.to(final.device)  # (B,)
     pool = torch.where(satisfied, 1, 0)  # (B,) the state the result comes from
-    ranked = final.view(B, 2, K)[torch.arange(B, device=device), pool]  # (B, K)
-    order = ranked.argsort(dim=1, descending=True)[:, :n_best] + (pool * K).unsqueeze(1)  # (B, n_best) within image
-    rows = order + base  # (B, n_best) history rows, best first
-    return _collect(rows, hist_ids, hist_lp, hist_alpha, final, end_id, pad_id)
+    ranked = final[torch.arange(B, device=final.device), pool]  # (B, K)
+    return ranked.argsort(dim=1, descending=True)[:, :n_best] + (pool * K).unsqueeze(1)  # (B, n_best)
 
 
 def _collect(

@@ -232,7 +232,7 @@ class ScstReward(NamedTuple):
 def make_optimizer(s: Session, m: Models, n_images: int) -> Optimization:
     """AdamW over the decoder (and the fine-tuned encoder blocks); linear warm-up, then cosine decay per step."""
     c = s.config
-    params = [{"params": [p for p in m.decoder.parameters()], "lr": c.lr}]
+    params = [{"params": list(m.decoder.parameters()), "lr": c.lr}]
     if m.encoder is not None:
         params.append({"params": m.encoder.unfreeze_last(m.n_top), "lr": c.encoder_lr})
     optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)

@@ -45,7 +45,7 @@ class Vocabulary:
         ids = [self.stoi.get(t, self.unk_id) for t in tokenize(text)]
         if max_len is not None:
             ids = ids[:max_len]
-        return [self.start_id] + ids + [self.end_id]
+        return [self.start_id, *ids, self.end_id]
 
     def decode(self, ids: Iterable[int]) -> list[str]:
         """Ids -> words, stopping at ``<end>`` and skipping ``<start>``/``<pad>``."""

@@ -62,8 +62,8 @@ def train_one_epoch(
     trunk_shape = encoder.trunk_shape(options.finetune_blocks) if encoder is not None else None
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=bar_disabled(show), unit="batch", leave=False)
-    for sources, captions, lengths in bar:
-        captions, lengths = captions.to(device), lengths.to(device)
+    for sources, batch_captions, batch_lengths in bar:
+        captions, lengths = batch_captions.to(device), batch_lengths.to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             rows, image_index = sources.unique(return_inverse=True)
             annotations = feats[rows].to(device).float()  # (N, L, D) from the cache, one per image

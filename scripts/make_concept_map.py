@@ -309,7 +309,6 @@ OVERRIDES: dict[str, list[str]] = {
     "sawmill": [],
     "ocarina": [],
     "yellow lady's slipper": ["flower"],
-    "four-poster bed": ["bed"],
     "cradle": ["bed"],
     "bassinet": ["bed"],
     "infant bed": ["bed"],
@@ -405,7 +404,8 @@ def load_wordnet(wordnet_dir: Path):
         if f.is_file():
             shutil.copy(f, tmp / f.name)
     man = Path("/usr/share/man/man5/lexnames.5WN.gz")
-    rows = re.findall(r"^(\d\d)\t(\S+)\s*\t", gzip.open(man, "rt").read(), flags=re.M)
+    with gzip.open(man, "rt") as fh:
+        rows = re.findall(r"^(\d\d)\t(\S+)\s*\t", fh.read(), flags=re.M)
     category = {"adj": 3, "adv": 4, "noun": 1, "verb": 2}
     (tmp / "lexnames").write_text("".join(f"{n}\t{name}\t{category[name.split('.')[0]]}\n" for n, name in rows))
     return WordNetCorpusReader(str(tmp), None)

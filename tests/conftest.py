@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import signal
 import socket
@@ -105,7 +106,7 @@ def assert_scored_by_the_model(
         annotations = cap.encode(cap.preprocess(image)[0].unsqueeze(0))  # (1, L, D)
         memory, state = cap.decoder.prepare(annotations)
         expected = []
-        for prev, word in zip(ids, ids[1:]):  # one step at a time, as the paper writes it
+        for prev, word in itertools.pairwise(ids):  # one step at a time, as the paper writes it
             logits, state, _ = cap.decoder.step(torch.tensor([prev], device=annotations.device), state, memory)
             expected.append(float(torch.log_softmax(logits.float(), -1)[0, word]))
     assert logprobs == pytest.approx(expected[: len(words)], abs=abs_tol)
@@ -138,7 +139,8 @@ def load_once(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def write_caption_dataset(root: Path, captions: dict[int, list[str]], dev: set[int]) -> Path:
-    """A custom-format dataset in ``root``: img/<i>.png (48x48) and captions.csv; images in ``dev`` form the dev split."""
+    """A custom-format dataset in ``root``: img/<i>.png (48x48) and captions.csv; images in ``dev`` form the dev
+    split."""
     (root / "img").mkdir(parents=True)
     rows = ["image,caption,split"]
     for i, caps in captions.items():

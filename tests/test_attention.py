@@ -83,7 +83,7 @@ def test_next_word_distribution_responds_to_a_cell_in_proportion_to_its_attentio
     ann = torch.randn(1, L, D, dtype=torch.float64)
     memory, state = dec.prepare(ann)
     prev = torch.tensor([1])
-    base, _, alpha = dec.step(prev, state, memory)
+    _, _, alpha = dec.step(prev, state, memory)
     alpha = alpha[0]
     assert float(alpha.max() / alpha.min()) > 3, "the test needs cells with clearly different weights"
     delta = 1e-5 * torch.randn(D, dtype=torch.float64)

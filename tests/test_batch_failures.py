@@ -159,7 +159,7 @@ def test_a_model_that_always_fails_gives_model_error_records_and_exit_1(
         == 1
     )
     recs = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["image"] for r in recs] == expected_paths(photos) + [str(photos / "zz-broken.jpg")]
+    assert [r["image"] for r in recs] == [*expected_paths(photos), str(photos / "zz-broken.jpg")]
     for r in recs[:-1]:
         assert r["error_code"] == "model_error" and "device lost (simulated)" in r["error"] and "caption" not in r
     assert recs[-1]["error_code"] == "undecodable"  # an input error keeps its own code

@@ -123,7 +123,7 @@ def test_allowance_keeps_the_plain_caption_when_the_word_costs_too_much() -> Non
     plain = beam_search(decoder, annotations, beam_size=3, max_length=15, **IDS)
     required = torch.zeros(2, 12, dtype=torch.bool)
     for b in range(2):
-        required[b, [w for w in range(3, 12) if w not in plain[b][0].ids][0]] = True
+        required[b, next(w for w in range(3, 12) if w not in plain[b][0].ids)] = True
     forced = constrained_beam_search(decoder, annotations, required, beam_size=3, max_length=15, **IDS)
     costs = torch.tensor([plain[b][0].score - forced[b][0].score for b in range(2)])  # (2,) > 0: the word costs
     assert bool((costs > 0).all())

@@ -57,10 +57,10 @@ def make_flickr(root: Path, quirks: bool = True) -> Path:
         "dev": ["b0.jpg", "b1.jpg"],
         "test": ["c0.jpg", "c1.jpg"],
     }
-    for i, n in enumerate(sum(names.values(), [])):
+    all_names = [n for split_names in names.values() for n in split_names]
+    for i, n in enumerate(all_names):
         _jpeg(images, n, i)
     lines = []
-    all_names = sum(names.values(), [])
     if quirks:
         (images / "copy.jpg").write_bytes((images / "a0.jpg").read_bytes())
         _jpeg(images, "extra.jpg", 50)

@@ -138,7 +138,7 @@ class TableDecoder:
         self.prefixes: list[tuple[int, ...]] = [()]
 
     def prepare(self, annotations: torch.Tensor) -> tuple[Memory, State]:
-        B, L = annotations.shape[:2]
+        B = annotations.shape[0]
         return Memory(annotations, annotations), State(torch.zeros(B, 1), torch.zeros(B, 1))
 
     def step(self, prev: torch.Tensor, state: State, memory: Memory) -> tuple[torch.Tensor, State, torch.Tensor]:
@@ -174,7 +174,7 @@ RANKING_TABLE = {
 
 def table_score(words: list[int], alpha: float) -> float:
     """The documented score: sum of log-probs of the words and <end>, over ((5 + len) / 6) ** alpha."""
-    seq = words + [END]
+    seq = [*words, END]
     total = sum(math.log(RANKING_TABLE[tuple(seq[:i])][w]) for i, w in enumerate(seq))
     return total / ((5 + len(seq)) / 6) ** alpha
 
@@ -187,13 +187,13 @@ def test_length_penalty_ranks_hypotheses_by_the_documented_score() -> None:
     for alpha, ranked in [(0.0, [SHORT, LONG]), (1.0, [LONG, SHORT]), (0.5, None), (2.0, [LONG, SHORT])]:
         results = beam_search(TableDecoder(RANKING_TABLE, 9, START), feats, length_alpha=alpha, **common)
         for hyps in results:
-            if ranked is None:  # alpha 0.5: whichever the formula prefers
-                ranked = sorted([SHORT, LONG], key=lambda w: table_score(w, alpha), reverse=True)
-            assert [h.ids for h in hyps] == ranked, alpha
+            # alpha 0.5 (ranked None): whichever the formula prefers
+            order = ranked or sorted([SHORT, LONG], key=lambda w: table_score(w, alpha), reverse=True)
+            assert [h.ids for h in hyps] == order, alpha
             assert all(h.finished for h in hyps)
             for h in hyps:
                 assert h.score == pytest.approx(table_score(h.ids, alpha), abs=1e-5)
-                seq = h.ids + [END]
+                seq = [*h.ids, END]
                 expected = [math.log(RANKING_TABLE[tuple(seq[:i])][w]) for i, w in enumerate(h.ids)]
                 assert h.logprobs == pytest.approx(expected, abs=1e-6)
 

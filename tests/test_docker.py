@@ -356,9 +356,8 @@ def host_env(container_env: dict[str, str], tmp: Path, overrides: dict[str, str]
     for key, value in container_env.items():
         if key in {"PATH", "VIRTUAL_ENV", "HOME", "PYTHONPATH"}:
             continue
-        if value == "/tmp" or value.startswith("/tmp/"):
-            value = str(fake_tmp / value[len("/tmp") :].lstrip("/"))
-        env[key] = value
+        in_tmp = value == "/tmp" or value.startswith("/tmp/")
+        env[key] = str(fake_tmp / value[len("/tmp") :].lstrip("/")) if in_tmp else value
     env.update(overrides)
     return env
 

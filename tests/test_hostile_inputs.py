@@ -686,7 +686,10 @@ def _audit(event: str, args: tuple) -> None:
         _EVENTS.append((event, args))
 
 
-_hook_installed = False
+@functools.cache
+def _install_audit_hook() -> None:
+    """Add :func:`_audit` once: hooks cannot be removed; it records only while ``_WATCH`` is set."""
+    sys.addaudithook(_audit)
 
 
 def _writes(events: list[tuple[str, tuple]]) -> list:
@@ -695,7 +698,7 @@ def _writes(events: list[tuple[str, tuple]]) -> list:
         if event != "open":
             bad.append((event, args))
             continue
-        path, mode, flags = (tuple(args) + (None, None, None))[:3]
+        _, mode, flags = (*tuple(args), None, None, None)[:3]
         writing = bool(mode and set(str(mode)) & set("wax+")) or bool(
             isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC)
         )
@@ -719,10 +722,7 @@ def test_upload_file_names_and_bytes_never_reach_the_file_system(app, filename: 
     """A Python audit hook records every open/rename/remove/exec while the request runs: no write at all,
     nothing named after the upload, no program started. (Large uploads too: above Werkzeug's
     500 kB spooling threshold.)"""
-    global _hook_installed
-    if not _hook_installed:
-        sys.addaudithook(_audit)  # hooks cannot be removed; it records only while _WATCH is set
-        _hook_installed = True
+    _install_audit_hook()
     noise = np.random.default_rng(1).integers(0, 256, (420, 420, 3), dtype=np.uint8)
     big = png_bytes(Image.fromarray(noise))
     assert len(big) > 500_000

@@ -173,7 +173,7 @@ def _get(url: str, headers: dict[str, str], data: bytes | None = None) -> tuple[
 @pytest.mark.slow
 def test_gunicorn_writes_one_json_access_line_per_request(tmp_path, tiny_checkpoint):
     env = {"CAPTIONER_MODEL": str(tiny_checkpoint), "CAPTIONER_TORCH_THREADS": "1"}
-    with gunicorn_server(tmp_path, env) as (base, proc, log_path):
+    with gunicorn_server(tmp_path, env) as (base, _, log_path):
         photo = image_bytes(make_image(3))
         status, headers, body = _get(
             f"{base}/v1/captions?attention=none", {"Content-Type": "image/jpeg", "X-Request-ID": "req-caption-1"}, photo
@@ -210,7 +210,7 @@ def test_gunicorn_writes_one_json_access_line_per_request(tmp_path, tiny_checkpo
 @pytest.mark.slow
 def test_text_log_format_for_a_terminal(tmp_path, tiny_checkpoint):
     env = {"CAPTIONER_MODEL": str(tiny_checkpoint), "CAPTIONER_TORCH_THREADS": "1", "CAPTIONER_LOG_FORMAT": "text"}
-    with gunicorn_server(tmp_path, env) as (base, proc, log_path):
+    with gunicorn_server(tmp_path, env) as (base, _, log_path):
         assert _get(f"{base}/healthz", {"X-Request-ID": "plain-1"})[0] == 200
     text = log_path.read_text()
     assert re.search(r'"GET /healthz HTTP/1\.1" 200 \d+ \d+us ".*" request_id=plain-1$', text, re.M), text[-2000:]

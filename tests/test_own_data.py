@@ -65,7 +65,7 @@ def test_coco_file_without_split_says_how_to_give_one(tmp_path: Path) -> None:
 
 
 def test_images_looked_for_in_the_wrong_folder(tmp_path: Path) -> None:
-    images, files = coco_files(tmp_path)
+    _, files = coco_files(tmp_path)
     with pytest.raises(DatasetError) as exc:
         load_records("coco", tmp_path, "train", annotations=split_args(files))
     text = str(exc.value)
@@ -196,7 +196,7 @@ def test_tables_one_per_split(tmp_path: Path, fmt: str) -> None:
 
 
 def test_missing_dataset_flag_says_what_the_default_is(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    images, files = coco_files(tmp_path)
+    images, _ = coco_files(tmp_path)
     assert main(["train", "--data-dir", str(images), "--output", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "default to --dataset flickr8k" in err and "--dataset coco" in err

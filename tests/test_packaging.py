@@ -37,8 +37,8 @@ def _name(requirement: str) -> str:
 
 def _requirements(path: Path) -> set[str]:
     names: set[str] = set()
-    for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
+    for raw in path.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
         if line.startswith("-r "):
             names |= _requirements(path.parent / line[3:].strip())
         elif line:

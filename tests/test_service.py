@@ -110,7 +110,8 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 class GatedCaptioner:
-    """Wraps a Captioner: ``see`` (the batcher's encoder pass) waits for ``gate``; ``fail_next`` makes the next decode raise."""
+    """Wraps a Captioner: ``see`` (the batcher's encoder pass) waits for ``gate``; ``fail_next`` makes the next
+    decode raise."""
 
     def __init__(self, real: Captioner, open_gate: bool = False) -> None:
         self.real = real

@@ -182,7 +182,7 @@ def test_multiple_workers_share_metrics(tmp_path, tiny_checkpoint):
         CAPTIONER_WORKERS="2",
         CAPTIONER_THREADS="2",
         PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
-    ) as (base, proc, _):
+    ) as (base, _, _):
         deadline = time.time() + 180
         while metric(base, "captioner_model_ready") < 2 and time.time() < deadline:  # both workers warm
             time.sleep(0.5)

@@ -189,7 +189,7 @@ def test_finetune_blocks_train_from_a_trunk_cache(dataset: Path, tmp_path: Path)
             len(Encoder(EncoderConfig("efficientnet-lite0", 64)).net._blocks) - 1,
         )
     }
-    assert changed and all(k.startswith(tuple(last_two) + ("net._conv_head", "net._bn1")) for k in changed)
+    assert changed and all(k.startswith((*last_two, "net._conv_head", "net._bn1")) for k in changed)
     assert all(torch.equal(saved[k], stock[k]) for k in saved if "running" in k), "batch norms stay frozen"
 
     # the loaded model encodes images exactly as training saw them: trunk cache + trained top

@@ -12,7 +12,7 @@ def test_build_threshold_order_and_specials() -> None:
     assert v.itos[4:] == ["a", "dog"]
     ids = v.encode("A dog runs")
     assert ids == [v.start_id, v.stoi["a"], v.stoi["dog"], v.unk_id, v.end_id]
-    assert v.decode(ids + [v.pad_id]) == ["a", "dog", UNK]
+    assert v.decode([*ids, v.pad_id]) == ["a", "dog", UNK]
     assert v.encode("a dog a dog", max_len=2)[-1] == v.end_id
 
 

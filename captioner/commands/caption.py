@@ -256,7 +256,7 @@ def _caption_all(
         desc=f"rank 0/{ddp.world}" if ddp.world > 1 else "captioning",
     )
     try:
-        for res in iter_captions(
+        for captioned in iter_captions(
             cap,
             paths,
             args.batch_size,
@@ -268,7 +268,7 @@ def _caption_all(
             thumbs=att_dir is not None,
             guidance=args.guidance,
         ):
-            att = None
+            res, att = captioned, None  # res becomes a write error when its attention files cannot be written
             if res.error is None and att_dir is not None:
                 try:
                     att = outputs.write_attention(att_dir, res, protected)

@@ -136,7 +136,7 @@ def read_karpathy(path: str | Path, image_root: str | Path, split: str | None = 
 
 
 def read_coco(path: str | Path, image_dir: str | Path, split: str | None) -> list[CaptionRecord]:
-    """COCO captions JSON (``images`` with ``id``/``file_name``, ``annotations`` with ``image_id``/``caption``) -> records.
+    """COCO captions JSON (``images``: ``id``/``file_name``; ``annotations``: ``image_id``/``caption``) -> records.
 
     Every image gets ``split`` (``all`` when None: a COCO file names no split). ``file_name`` is
     looked up under ``image_dir``.

@@ -71,7 +71,7 @@ class ImageGroupedBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:
         n = len(range(self.rank, len(self.groups), self.world))
-        return -(-n // self.images_per_batch)
+        return -(-n // self.images_per_batch)  # noqa: PLE0303  ceil(n / images_per_batch) by floor division, never negative
 
 
 def collate_pairs(

@@ -92,7 +92,8 @@ def format_stats(f: dict[str, Any]) -> str:
         f"{'split':<8}{'images':>8}{'on disk':>9}{'captions':>10}{'per img':>9}"
         f"{'mean':>8}{'median':>8}{'p95':>7}{'max':>6}",
     ]
-    rows = list(f["splits"].items()) + [
+    rows = [
+        *f["splits"].items(),
         (
             "all",
             {
@@ -102,7 +103,7 @@ def format_stats(f: dict[str, Any]) -> str:
                 "captions_per_image": None,
                 "length": f["length"],
             },
-        )
+        ),
     ]
     for s, d in rows:
         L = d["length"]
