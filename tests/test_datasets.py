@@ -90,3 +90,33 @@ def test_errors_are_clear(tmp_path: Path) -> None:
         load_records("custom", tmp_path)
     with pytest.raises(DatasetError, match="split"):
         load_records("custom", tmp_path, "holdout")
+
+
+def test_feature_cache_keeps_rows_aligned_when_an_image_fails(tmp_path: Path) -> None:
+    """A file that does not decode gets a zero row and is listed as failed; the rows after it stay in place."""
+    import numpy as np
+    from PIL import Image
+
+    from captioner.datasets import FeatureCache
+    from captioner.encoder import Encoder, EncoderConfig
+
+    good = []
+    for i, colour in enumerate([(200, 30, 30), (30, 200, 30)]):
+        path = tmp_path / f"good{i}.png"
+        Image.new("RGB", (80, 60), colour).save(path)
+        good.append(str(path))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    paths = [good[0], str(broken), good[1]]
+    encoder = Encoder(EncoderConfig("efficientnet-lite0", 64, "head"))
+    cache = FeatureCache(tmp_path / "cache")
+    cache.build(paths, encoder, batch_size=3, num_workers=0, progress=False)
+    feats, rows = cache.load()
+    alone = FeatureCache(tmp_path / "alone")
+    alone.build([good[1]], encoder, batch_size=1, num_workers=0, progress=False)
+    feats_alone, _ = alone.load()
+
+    assert cache.index["failed"] == [str(broken)]
+    assert not feats[rows[str(broken)]].float().abs().any()
+    assert feats[rows[good[0]]].float().abs().sum() > 0
+    np.testing.assert_allclose(feats[rows[good[1]]].float().numpy(), feats_alone[0].float().numpy(), atol=2e-3)

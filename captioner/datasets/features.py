@@ -22,34 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..batch import ImageFiles, collate, single_thread_worker
 from ..encoder import Encoder, EncoderConfig, TrunkRows
-from ..images import ImageError, load_and_preprocess
 from ..progress import bar_disabled
 from .records import CaptionRecord
-
-
-class _ImageFiles(Dataset):
-    def __init__(self, paths: list[str], cfg: EncoderConfig) -> None:
-        self.paths, self.cfg = paths, cfg
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
-        try:
-            x, _ = load_and_preprocess(self.paths[i], self.cfg.image_size, self.cfg.norm)
-            return x, True
-        except ImageError:
-            s = self.cfg.image_size
-            return torch.zeros(3, s, s), False
-
-
-def _single_thread(_: int) -> None:
-    """Image-decoding workers need no intra-op threads; they would fight the encoder for cores."""
-    torch.set_num_threads(1)
 
 
 def cache_identity(cfg: EncoderConfig, trunk_blocks: int = 0) -> dict:
@@ -126,20 +105,24 @@ class FeatureCache:
             return
         encoder = encoder.to(device).eval()
         loader = DataLoader(
-            _ImageFiles(paths[start:], cfg),
+            ImageFiles(paths[start:], cfg),  # the one image-files dataset (batch captioning uses it too)
             batch_size=batch_size,
             num_workers=num_workers,
-            worker_init_fn=_single_thread,
+            collate_fn=collate,
+            worker_init_fn=single_thread_worker,
         )
         row = start
         bar = tqdm(total=len(paths), initial=start, desc="encoding images", unit="img", disable=bar_disabled(progress))
         with torch.inference_mode():
-            for images, ok in loader:
-                feats = encoder(images.to(device)).float().cpu().numpy()  # (b, L, D)
-                if feats.shape[1:] != shape[1:]:
-                    raise RuntimeError(f"encoder produced {feats.shape[1:]}, cache expects {shape[1:]}")
-                arr[row : row + len(feats)] = feats.astype(np.float16)
-                idx["failed"] += [paths[row + i] for i in range(len(ok)) if not ok[i]]
+            for batch in loader:
+                feats = np.zeros((len(batch.paths), *shape[1:]), dtype=np.float16)  # a failed image's row stays 0
+                if batch.images is not None:
+                    good = encoder(batch.images.to(device)).float().cpu().numpy()  # (b_ok, L, D)
+                    if good.shape[1:] != shape[1:]:
+                        raise RuntimeError(f"encoder produced {good.shape[1:]}, cache expects {shape[1:]}")
+                    feats[batch.ok] = good.astype(np.float16)
+                arr[row : row + len(feats)] = feats
+                idx["failed"] += [batch.paths[k] for k in sorted(batch.errors)]
                 row += len(feats)
                 arr.flush()
                 idx["done"] = row
