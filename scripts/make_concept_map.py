@@ -434,7 +434,9 @@ def words_for(synset, name: str, vocab: set[str]) -> list[str]:
         if found:
             return found
         seen.update(level)
-        level = [h for s in level for h in s.hypernyms() + s.instance_hypernyms() if h not in seen]
+        # nltk keeps pointers in sets: sort the next level by name so the output never depends on PYTHONHASHSEED
+        ups = {h for s in level for h in s.hypernyms() + s.instance_hypernyms()} - seen
+        level = sorted(ups, key=lambda h: h.name())
     return []
 
 
