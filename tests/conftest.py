@@ -114,6 +114,21 @@ def assert_scored_by_the_model(
     assert score == pytest.approx(sum(expected) / ((5 + len(expected)) / 6) ** alpha, abs=abs_tol)
 
 
+def tiny_model_args(width: int = 16) -> list[str]:
+    """`captioner train` options for a tiny model on 64-px images: Lite0, embed/hidden/projection ``width``,
+    attention ``width // 2``, every word kept (tests train it in seconds)."""
+    return [
+        "--encoder",
+        "efficientnet-lite0",
+        "--image-size",
+        "64",
+        "--min-count",
+        "1",
+        *("--embed-dim", str(width), "--hidden-dim", str(width)),
+        *("--attention-dim", str(width // 2), "--proj-dim", str(width)),
+    ]
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")

@@ -8,7 +8,7 @@ from pathlib import Path
 from captioner.commands.main import main
 from captioner.datasets import find_annotations, load_records, verify
 
-from conftest import make_image
+from conftest import make_image, tiny_model_args
 
 CAPS = {
     "a.png": ["a red square on grass", "red square"],
@@ -63,20 +63,7 @@ def test_verify_manifest_and_training_name_the_same_files(tmp_path: Path) -> Non
                 str(out),
                 "--epochs",
                 "1",
-                "--encoder",
-                "efficientnet-lite0",
-                "--image-size",
-                "64",
-                "--min-count",
-                "1",
-                "--embed-dim",
-                "16",
-                "--hidden-dim",
-                "16",
-                "--attention-dim",
-                "8",
-                "--proj-dim",
-                "16",
+                *tiny_model_args(16),
                 "--workers",
                 "0",
                 "--cache-dir",

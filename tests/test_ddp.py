@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from captioner.commands.main import main
 
-from conftest import write_caption_dataset
+from conftest import tiny_model_args, write_caption_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 EPOCHS = 3
@@ -76,20 +76,7 @@ def train_args(data: Path, out: Path, images_per_step: int) -> list[str]:
         str(out),
         "--epochs",
         str(EPOCHS),
-        "--encoder",
-        "efficientnet-lite0",
-        "--image-size",
-        "64",
-        "--min-count",
-        "1",
-        "--embed-dim",
-        "16",
-        "--hidden-dim",
-        "16",
-        "--attention-dim",
-        "8",
-        "--proj-dim",
-        "16",
+        *tiny_model_args(16),
         "--batch-size",
         str(images_per_step),
         "--warmup-steps",

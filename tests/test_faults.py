@@ -30,7 +30,7 @@ from captioner import checkpoint
 from captioner.api import Captioner
 from captioner.commands.main import main
 
-from conftest import REPO, clean_env, gunicorn_server, image_bytes, make_image, write_caption_dataset
+from conftest import REPO, clean_env, gunicorn_server, image_bytes, make_image, tiny_model_args, write_caption_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -83,20 +83,7 @@ def train_args(data: Path, out: Path, *extra: str) -> list[str]:
         str(out),
         "--epochs",
         "3",
-        "--encoder",
-        "efficientnet-lite0",
-        "--image-size",
-        "64",
-        "--min-count",
-        "1",
-        "--embed-dim",
-        "16",
-        "--hidden-dim",
-        "16",
-        "--attention-dim",
-        "8",
-        "--proj-dim",
-        "16",
+        *tiny_model_args(16),
         "--batch-size",
         "1",
         "--warmup-steps",

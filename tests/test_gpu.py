@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from captioner.api import Captioner
 from captioner.commands.main import main
 
-from conftest import TINY_CAPTIONS, make_image, write_caption_dataset
+from conftest import TINY_CAPTIONS, make_image, tiny_model_args, write_caption_dataset
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False here)"
@@ -62,20 +62,7 @@ def test_amp_training_on_cuda_lowers_the_loss_and_saves_fp32_weights(tmp_path: P
                 str(out),
                 "--epochs",
                 "4",
-                "--encoder",
-                "efficientnet-lite0",
-                "--image-size",
-                "64",
-                "--min-count",
-                "1",
-                "--embed-dim",
-                "32",
-                "--hidden-dim",
-                "32",
-                "--attention-dim",
-                "16",
-                "--proj-dim",
-                "32",
+                *tiny_model_args(32),
                 "--batch-size",
                 "2",
                 "--warmup-steps",

@@ -31,6 +31,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train_args(data: Path, out: Path, epochs: int, *extra: str) -> list[str]:
+    from conftest import tiny_model_args
+
     return [
         "train",
         "--dataset",
@@ -41,20 +43,7 @@ def train_args(data: Path, out: Path, epochs: int, *extra: str) -> list[str]:
         str(out),
         "--epochs",
         str(epochs),
-        "--encoder",
-        "efficientnet-lite0",
-        "--image-size",
-        "64",
-        "--min-count",
-        "1",
-        "--embed-dim",
-        "32",
-        "--hidden-dim",
-        "32",
-        "--attention-dim",
-        "16",
-        "--proj-dim",
-        "32",
+        *tiny_model_args(32),
         "--batch-size",
         "1",
         "--warmup-steps",
