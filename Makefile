@@ -51,11 +51,15 @@ docker-smoke: install
 	$(BIN)/python -c "import sys; from PIL import Image; from skimage import data; Image.fromarray(data.chelsea()).save(sys.argv[1])" $(SMOKE_JPEG)
 	tools/container_smoke.sh . $(SMOKE_JPEG)
 
-# (Re)builds the shipped model's encoder.onnx for ONNX Runtime from its checkpoint, recipe in its
-# config.json (captioner/onnx_export.py); any other folder: make onnx MODEL_DIR=models/NAME.
+# (Re)builds the shipped model's exported encoder for ONNX Runtime from its checkpoint, recipe in its
+# config.json (captioner/onnx_export.py); any other folder: make onnx MODEL_DIR=models/NAME. The int8
+# encoder is calibrated on Flickr8k train photos: make onnx ONNX_PRECISION=int8 CALIBRATION_DATA=DIR.
 MODEL_DIR ?= models/flickr8k-lite2
+ONNX_PRECISION ?= fp32
+CALIBRATION_DATA ?=
 onnx: install
-	$(BIN)/python -m captioner.onnx_export $(MODEL_DIR)
+	$(BIN)/python -m captioner.onnx_export $(MODEL_DIR) --precision $(ONNX_PRECISION) \
+		$(if $(CALIBRATION_DATA),--calibration-data $(CALIBRATION_DATA))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

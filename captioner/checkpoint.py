@@ -231,7 +231,7 @@ def update_config(path: str | os.PathLike, changes: dict[str, Any]) -> dict:
     folder = resolve(path)
     config = read_config(folder)
     for key, value in changes.items():
-        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+        config[key] = {**(config.get(key) or {}), **value} if isinstance(value, dict) else value
     tmp = folder / f".{CONFIG}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         _write_json(tmp, config)

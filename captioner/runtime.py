@@ -6,21 +6,28 @@
 The exported graph is exactly the encoder ``Captioner`` runs on the CPU: the trunk, the caption
 encoder's last blocks and head, and (EfficientNet-Lite) the ImageNet concept head on the shared
 trunk, with batch norms folded; images (B, 3, S, S) -> annotations (B, L, D) [, class_probs (B, 1000)].
-Its recipe, under ``"encoder_onnx"`` in config.json::
+It is stored in fp32 (``encoder.onnx``) or statically quantised to int8 (``encoder-int8.onnx``,
+QDQ); a folder holds one, described by its recipe under ``"encoder_onnx"`` in config.json::
 
-    file            "encoder.onnx", next to model.safetensors
-    precision       "fp32"
+    file            "encoder.onnx" or "encoder-int8.onnx", next to model.safetensors
+    precision       "fp32" or "int8"
     outputs         ["annotations", "class_probs"] (or just ["annotations"] without a concept head)
     weights_sha256  sha256 of the model.safetensors it was built from
     onnx_sha256     sha256 of the ONNX file itself
     encoder         the encoder config and finetune_blocks it was built for
-    opset, built_with   ONNX opset and the versions of captioner, torch and the packaged ImageNet weights
+    opset, built_with   ONNX opset and the versions of captioner, torch, onnx, the packaged ImageNet
+                    weights and (int8) onnxruntime, whose quantiser runs the graph to calibrate it
+    quantization    (int8) format, per_channel, weights/activations types, calibration method, exclude
+                    (node names kept in fp32)
+    calibration     (int8) dataset, split, images, photos (file names, in order), photos_sha256 (sha256
+                    over the photos' own sha256 digests, in order)
 
 A file whose recipe does not match the folder (other weights, another encoder, edited bytes) is
 *stale*: ``Captioner.load`` then runs torch and warns. ``$CAPTIONER_RUNTIME`` (``auto``, ``torch``,
 ``onnx``) or ``Captioner.load(runtime=...)`` picks the runtime; ``auto`` takes ONNX Runtime for the
-fast CPU path whenever it can. Static graphs have no batch-dependent state, so an image's grid is
-bit-identical alone and in a batch (tests/test_runtime.py).
+fast CPU path whenever it can. Static graphs (int8 included: its activation scales are fixed at
+calibration) have no batch-dependent state, so an image's grid is bit-identical alone and in a
+batch (tests/test_runtime.py).
 """
 
 from __future__ import annotations
@@ -35,12 +42,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, sessions
 from .encoder import EncoderConfig
+from .sessions import RECIPE_KEY
+from .settings import ONNX_PRECISIONS as PRECISIONS
 from .settings import RUNTIMES
 
 ONNX_FILE = "encoder.onnx"
-RECIPE_KEY = "encoder_onnx"
 OPSET = 17
 TORCH = "torch"
 
@@ -55,6 +63,11 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def onnx_file(precision: str) -> str:
+    """The exported encoder's file name at ``precision``: ``encoder.onnx`` (fp32) or ``encoder-int8.onnx``."""
+    return ONNX_FILE if precision == "fp32" else f"encoder-{precision}.onnx"
 
 
 def requested_runtime(runtime: str | None = None) -> str:
@@ -75,16 +88,19 @@ def expected_encoder(config: dict) -> dict:
 
 
 def stale_reason(folder: Path, config: dict) -> str | None:
-    """Why ``folder``'s encoder.onnx cannot stand for its weights (None: it is fresh). Hashes model.safetensors."""
+    """Why ``folder``'s exported encoder cannot stand for its weights (None: it is fresh). Hashes model.safetensors."""
     recipe = config.get(RECIPE_KEY)
     if not recipe:
         return f"{folder} has no {ONNX_FILE} recipe in {checkpoint.CONFIG}"
-    if not (folder / recipe.get("file", ONNX_FILE)).is_file():
-        return f"{folder / recipe.get('file', ONNX_FILE)} is missing"
+    name = recipe.get("file", ONNX_FILE)
+    if recipe.get("precision") not in PRECISIONS:
+        return f"{name} has an unknown precision {recipe.get('precision')!r}"
+    if not (folder / name).is_file():
+        return f"{folder / name} is missing"
     if recipe.get("encoder") != expected_encoder(config):
-        return f"{ONNX_FILE} was built for another encoder configuration"
+        return f"{name} was built for another encoder configuration"
     if recipe.get("weights_sha256") != file_sha256(folder / checkpoint.WEIGHTS):
-        return f"{ONNX_FILE} was built from other weights than {checkpoint.WEIGHTS}"
+        return f"{name} was built from other weights than {checkpoint.WEIGHTS}"
     return None
 
 
@@ -100,17 +116,14 @@ class OnnxEncoder(nn.Module):
     @classmethod
     def open(cls, folder: Path, config: dict, threads: int | None = None) -> OnnxEncoder:
         """A session on ``folder``'s encoder.onnx with ``threads`` intra-op threads (default: torch's count)."""
-        import onnxruntime as ort
-
         recipe = config[RECIPE_KEY]
-        model = (folder / recipe["file"]).read_bytes()
-        if hashlib.sha256(model).hexdigest() != recipe["onnx_sha256"]:
-            raise RuntimeUnavailable(f"{folder / recipe['file']} does not match its recipe (onnx_sha256)")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        path, threads = folder / recipe["file"], threads or torch.get_num_threads()
+        session = sessions.take(path, recipe["onnx_sha256"], threads)  # built while torch imported (the CLI)
+        if session is None:
+            model = path.read_bytes()
+            if hashlib.sha256(model).hexdigest() != recipe["onnx_sha256"]:
+                raise RuntimeUnavailable(f"{path} does not match its recipe (onnx_sha256)")
+            session = sessions.create(model, threads)
         return cls(session, EncoderConfig(**config["encoder"]), recipe["precision"], len(recipe["outputs"]) == 2)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

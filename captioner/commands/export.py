@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..settings import CALIBRATION_METHODS, ONNX_PRECISIONS
 from .common import HelpFormatter, positive_int
 
 
@@ -35,14 +36,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     x.add_argument(
         "--onnx",
         action="store_true",
-        help="also build encoder.onnx, the encoder for ONNX Runtime (captioner[onnx]), with its recipe",
+        help="also build the encoder for ONNX Runtime (captioner[onnx]) at --precision, with its recipe",
     )
+    add_onnx_options(x)
     x.set_defaults(func=run)
+
+
+def add_onnx_options(parser: argparse.ArgumentParser) -> None:
+    """The exported encoder's precision and (int8) calibration options: here and ``python -m captioner.onnx_export``."""
+    parser.add_argument(
+        "--precision", choices=ONNX_PRECISIONS, default="fp32", help="the exported encoder's precision (with --onnx)"
+    )
+    parser.add_argument(
+        "--calibration-data",
+        metavar="DIR",
+        help="int8: the Flickr8k folder (images/, Flickr_8k.trainImages.txt) whose train photos calibrate it",
+    )
+    parser.add_argument(
+        "--calibration-images", type=positive_int, default=64, help="int8: the first N train photos calibrate it"
+    )
+    parser.add_argument(
+        "--calibration-method", choices=CALIBRATION_METHODS, default="minmax", help="int8: the activation range method"
+    )
+    parser.add_argument("--keep-fp32", nargs="+", default=[], metavar="NODE", help="int8: ONNX nodes left in fp32")
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import checkpoint
 
+    calibration = None
+    if args.onnx or args.precision != "fp32":  # checked before the copy: a missing data folder fails at once
+        from ..onnx_export import calibration_from, check_request
+
+        calibration = calibration_from(args)
+        check_request(args.precision, calibration)
     overrides = {"beam_size": args.beam_size, "length_alpha": args.length_alpha, "max_length": args.max_length}
     out = checkpoint.export(
         args.checkpoint,
@@ -52,10 +79,10 @@ def run(args: argparse.Namespace) -> int:
         name=args.name,
         version=args.model_version,
     )
-    if args.onnx:
+    if args.onnx or args.precision != "fp32":
         from ..onnx_export import build_onnx
 
-        build_onnx(out)
+        build_onnx(out, args.precision, calibration)
     size = (out / checkpoint.WEIGHTS).stat().st_size / 1e6
     inference = checkpoint.read_config(out)["inference"]
     print(json.dumps({"output": str(out), "weights_mb": round(size, 1), "inference": inference}))
