@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import importlib
 import logging
 import sys
@@ -40,6 +42,10 @@ def input_errors() -> tuple[type[Exception], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # the process's last exit step: the interpreter's final garbage collection walks torch's many
+    # objects for nothing (the memory goes back to the system anyway); frozen, exit is ~0.5 s shorter
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
