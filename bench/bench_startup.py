@@ -1,18 +1,22 @@
 """Where `captioner caption one.jpg` spends its time before the first caption, and what would cut it.
 
-    .venv/bin/python bench/bench_startup.py --image ../shared/data/flickr8k/images/3385593926_d3e9c21170.jpg --rounds 3
+    .venv/bin/python bench/bench_startup.py --image ../shared/data/flickr8k/images/3385593926_d3e9c21170.jpg --rounds 5
+    CAPTIONER_MODEL=/tmp/m8 .venv/bin/python bench/bench_startup.py --image ... --rounds 5   # another export (int8)
 
 Each measurement runs in a fresh process, round-robin over ``--rounds`` rounds (medians in seconds):
 
 - ``python``: the bare interpreter; ``import_*``: one import each (torch, numpy+PIL, the captioner CLI,
-  onnxruntime, openvino: what a torch-free encoder path would import instead);
-- ``cli_workers1`` / ``cli_workers0``: the whole ``captioner caption -q one.jpg`` (default: one decoding
-  worker process; ``--workers 0``: none);
-- ``stages``: one process timing, in order, ``import torch``, ``import captioner.api``, ``Captioner.load``
-  (with its parts from cProfile: the ImageNet ``.pth`` load, the checkpoint read, batch-norm folding,
-  decoder quantisation) and the first ``caption()``; plus two scratch experiments on the side that
-  leave the library untouched: building the encoder from one safetensors file of its (already folded)
-  weights instead of the packaged ImageNet ``.pth`` + checkpoint, and ``Captioner.load(fast=False)``.
+  onnxruntime, openvino);
+- ``cli``: the whole ``captioner caption -q one.jpg`` as shipped (the ONNX Runtime encoder when the model
+  has a fresh export; its session built in a thread while torch imports; the exit's final garbage
+  collection skipped), ``cli_workers0`` the same with ``--workers 0``, ``cli_torch`` with ``CAPTIONER_RUNTIME=torch``;
+- ``cli_no_prefetch`` / ``cli_no_freeze`` / ``cli_neither``: the same CLI with the session prefetch, the
+  frozen exit or both turned off from a wrapper (the library untouched), i.e. the start before round 3;
+- ``stages_onnx`` (and ``stages_onnx_no_prefetch``): one process timing, in order, ``import torch``,
+  ``import captioner.api``, ``Captioner.load`` and the first ``caption()`` on the ONNX path;
+- with ``--torch-stages``: ``stages``, the same for the torch path with the load's parts from cProfile
+  (the ImageNet ``.pth`` load, the checkpoint read, batch-norm folding, decoder quantisation), plus two
+  scratch experiments: the encoder from one safetensors file of its folded weights, and ``fast=False``.
 """
 
 from __future__ import annotations
@@ -69,16 +73,56 @@ print(json.dumps(out))
 """
 
 
-def timed(cmd: list[str]) -> float:
+STAGES_ONNX = r"""
+import json, sys, time
+t0 = time.perf_counter(); out = {}
+from captioner import sessions
+from captioner.settings import default_model_path
+if sys.argv[2] == "prefetch":
+    sessions.prefetch(default_model_path())  # what `captioner caption` does before it imports torch
+t = time.perf_counter()
+import torch
+out["import_torch"] = time.perf_counter() - t; t = time.perf_counter()
+from captioner.api import Captioner
+out["import_captioner_api"] = time.perf_counter() - t; t = time.perf_counter()
+cap = Captioner.load(device="cpu")
+out["load"] = time.perf_counter() - t; t = time.perf_counter()
+cap.caption(sys.argv[1])
+out["first_caption"] = time.perf_counter() - t
+out["total"] = time.perf_counter() - t0; out["runtime"] = cap.runtime
+print(json.dumps(out))
+"""
+
+#: `captioner caption -q IMAGE` with the start-up measures of round 3 switched off (argv[1]: "prefetch", "freeze").
+WITHOUT = r"""
+import atexit, gc, sys
+from captioner import sessions
+from captioner.commands.main import main
+if "prefetch" in sys.argv[1].split(","):
+    sessions.prefetch = lambda *args, **kwargs: None
+rc = main(["caption", "-q", sys.argv[2]])
+if "freeze" in sys.argv[1].split(","):
+    atexit.unregister(gc.freeze)
+sys.exit(rc)
+"""
+
+
+def timed(cmd: list[str], env: dict | None = None) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=ROOT, env=env)
     return time.perf_counter() - t0
+
+
+def stages_of(script: str, *argv: str) -> dict:
+    run = subprocess.run([sys.executable, "-c", script, *argv], check=True, capture_output=True, text=True, cwd=ROOT)
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--image", required=True)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--torch-stages", action="store_true", help="also take the torch path's load apart")
     args = ap.parse_args()
     py, cli = sys.executable, str(Path(sys.executable).parent / "captioner")
     commands = {
@@ -88,36 +132,42 @@ def main() -> None:
         "import_captioner_cli": [py, "-c", "import captioner.commands.main"],
         "import_onnxruntime": [py, "-c", "import onnxruntime"],
         "import_openvino": [py, "-c", "import openvino"],
-        "cli_workers1": [cli, "caption", "-q", args.image],
+        "cli": [cli, "caption", "-q", args.image],
+        "cli_no_prefetch": [py, "-c", WITHOUT, "prefetch", args.image],
+        "cli_no_freeze": [py, "-c", WITHOUT, "freeze", args.image],
+        "cli_neither": [py, "-c", WITHOUT, "prefetch,freeze", args.image],
         "cli_workers0": [cli, "caption", "-q", "--workers", "0", args.image],
+        "cli_torch": [cli, "caption", "-q", args.image],
     }
+    torch_env = dict(os.environ, CAPTIONER_RUNTIME="torch")
     walls: dict[str, list[float]] = {k: [] for k in commands}
-    stages: list[dict] = []
+    stages: dict[str, list[dict]] = {"stages_onnx": [], "stages_onnx_no_prefetch": [], "stages": []}
     loads = []
     for _ in range(args.rounds):
         loads.append(round(os.getloadavg()[0], 2))
         for name, cmd in commands.items():
             try:
-                walls[name].append(timed(cmd))
+                walls[name].append(timed(cmd, torch_env if name == "cli_torch" else None))
             except subprocess.CalledProcessError:
                 walls[name].append(float("nan"))  # e.g. the optional runtime is not installed
-        run = subprocess.run([py, "-c", STAGES, args.image], check=True, capture_output=True, text=True, cwd=ROOT)
-        stages.append(json.loads(run.stdout.strip().splitlines()[-1]))
-        print(
-            json.dumps({"walls": {k: round(v[-1], 2) for k, v in walls.items()}, "stages": stages[-1]}), file=sys.stderr
-        )
+        stages["stages_onnx"].append(stages_of(STAGES_ONNX, args.image, "prefetch"))
+        stages["stages_onnx_no_prefetch"].append(stages_of(STAGES_ONNX, args.image, "none"))
+        if args.torch_stages:
+            stages["stages"].append(stages_of(STAGES, args.image))
+        last = {k: round(v[-1], 2) for k, v in walls.items()}
+        print(json.dumps({"walls": last, "load1": loads[-1]}), file=sys.stderr)
 
     def med(values: list[float]) -> float:
-        return round(statistics.median(values), 2)
+        return round(statistics.median(values), 3)
 
-    flat = [k for k in stages[0] if k != "load_parts"]
-    result = {
-        "bench": "startup",
-        "load1_per_round": loads,
-        "walls_s": {k: med(v) for k, v in walls.items()},
-        "stages_s": {k: med([s[k] for s in stages]) for k in flat},
-        "load_parts_s": {k: med([s["load_parts"][k] for s in stages]) for k in stages[0]["load_parts"]},
-    }
+    result: dict = {"bench": "startup", "load1_per_round": loads, "walls_s": {k: med(v) for k, v in walls.items()}}
+    for name, runs in stages.items():
+        if runs:
+            numbers = [k for k, v in runs[0].items() if isinstance(v, float)]
+            result[f"{name}_s"] = {k: med([r[k] for r in runs]) for k in numbers} | {"runtime": runs[0].get("runtime")}
+    if stages["stages"]:
+        parts = stages["stages"][0]["load_parts"]
+        result["load_parts_s"] = {k: med([s["load_parts"][k] for s in stages["stages"]]) for k in parts}
     print(json.dumps(result, indent=2))
 
 
