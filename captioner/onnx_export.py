@@ -16,6 +16,7 @@ the file was built from, the calibration photos by name and content hash include
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import importlib.metadata
@@ -190,6 +191,7 @@ def quantize_int8(fp32: Path, out: Path, calibration: Calibration, config: Encod
     pre = out.with_name("pre.onnx")
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
     settings = {
+        "pre_process": "quant_pre_process(skip_symbolic_shape=True)",
         "format": "QDQ",
         "per_channel": True,
         "weights": "int8",
@@ -197,17 +199,18 @@ def quantize_int8(fp32: Path, out: Path, calibration: Calibration, config: Encod
         "method": calibration.method,
         "exclude": list(calibration.exclude),
     }
-    quantize_static(
-        str(pre),
-        str(out),
-        reader,
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=method,
-        nodes_to_exclude=list(calibration.exclude),
-    )
+    with contextlib.redirect_stdout(sys.stderr):  # the calibrators' progress lines; stdout is for the recipe
+        quantize_static(
+            str(pre),
+            str(out),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=method,
+            nodes_to_exclude=list(calibration.exclude),
+        )
     digest = hashlib.sha256()
     for p in photos:
         digest.update(hashlib.sha256(p.read_bytes()).digest())

@@ -17,8 +17,8 @@ QDQ); a folder holds one, described by its recipe under ``"encoder_onnx"`` in co
     encoder         the encoder config and finetune_blocks it was built for
     opset, built_with   ONNX opset and the versions of captioner, torch, onnx, the packaged ImageNet
                     weights and (int8) onnxruntime, whose quantiser runs the graph to calibrate it
-    quantization    (int8) format, per_channel, weights/activations types, calibration method, exclude
-                    (node names kept in fp32)
+    quantization    (int8) the pre-processing step, format, per_channel, weights/activations types,
+                    calibration method, exclude (node names kept in fp32)
     calibration     (int8) dataset, split, images, photos (file names, in order), photos_sha256 (sha256
                     over the photos' own sha256 digests, in order)
 

@@ -67,6 +67,7 @@ def test_int8_export_records_its_recipe_and_is_reproducible(exported: Path, flic
     assert recipe["calibration"]["photos"] == train[:4] and recipe["calibration"]["split"] == "train"
     assert len(recipe["calibration"]["photos_sha256"]) == 64
     assert recipe["quantization"] == {
+        "pre_process": "quant_pre_process(skip_symbolic_shape=True)",
         "format": "QDQ",
         "per_channel": True,
         "weights": "int8",
