@@ -122,7 +122,7 @@ def _model() -> dict[str, Any]:
             },
             "runtime": {
                 "type": "string",
-                "enum": ["torch", "onnxruntime-fp32"],
+                "enum": ["torch", "onnxruntime-fp32", "onnxruntime-int8"],
                 "description": "What runs the encoder (/readyz only; see CAPTIONER_RUNTIME).",
             },
         },
