@@ -183,6 +183,8 @@ def iter_captions(
 
     if not paths:
         return
+    if len(paths) <= batch_size:  # one batch: a decoding process would have nothing to overlap, only its start
+        workers = 0
     loader = DataLoader(
         ImageFiles(paths, cap.encoder_cfg, thumbs),
         batch_size=batch_size,
