@@ -8,12 +8,14 @@ Each measurement runs in a fresh process, round-robin over ``--rounds`` rounds (
 - ``python``: the bare interpreter; ``import_*``: one import each (torch, numpy+PIL, the captioner CLI,
   onnxruntime, openvino);
 - ``cli``: the whole ``captioner caption -q one.jpg`` as shipped (the ONNX Runtime encoder when the model
-  has a fresh export; its session built in a thread while torch imports; the exit's final garbage
-  collection skipped), ``cli_workers0`` the same with ``--workers 0``, ``cli_torch`` with ``CAPTIONER_RUNTIME=torch``;
-- ``cli_no_prefetch`` / ``cli_no_freeze`` / ``cli_neither``: the same CLI with the session prefetch, the
-  frozen exit or both turned off from a wrapper (the library untouched), i.e. the start before round 3;
-- ``stages_onnx`` (and ``stages_onnx_no_prefetch``): one process timing, in order, ``import torch``,
-  ``import captioner.api``, ``Captioner.load`` and the first ``caption()`` on the ONNX path;
+  has a fresh export; the exit's final garbage collection skipped), ``cli_workers0`` the same with
+  ``--workers 0``, ``cli_torch`` with ``CAPTIONER_RUNTIME=torch``;
+- ``cli_no_freeze``: the same CLI with the frozen exit turned off from a wrapper (the start before round 3);
+- ``stages_onnx``: one process timing, in order, ``import torch``, ``import captioner.api``,
+  ``Captioner.load`` and the first ``caption()`` on the ONNX path;
+- ``prefetch_seq`` / ``prefetch_thread`` (a scratch experiment, library untouched): ``import torch`` then an
+  ONNX Runtime session on the model's exported encoder, against the session built in a thread while torch
+  imports (wall of both, and each part);
 - with ``--torch-stages``: ``stages``, the same for the torch path with the load's parts from cProfile
   (the ImageNet ``.pth`` load, the checkpoint read, batch-norm folding, decoder quantisation), plus two
   scratch experiments: the encoder from one safetensors file of its folded weights, and ``fast=False``.
@@ -76,13 +78,8 @@ print(json.dumps(out))
 STAGES_ONNX = r"""
 import json, sys, time
 t0 = time.perf_counter(); out = {}
-from captioner import sessions
-from captioner.settings import default_model_path
-if sys.argv[2] == "prefetch":
-    sessions.prefetch(default_model_path())  # what `captioner caption` does before it imports torch
-t = time.perf_counter()
 import torch
-out["import_torch"] = time.perf_counter() - t; t = time.perf_counter()
+out["import_torch"] = time.perf_counter() - t0; t = time.perf_counter()
 from captioner.api import Captioner
 out["import_captioner_api"] = time.perf_counter() - t; t = time.perf_counter()
 cap = Captioner.load(device="cpu")
@@ -93,16 +90,36 @@ out["total"] = time.perf_counter() - t0; out["runtime"] = cap.runtime
 print(json.dumps(out))
 """
 
-#: `captioner caption -q IMAGE` with the start-up measures of round 3 switched off (argv[1]: "prefetch", "freeze").
-WITHOUT = r"""
+#: Scratch: ``import torch`` and an ONNX Runtime session on the model's exported encoder, one after the
+#: other (argv[1] "seq") or the session in a thread while torch imports ("thread").
+PREFETCH = r"""
+import json, sys, threading, time
+t0 = time.perf_counter(); out = {}
+from captioner.settings import default_model_path
+folder = default_model_path()
+recipe = json.loads((folder / "config.json").read_text())["encoder_onnx"]
+def build():
+    t = time.perf_counter()
+    import onnxruntime as ort
+    opts = ort.SessionOptions(); opts.intra_op_num_threads = 2; opts.inter_op_num_threads = 1
+    ort.InferenceSession((folder / recipe["file"]).read_bytes(), opts, providers=["CPUExecutionProvider"])
+    out["session"] = time.perf_counter() - t
+job = threading.Thread(target=build)
+if sys.argv[1] == "thread":
+    job.start()
+t = time.perf_counter(); import torch; out["import_torch"] = time.perf_counter() - t
+if sys.argv[1] != "thread":
+    job.start()
+job.join(); out["total"] = time.perf_counter() - t0
+print(json.dumps(out))
+"""
+
+#: `captioner caption -q IMAGE` with the frozen exit of round 3 switched off.
+WITHOUT_FREEZE = r"""
 import atexit, gc, sys
-from captioner import sessions
 from captioner.commands.main import main
-if "prefetch" in sys.argv[1].split(","):
-    sessions.prefetch = lambda *args, **kwargs: None
-rc = main(["caption", "-q", sys.argv[2]])
-if "freeze" in sys.argv[1].split(","):
-    atexit.unregister(gc.freeze)
+rc = main(["caption", "-q", sys.argv[1]])
+atexit.unregister(gc.freeze)
 sys.exit(rc)
 """
 
@@ -133,15 +150,13 @@ def main() -> None:
         "import_onnxruntime": [py, "-c", "import onnxruntime"],
         "import_openvino": [py, "-c", "import openvino"],
         "cli": [cli, "caption", "-q", args.image],
-        "cli_no_prefetch": [py, "-c", WITHOUT, "prefetch", args.image],
-        "cli_no_freeze": [py, "-c", WITHOUT, "freeze", args.image],
-        "cli_neither": [py, "-c", WITHOUT, "prefetch,freeze", args.image],
+        "cli_no_freeze": [py, "-c", WITHOUT_FREEZE, args.image],
         "cli_workers0": [cli, "caption", "-q", "--workers", "0", args.image],
         "cli_torch": [cli, "caption", "-q", args.image],
     }
     torch_env = dict(os.environ, CAPTIONER_RUNTIME="torch")
     walls: dict[str, list[float]] = {k: [] for k in commands}
-    stages: dict[str, list[dict]] = {"stages_onnx": [], "stages_onnx_no_prefetch": [], "stages": []}
+    stages: dict[str, list[dict]] = {"stages_onnx": [], "prefetch_seq": [], "prefetch_thread": [], "stages": []}
     loads = []
     for _ in range(args.rounds):
         loads.append(round(os.getloadavg()[0], 2))
@@ -150,8 +165,9 @@ def main() -> None:
                 walls[name].append(timed(cmd, torch_env if name == "cli_torch" else None))
             except subprocess.CalledProcessError:
                 walls[name].append(float("nan"))  # e.g. the optional runtime is not installed
-        stages["stages_onnx"].append(stages_of(STAGES_ONNX, args.image, "prefetch"))
-        stages["stages_onnx_no_prefetch"].append(stages_of(STAGES_ONNX, args.image, "none"))
+        stages["stages_onnx"].append(stages_of(STAGES_ONNX, args.image))
+        for mode in ("seq", "thread"):
+            stages[f"prefetch_{mode}"].append(stages_of(PREFETCH, mode))
         if args.torch_stages:
             stages["stages"].append(stages_of(STAGES, args.image))
         last = {k: round(v[-1], 2) for k, v in walls.items()}

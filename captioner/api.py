@@ -178,7 +178,7 @@ class Captioner:
 
     @property
     def runtime(self) -> str:
-        """What runs the encoder: ``torch``, or ``onnxruntime-fp32``/``-int8`` for the exported graph (captioner.runtime)."""
+        """What runs the encoder: ``torch``, or ``onnxruntime-fp32``/``-int8`` (exported graph, captioner.runtime)."""
         return str(getattr(self.encoder, "runtime", runtimes.TORCH))
 
     @property

@@ -42,13 +42,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, sessions
+from . import checkpoint
 from .encoder import EncoderConfig
-from .sessions import RECIPE_KEY
 from .settings import ONNX_PRECISIONS as PRECISIONS
 from .settings import RUNTIMES
 
 ONNX_FILE = "encoder.onnx"
+RECIPE_KEY = "encoder_onnx"
 OPSET = 17
 TORCH = "torch"
 
@@ -115,15 +115,19 @@ class OnnxEncoder(nn.Module):
 
     @classmethod
     def open(cls, folder: Path, config: dict, threads: int | None = None) -> OnnxEncoder:
-        """A session on ``folder``'s encoder.onnx with ``threads`` intra-op threads (default: torch's count)."""
+        """A session on ``folder``'s exported encoder with ``threads`` intra-op threads (default: torch's count)."""
+        import onnxruntime as ort
+
         recipe = config[RECIPE_KEY]
-        path, threads = folder / recipe["file"], threads or torch.get_num_threads()
-        session = sessions.take(path, recipe["onnx_sha256"], threads)  # built while torch imported (the CLI)
-        if session is None:
-            model = path.read_bytes()
-            if hashlib.sha256(model).hexdigest() != recipe["onnx_sha256"]:
-                raise RuntimeUnavailable(f"{path} does not match its recipe (onnx_sha256)")
-            session = sessions.create(model, threads)
+        path = folder / recipe["file"]
+        model = path.read_bytes()
+        if hashlib.sha256(model).hexdigest() != recipe["onnx_sha256"]:
+            raise RuntimeUnavailable(f"{path} does not match its recipe (onnx_sha256)")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         return cls(session, EncoderConfig(**config["encoder"]), recipe["precision"], len(recipe["outputs"]) == 2)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

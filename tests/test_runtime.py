@@ -168,38 +168,3 @@ def test_runtime_named_in_summary_line_and_readyz(exported: Path, tmp_path: Path
         assert model["runtime"] == "onnxruntime-fp32" and model["optimizations"] == ["int8_decoder"]
     finally:
         close(app)
-
-
-@needs_ort
-def test_prefetched_session_is_taken_by_the_load(
-    exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
-) -> None:
-    """The CLI builds the ONNX Runtime session in a thread while torch imports; the load takes it, never a stale one."""
-    from captioner import sessions
-
-    made = []
-    real = sessions.create
-    monkeypatch.setattr(sessions, "create", lambda model, threads: made.append(threads) or real(model, threads))
-    threads = torch.get_num_threads()
-    sessions.prefetch(exported, threads)
-    assert Captioner.load(exported, device="cpu").runtime == "onnxruntime-fp32"
-    assert made == [threads] and not sessions.PENDING  # built once, in the thread, and taken
-
-    sessions.prefetch(exported, threads + 1)  # not the thread count torch runs with: built anew
-    assert Captioner.load(exported, device="cpu").runtime == "onnxruntime-fp32"
-    assert sorted(made) == sorted([threads, threads + 1, threads])  # the thread and the load run side by side
-    sessions.PENDING.clear()
-
-    edited = copy_of(exported, tmp_path / "edited")
-    with (edited / runtime.ONNX_FILE).open("ab") as fh:
-        fh.write(b"\0")
-    sessions.prefetch(edited, threads)  # bytes that are not the recipe's: no session, the load reports it
-    with pytest.warns(UserWarning, match="onnx_sha256"):
-        assert Captioner.load(edited, device="cpu").runtime == "torch"
-    sessions.PENDING.clear()
-
-    image = tmp_path / "a.png"
-    make_image(2).save(image)
-    monkeypatch.setattr(sessions, "default_threads", lambda: threads)  # the guess is right on this machine
-    assert cli_main(["caption", "--checkpoint", str(exported), "--workers", "0", "-q", str(image)]) == 0
-    assert json.loads(capsys.readouterr().out)["caption"] and not sessions.PENDING  # the CLI's prefetch was used

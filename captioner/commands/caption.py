@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import outputs
 from ..outputs import FORMATS, PROG
-from ..settings import GUIDANCE, MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, default_model_path, default_workers, parse_flag
+from ..settings import GUIDANCE, MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, default_workers
 from .common import int_range
 
 if TYPE_CHECKING:
@@ -132,7 +132,6 @@ def run(args: argparse.Namespace) -> int:
         _usage(args, f"--output {args.output} is a folder")
     if args.inputs.count("-") > 1:
         _usage(args, "'-' (read paths from stdin) may be given only once")
-    prefetch_session(args)
     from datetime import timedelta
 
     from ..distributed import Distributed  # torch: after the usage checks, which answer at once
@@ -152,20 +151,6 @@ def run(args: argparse.Namespace) -> int:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
         ddp.close()
-
-
-def prefetch_session(args: argparse.Namespace) -> None:
-    """Build the ONNX Runtime encoder session in a thread while torch imports (captioner.sessions), when the
-    fast CPU path will want it; Captioner.load takes it, or builds its own and reports any problem."""
-    try:
-        runtime = os.environ.get("CAPTIONER_RUNTIME", "auto").strip().lower()
-        fast = parse_flag(os.environ.get("CAPTIONER_FAST", "1"), "CAPTIONER_FAST") and not args.exact
-    except ValueError:
-        return
-    if fast and runtime != "torch" and args.device in (None, "cpu"):
-        from .. import sessions
-
-        sessions.prefetch(Path(args.checkpoint) if args.checkpoint else default_model_path())
 
 
 def _load(args: argparse.Namespace, ddp: Distributed) -> Captioner:
