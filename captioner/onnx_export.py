@@ -112,7 +112,7 @@ def build_onnx(folder: str | os.PathLike, precision: str = "fp32", calibration: 
 
 
 def check_request(precision: str, calibration: Calibration | None) -> None:
-    """CheckpointError for an unknown precision or method, or int8 without usable calibration data."""
+    """CheckpointError for an unknown precision or method, or int8 without usable calibration data (its split read)."""
     if precision not in PRECISIONS:
         raise checkpoint.CheckpointError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     for package in ["onnx"] + (["onnxruntime"] if precision == "int8" else []):
@@ -134,6 +134,7 @@ def check_request(precision: str, calibration: Calibration | None) -> None:
         )
     if calibration.images < 1:
         raise checkpoint.CheckpointError(f"calibration needs at least one photo, got {calibration.images}")
+    calibration_photos(calibration)  # the data folder's problems before any work
 
 
 def calibration_photos(calibration: Calibration | None) -> list[Path]:

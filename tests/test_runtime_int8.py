@@ -156,6 +156,7 @@ def test_int8_export_without_calibration_data_fails_cleanly(tmp_path: Path, flic
     assert "calibration data" in capsys.readouterr().err
     assert cli_main(export_args(src, out, "--calibration-data", str(flickr), "--calibration-images", "50")) == 2
     assert "6 train photos, 50 asked for" in capsys.readouterr().err
+    assert not out.exists()  # the data is checked before the checkpoint is copied
     before = (src / checkpoint.CONFIG).read_text()
     assert onnx_main([str(src), "--precision", "int8"]) == 2
     assert "--calibration-data" in capsys.readouterr().err
