@@ -101,7 +101,7 @@ def test_int8_encoder_is_batch_invariant_and_close_to_torch(exported: Path) -> N
 
 
 def test_int8_runtime_named_in_summary_line_and_readyz(exported: Path, tmp_path: Path, capsys) -> None:
-    from test_service import close, make_app
+    from test_service import close, make_app, response_schema, validate
 
     image = tmp_path / "a.png"
     make_image(1).save(image)
@@ -110,7 +110,11 @@ def test_int8_runtime_named_in_summary_line_and_readyz(exported: Path, tmp_path:
     assert "encoder: onnxruntime-int8" in capsys.readouterr().err
     app = make_app(exported, CAPTIONER_WARMUP=False)
     try:
-        assert app.test_client().get("/readyz").get_json()["model"]["runtime"] == "onnxruntime-int8"
+        client = app.test_client()
+        ready = client.get("/readyz").get_json()
+        assert ready["model"]["runtime"] == "onnxruntime-int8"
+        spec = client.get("/openapi.json").get_json()
+        validate(ready, response_schema(spec, "/readyz", "get", 200), spec)  # the documented enum names it
     finally:
         close(app)
 
