@@ -186,9 +186,7 @@ def quantize_int8(fp32: Path, out: Path, calibration: Calibration, config: Encod
             raise checkpoint.CheckpointError(f"calibration photo {item.path}: {item.error[0] if item.error else '?'}")
         pixels.append(item.image.unsqueeze(0).numpy())  # (1, 3, S, S)
     reader = Reader(pixels)
-    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}.get(
-        calibration.method, CalibrationMethod.Entropy
-    )
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}[calibration.method]
     pre = out.with_name("pre.onnx")
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
     settings = {
