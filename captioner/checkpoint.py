@@ -226,12 +226,13 @@ def load_encoder(encoder: Encoder, weights: dict[str, torch.Tensor], finetune_bl
         encoder.load_state_dict(state, strict=False)
 
 
-def update_config(path: str | os.PathLike, changes: dict[str, Any]) -> dict:
-    """Merge ``changes`` into a checkpoint's config.json (dict values one level deep), swapped in atomically."""
+def update_config(path: str | os.PathLike, changes: dict[str, Any], merge: bool = True) -> dict:
+    """Apply ``changes`` to a checkpoint's config.json, swapped in atomically: dict values are merged one level
+    deep (``merge``) or replace the old value whole."""
     folder = resolve(path)
     config = read_config(folder)
     for key, value in changes.items():
-        config[key] = {**(config.get(key) or {}), **value} if isinstance(value, dict) else value
+        config[key] = {**(config.get(key) or {}), **value} if merge and isinstance(value, dict) else value
     tmp = folder / f".{CONFIG}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         _write_json(tmp, config)

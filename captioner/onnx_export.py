@@ -104,8 +104,7 @@ def build_onnx(folder: str | os.PathLike, precision: str = "fp32", calibration: 
         os.replace(tmp, folder / name)
     finally:
         tmp.unlink(missing_ok=True)
-    checkpoint.update_config(folder, {RECIPE_KEY: None})  # replaced whole: no key of an older recipe survives
-    checkpoint.update_config(folder, {RECIPE_KEY: recipe})
+    checkpoint.update_config(folder, {RECIPE_KEY: recipe}, merge=False)  # whole: no key of an older recipe survives
     for other in {onnx_file(p) for p in PRECISIONS} - {name}:
         (folder / other).unlink(missing_ok=True)
     return recipe

@@ -128,9 +128,11 @@ ENV_VARS: dict[str, tuple[str, str, str, str]] = {
         "runtime",
         "str",
         "auto",
-        "What runs the encoder on the CPU fast path: `auto` (ONNX Runtime when the `[onnx]` extra is installed and "
-        "the model folder has an `encoder.onnx` built from its weights, else torch), `torch`, or `onnx` (fail to "
-        "load without it). `/readyz` names it (`model.runtime`).",
+        "What runs the encoder on the CPU fast path: `auto` uses ONNX Runtime when the `[onnx]` extra is installed and "
+        "the model folder has an exported encoder built from its weights (`encoder.onnx`, or `encoder-int8.onnx` for "
+        "int8; `make onnx`, `captioner export --onnx [--precision int8]`; recipe in `config.json`), else torch; "
+        "`torch`; `onnx` fails the load without it. `/readyz` names it (`model.runtime`: `torch`, `onnxruntime-fp32` "
+        "or `onnxruntime-int8`).",
     ),
     "CAPTIONER_DECODE_SLOTS": (
         "decode_slots",
