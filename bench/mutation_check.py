@@ -243,7 +243,7 @@ MUTATIONS: list[Mutation] = [
     # ---- more of the search, training, preprocessing, the batch CLI and the service
     Mutation(
         "finished-beams-not-frozen",
-        "captioner/search.py",
+        "captioner/live_rows.py",
         "return torch.where(done.unsqueeze(1), self.idle, logp), new, alpha  # (R, V)",
         "return logp, new, alpha  # (R, V)",
         SEARCH_TESTS,

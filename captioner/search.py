@@ -3,18 +3,21 @@
 The searches run all images of a batch together (beam search: B images x K beams as one
 (B*K) batch through the decoder), compute the attention projection of each
 image's grid once, stop as soon as every hypothesis has emitted ``<end>``, and
-always stop after ``max_length`` words even if ``<end>`` never comes. Every
+always stop after ``max_length`` words even if ``<end>`` never comes. The beam searches
+run the decoder only on the beams still running (:class:`~captioner.live_rows.LiveRows`). Every
 decoding path bans the same tokens (:func:`_mask_logprobs`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from .decoder import AttentionDecoder, Memory, State
+from .decoder import AttentionDecoder
+from .live_rows import LiveRows
 
 
 @dataclass
@@ -53,58 +56,6 @@ def _mask_logprobs(
     if block_repeats and step > 0:
         logp.scatter_(1, prev.unsqueeze(1), float("-inf"))
     return logp
-
-
-class _LiveRows:
-    """The decoder step of a beam search, run only for the rows that can still change its result.
-
-    A row is idle once it has emitted ``<end>`` (it may only continue with ``<pad>``, at no cost) or while
-    its score is -inf (an empty beam slot, e.g. a constrained search's state 1 for an image without a
-    constraint). Idle rows get that ``<pad>``-only distribution without a decoder step. The live rows run
-    as a smaller batch, which gives the same numbers (every decoder operation is row-wise, and
-    :class:`~captioner.perf.Int8Linear` scales each row on its own: captions, log-probs and attention were
-    bit-identical on 256 dev photos, BENCHMARKS.md). The batch is rebuilt when a row comes alive or a quarter
-    of it is idle, not at every change, since each rebuild copies the rows' annotation memory.
-    """
-
-    def __init__(self, decoder: AttentionDecoder, memory: Memory, image: torch.Tensor, pad_id: int, **masking) -> None:
-        self.decoder, self.images, self.image = decoder, memory, image  # image: (R,) the image of each row
-        self.pad_id, self.masking = pad_id, masking  # masking: _mask_logprobs's end_id, start_id, block_repeats, unk_id
-        self.rows = torch.arange(len(image), device=image.device)  # (n,) the rows the decoder runs on
-        self.running = torch.ones(len(image), dtype=torch.bool, device=image.device)  # (R,) the same as a mask
-        self.memory = memory.index_select(image)  # (n, L, .) their memory
-        self.idle: torch.Tensor | None = None  # (V,) an idle row's next-word log-probs, once V is known
-
-    def step(
-        self, t: int, prev: torch.Tensor, state: State, done: torch.Tensor, scores: torch.Tensor
-    ) -> tuple[torch.Tensor, State, torch.Tensor] | None:
-        """prev (R,), state, done (R,), scores (R,) -> masked log-probs (R, V), new state, alpha (R, L); None when
-        every row is idle (the search is over)."""
-        R = len(self.image)
-        live = ~done & torch.isfinite(scores)  # (R,)
-        n_live, n_new = torch.stack([live.sum(), (live & ~self.running).sum()]).tolist()  # the step's one host sync
-        if n_live == 0:
-            return None
-        if n_new or n_live < 0.75 * len(self.rows):  # a row came alive (beams filling up at t = 1), or many ended
-            self.running = live
-            self.rows = live.nonzero().squeeze(1)  # (n,)
-            self.memory = self.images.index_select(self.image.index_select(0, self.rows))  # (n, L, .)
-        every = len(self.rows) == R
-        rows_prev = prev if every else prev.index_select(0, self.rows)  # (n,)
-        rows_state = state if every else state.index_select(self.rows)
-        logits, new, alpha = self.decoder.step(rows_prev, rows_state, self.memory)  # (n, V), (n, H), (n, L)
-        logp = _mask_logprobs(
-            torch.log_softmax(logits.float(), dim=-1), rows_prev, t, pad_id=self.pad_id, **self.masking
-        )  # (n, V)
-        if self.idle is None:
-            self.idle = torch.full_like(logp[0], float("-inf"))  # (V,)
-            self.idle[self.pad_id] = 0.0
-        if not every:
-            logp = self.idle.repeat(R, 1).index_copy_(0, self.rows, logp)  # (R, V)
-            new = State(*(old.index_copy(0, self.rows, part) for old, part in zip(state, new)))  # (R, H) each
-            alpha = alpha.new_zeros(R, alpha.shape[1]).index_copy_(0, self.rows, alpha)  # (R, L)
-        # a finished beam can only continue with <pad>, at log-prob 0
-        return torch.where(done.unsqueeze(1), self.idle, logp), new, alpha  # (R, V)
 
 
 @torch.inference_mode()
@@ -173,9 +124,10 @@ def beam_search(
     # every image's memory is computed once and then shared by its K beams
     expand = torch.arange(B, device=device).repeat_interleave(K)  # (B*K,)
     state = state.index_select(expand)
-    rows = _LiveRows(
-        decoder, memory, expand, pad_id, end_id=end_id, start_id=start_id, block_repeats=block_repeats, unk_id=unk_id
+    mask = partial(
+        _mask_logprobs, end_id=end_id, pad_id=pad_id, start_id=start_id, block_repeats=block_repeats, unk_id=unk_id
     )
+    rows = LiveRows(decoder, memory, expand, pad_id, mask)
 
     scores = torch.full((B, K), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: keep only one alive at t = 0
@@ -249,9 +201,10 @@ def constrained_beam_search(
     memory, state = decoder.prepare(annotations)
     expand = torch.arange(B, device=device).repeat_interleave(2 * K)  # (B*2K,) rows: image, state, beam
     state = state.index_select(expand)
-    rows = _LiveRows(
-        decoder, memory, expand, pad_id, end_id=end_id, start_id=start_id, block_repeats=block_repeats, unk_id=unk_id
+    mask = partial(
+        _mask_logprobs, end_id=end_id, pad_id=pad_id, start_id=start_id, block_repeats=block_repeats, unk_id=unk_id
     )
+    rows = LiveRows(decoder, memory, expand, pad_id, mask)
     need = required.to(device).unsqueeze(1)  # (B, 1, V)
 
     scores = torch.full((B, 2, K), float("-inf"), device=device)
