@@ -9,7 +9,8 @@ Each round, interleaved on the same ``--n`` Flickr8k test photos:
    ``--anchor-n`` of those photos (it takes each photo alone, so its rate does not depend on how many) -> anchor img/s;
 3. the service (gunicorn, its defaults, started once and warmed up before round 1): 8 concurrent
    clients sharing the ``--n`` photos (img/s), then 1 client posting the first ``--single-n`` one
-   after another (img/s and p50 latency); beam 3, attention grids included;
+   after another (img/s and p50 latency); beam 3, attention grids included; each answer's own
+   ``timing_ms`` (queue, preprocess, inference, postprocess) as p50s, so HTTP and JSON are the rest;
 4. the encoder alone in this process: ms/image of the torch fast path and of ONNX Runtime on 32 of the
    photos in batches of 8 (grid + concepts);
 5. the CLI start: ``captioner caption -q`` on one photo in a fresh process, per runtime
@@ -111,6 +112,8 @@ def service_round(port: int, uploads: list[bytes], single_n: int, query: str) ->
         "c8_p50_ms": eight.get("p50_ms"),
         "errors": one["errors"] + eight["errors"],
         "c8_mean_batch": eight["mean_batch_size"],
+        "c1_server_p50_ms": one.get("server_p50_ms"),  # queue / preprocess / inference / postprocess / total
+        "c8_server_p50_ms": eight.get("server_p50_ms"),
     }
 
 

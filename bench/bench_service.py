@@ -29,6 +29,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -118,6 +119,7 @@ def run_clients(port: int, uploads: list[bytes], clients: int, requests: int, qu
     """``clients`` threads x ``requests`` POSTs each; latencies of successes, errors counted."""
     latencies: list[float] = []
     batch_sizes: list[int] = []
+    server: list[dict[str, float]] = []  # each answer's own timing_ms (queue, preprocess, inference, ...)
     errors: dict[str, int] = {}
     lock = threading.Lock()
     start = threading.Barrier(clients + 1)
@@ -135,8 +137,10 @@ def run_clients(port: int, uploads: list[bytes], clients: int, requests: int, qu
                 ms = (time.perf_counter() - t0) * 1e3
                 with lock:
                     if resp.status == 200:
+                        answer = json.loads(data)
                         latencies.append(ms)
-                        batch_sizes.append(int(json.loads(data).get("batch_size", 0)))
+                        batch_sizes.append(int(answer.get("batch_size", 0)))
+                        server.append(answer.get("timing_ms", {}))
                     else:
                         errors[str(resp.status)] = errors.get(str(resp.status), 0) + 1
             except (OSError, http.client.HTTPException) as exc:
@@ -171,6 +175,8 @@ def run_clients(port: int, uploads: list[bytes], clients: int, requests: int, qu
         out |= {"p50_ms": pct["p50"], "p99_ms": pct["p99"]}
     out["mean_batch_size"] = round((after[0] - before[0]) / batches, 2) if batches else None
     out["mean_batch_size_seen"] = round(sum(batch_sizes) / len(batch_sizes), 2) if batch_sizes else None
+    if server:  # where a request's time goes inside the service (p50 of each part); the rest is HTTP and JSON
+        out["server_p50_ms"] = {k: round(statistics.median(t[k] for t in server), 2) for k in server[0]}
     return out
 
 

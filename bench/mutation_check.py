@@ -106,8 +106,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "int8-one-scale-per-batch",
         "captioner/perf.py",
-        "scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)  # (N, 1)",
-        "scale = rows.abs().amax().clamp_min(1e-12).expand(rows.shape[0], 1)  # (N, 1)",
+        "scale = torch.maximum(rows.amax(dim=1, keepdim=True), rows.amin(dim=1, keepdim=True).neg_())",
+        "scale = rows.abs().amax().expand(rows.shape[0], 1).clone()",
         ("tests/test_perf.py",),
     ),
     Mutation(
@@ -243,9 +243,9 @@ MUTATIONS: list[Mutation] = [
     # ---- more of the search, training, preprocessing, the batch CLI and the service
     Mutation(
         "finished-beams-not-frozen",
-        "captioner/search.py",
-        "logp[done, pad_id] = 0.0\n        cand = ",
-        "logp[done] = logp[done]\n        cand = ",
+        "captioner/live_rows.py",
+        "return torch.where(done.unsqueeze(1), self.idle, logp), new, alpha  # (R, V)",
+        "return logp, new, alpha  # (R, V)",
         SEARCH_TESTS,
     ),
     Mutation(

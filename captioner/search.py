@@ -3,18 +3,21 @@
 The searches run all images of a batch together (beam search: B images x K beams as one
 (B*K) batch through the decoder), compute the attention projection of each
 image's grid once, stop as soon as every hypothesis has emitted ``<end>``, and
-always stop after ``max_length`` words even if ``<end>`` never comes. Every
+always stop after ``max_length`` words even if ``<end>`` never comes. The beam searches
+run the decoder only on the beams still running (:class:`~captioner.live_rows.LiveRows`). Every
 decoding path bans the same tokens (:func:`_mask_logprobs`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from .decoder import AttentionDecoder
+from .live_rows import LiveRows
 
 
 @dataclass
@@ -120,7 +123,11 @@ def beam_search(
     memory, state = decoder.prepare(annotations)
     # every image's memory is computed once and then shared by its K beams
     expand = torch.arange(B, device=device).repeat_interleave(K)  # (B*K,)
-    memory, state = memory.index_select(expand), state.index_select(expand)
+    state = state.index_select(expand)
+    mask = partial(
+        _mask_logprobs, end_id=end_id, pad_id=pad_id, start_id=start_id, block_repeats=block_repeats, unk_id=unk_id
+    )
+    rows = LiveRows(decoder, memory, expand, pad_id, mask)
 
     scores = torch.full((B, K), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: keep only one alive at t = 0
@@ -133,14 +140,11 @@ def beam_search(
     base = (torch.arange(B, device=device) * K).unsqueeze(1)  # (B, 1)
 
     for t in range(max_length):
-        logits, state, alpha = decoder.step(prev, state, memory)  # (B*K, V), ..., (B*K, L)
-        V = logits.shape[-1]
-        logp = _mask_logprobs(
-            torch.log_softmax(logits.float(), dim=-1), prev, t, end_id, pad_id, start_id, block_repeats, unk_id
-        )
-        # a finished beam can only continue with <pad>, at log-prob 0
-        logp[done] = float("-inf")
-        logp[done, pad_id] = 0.0
+        stepped = rows.step(t, prev, state, done, scores.view(-1))
+        if stepped is None:  # every beam has ended
+            break
+        logp, state, alpha = stepped  # (B*K, V), ..., (B*K, L)
+        V = logp.shape[-1]
         cand = (scores.view(B * K, 1) + logp).view(B, K * V)  # (B, K*V)
         scores, flat = cand.topk(K, dim=1)  # (B, K)
         origin = (flat // V + base).view(-1)  # (B*K,) row each new beam comes from
@@ -155,8 +159,6 @@ def beam_search(
         hist_alpha = torch.cat([hist_alpha.index_select(0, origin), alpha.index_select(0, origin).unsqueeze(1)], 1)
         done = was_done | (word == end_id)
         prev = word
-        if bool(done.all()):
-            break
 
     final = scores.view(-1) / length_penalty(lengths, length_alpha)  # (B*K,)
     final = torch.where(torch.isfinite(final), final, torch.full_like(final, float("-inf")))
@@ -198,7 +200,11 @@ def constrained_beam_search(
     device = annotations.device
     memory, state = decoder.prepare(annotations)
     expand = torch.arange(B, device=device).repeat_interleave(2 * K)  # (B*2K,) rows: image, state, beam
-    memory, state = memory.index_select(expand), state.index_select(expand)
+    state = state.index_select(expand)
+    mask = partial(
+        _mask_logprobs, end_id=end_id, pad_id=pad_id, start_id=start_id, block_repeats=block_repeats, unk_id=unk_id
+    )
+    rows = LiveRows(decoder, memory, expand, pad_id, mask)
     need = required.to(device).unsqueeze(1)  # (B, 1, V)
 
     scores = torch.full((B, 2, K), float("-inf"), device=device)
@@ -212,13 +218,11 @@ def constrained_beam_search(
     base = (torch.arange(B, device=device) * 2 * K).unsqueeze(1)  # (B, 1)
 
     for t in range(max_length):
-        logits, state, alpha = decoder.step(prev, state, memory)  # (B*2K, V), ..., (B*2K, L)
-        V = logits.shape[-1]
-        logp = _mask_logprobs(
-            torch.log_softmax(logits.float(), dim=-1), prev, t, end_id, pad_id, start_id, block_repeats, unk_id
-        )
-        logp[done] = float("-inf")
-        logp[done, pad_id] = 0.0
+        stepped = rows.step(t, prev, state, done, scores.view(-1))
+        if stepped is None:  # every beam has ended or is empty
+            break
+        logp, state, alpha = stepped  # (B*2K, V), ..., (B*2K, L)
+        V = logp.shape[-1]
         scores, flat = _two_state_topk(scores, logp.view(B, 2, K, V), need)  # (B, 2, K), (B, 2K)
         origin = (flat // V + base).view(-1)  # (B*2K,) row each new beam comes from
         word = (flat % V).view(-1)  # (B*2K,)
@@ -232,8 +236,6 @@ def constrained_beam_search(
         hist_alpha = torch.cat([hist_alpha.index_select(0, origin), alpha.index_select(0, origin).unsqueeze(1)], 1)
         done = was_done | (word == end_id)
         prev = word
-        if bool(done.all()):
-            break
 
     final = scores.view(-1) / length_penalty(lengths, length_alpha)  # (B*2K,)
     final = torch.where(torch.isfinite(final), final, torch.full_like(final, float("-inf")))

@@ -198,6 +198,24 @@ def test_length_penalty_ranks_hypotheses_by_the_documented_score() -> None:
                 assert h.logprobs == pytest.approx(expected, abs=1e-6)
 
 
+def test_a_finished_beam_stays_finished_among_running_ones() -> None:
+    """5 beams start with the 5 words; only "A <end>" ends at step 2 and 4 run on, too many for the search to stop
+    computing the finished row. That row must continue only with <pad> at no cost: its score stays log 0.4 and it
+    stays best."""
+    table = {
+        (): {A: 0.4, B_: 0.25, C: 0.15, D_: 0.1, E: 0.1},
+        (A,): {END: 1.0},
+        (B_,): {C: 0.5, D_: 0.5},
+        (C,): {D_: 0.5, E: 0.5},
+        (D_,): {E: 1.0},
+    }  # longer prefixes: uniform, so the running beams fall far below log 0.4
+    feats = torch.zeros(1, L, D)
+    common = dict(start_id=START, end_id=END, pad_id=PAD, max_length=6, block_repeats=False)
+    best = beam_search(TableDecoder(table, 9, START), feats, beam_size=5, **common)[0][0]
+    assert best.ids == [A] and best.finished
+    assert best.score == pytest.approx(math.log(0.4), abs=1e-6)
+
+
 def test_greedy_and_beam_one_score_is_the_total_log_prob() -> None:
     """Greedy takes A then <end>; its score is the plain sum of the two log-probs."""
     feats = torch.zeros(1, L, D)
