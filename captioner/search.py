@@ -180,49 +180,61 @@ def constrained_beam_search(
     block_repeats: bool = True,
     unk_id: int | None = None,
     allowance: torch.Tensor | None = None,
+    penalty: torch.Tensor | None = None,
 ) -> list[list[Hypothesis]]:
-    """Beam search in which a caption must use one of each image's ``required`` words, exactly once.
+    """Beam search in which a caption may satisfy each of an image's constraints, each exactly once.
 
-    required (B, V) bool: the forms of one concept per image ("cat", "cats"); an all-False row
-    leaves that image unconstrained (its result is :func:`beam_search`'s). A constrained beam
-    search with one constraint (Anderson et al. 2017): every image keeps K beams that have not used
-    the word yet (state 0) and K that have (state 1); a required word moves a state-0 beam to state
-    1, where the word may not come again. Scores stay the model's own log-probabilities, so the
-    search places the word where the model finds it most likely. The result comes from state 1
-    when its best score is at most ``allowance`` (B,) below state 0's best (default: whenever a
-    state-1 beam is alive), else from state 0. Runs as one (B*2*K) batch.
+    required (B, C, V) bool, or (B, V) for one constraint: C sets of words per image (the forms of one
+    concept, "cat", "cats"); a word set is used at most once, and an all-False set is never satisfied.
+    The constrained beam search of Anderson et al. (2017): every image keeps K beams for each subset
+    of its constraints satisfied so far (2^C states, as a bit mask); a word of constraint c moves a beam
+    from state s to s | 2^c, and may not come again there. Scores stay the model's own log-probabilities
+    (less ``penalty`` (B, V), a per-word cost that only steers the search: the returned log-probs are the
+    model's), so the search places a word where the model finds it most likely.
+
+    The result comes from the state whose best score plus its constraints' ``allowance`` (B, C), or (B,)
+    for one constraint, is highest (ties: the state that satisfies more); no allowance: the alive state
+    that satisfies most constraints. With no constraints the result is :func:`beam_search`'s. Runs as
+    one (B*2^C*K) batch.
     """
-    K = beam_size
+    required = required.to(annotations.device)
+    required = required.unsqueeze(1) if required.dim() == 2 else required  # (B, C, V)
+    if allowance is not None:
+        allowance = allowance.to(annotations.device).view(required.shape[0], -1)  # (B, C)
+    K, C = beam_size, required.shape[1]
+    S = 1 << C
     n_best = max(1, min(n_best, K))
     B = annotations.shape[0]
     device = annotations.device
     memory, state = decoder.prepare(annotations)
-    expand = torch.arange(B, device=device).repeat_interleave(2 * K)  # (B*2K,) rows: image, state, beam
+    expand = torch.arange(B, device=device).repeat_interleave(S * K)  # (B*S*K,) rows: image, state, beam
     memory, state = memory.index_select(expand), state.index_select(expand)
-    need = required.to(device).unsqueeze(1)  # (B, 1, V)
+    dest = _next_state(required)  # (B, S, V)
+    cost = None if penalty is None else penalty.to(device).float().repeat_interleave(S * K, dim=0)  # (B*S*K, V)
 
-    scores = torch.full((B, 2, K), float("-inf"), device=device)
-    scores[:, 0, 0] = 0.0  # one live state-0 beam at t = 0
-    prev = torch.full((B * 2 * K,), start_id, dtype=torch.long, device=device)
-    done = torch.zeros(B * 2 * K, dtype=torch.bool, device=device)
-    lengths = torch.zeros(B * 2 * K, dtype=torch.long, device=device)
-    hist_ids = torch.zeros(B * 2 * K, 0, dtype=torch.long, device=device)
-    hist_lp = torch.zeros(B * 2 * K, 0, device=device)
-    hist_alpha = torch.zeros(B * 2 * K, 0, memory.feats.shape[1], device=device)
-    base = (torch.arange(B, device=device) * 2 * K).unsqueeze(1)  # (B, 1)
+    scores = torch.full((B, S, K), float("-inf"), device=device)
+    scores[:, 0, 0] = 0.0  # one live beam, with nothing satisfied, at t = 0
+    prev = torch.full((B * S * K,), start_id, dtype=torch.long, device=device)
+    done = torch.zeros(B * S * K, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B * S * K, dtype=torch.long, device=device)
+    hist_ids = torch.zeros(B * S * K, 0, dtype=torch.long, device=device)
+    hist_lp = torch.zeros(B * S * K, 0, device=device)
+    hist_alpha = torch.zeros(B * S * K, 0, memory.feats.shape[1], device=device)
+    base = (torch.arange(B, device=device) * S * K).unsqueeze(1)  # (B, 1)
 
     for t in range(max_length):
-        logits, state, alpha = decoder.step(prev, state, memory)  # (B*2K, V), ..., (B*2K, L)
+        logits, state, alpha = decoder.step(prev, state, memory)  # (B*S*K, V), ..., (B*S*K, L)
         V = logits.shape[-1]
         logp = _mask_logprobs(
             torch.log_softmax(logits.float(), dim=-1), prev, t, end_id, pad_id, start_id, block_repeats, unk_id
         )
         logp[done] = float("-inf")
-        logp[done, pad_id] = 0.0
-        scores, flat = _two_state_topk(scores, logp.view(B, 2, K, V), need)  # (B, 2, K), (B, 2K)
-        origin = (flat // V + base).view(-1)  # (B*2K,) row each new beam comes from
-        word = (flat % V).view(-1)  # (B*2K,)
-        word_lp = logp[origin, word]  # (B*2K,)
+        logp[done, pad_id] = 0.0  # a finished beam can only continue with <pad>, at no cost
+        steer = logp if cost is None else logp - cost.masked_fill(done.unsqueeze(1), 0.0)  # (B*S*K, V)
+        scores, flat = _subset_topk(scores, steer.view(B, S, K, V), dest)  # (B, S, K), (B, S*K)
+        origin = (flat // V + base).view(-1)  # (B*S*K,) row each new beam comes from
+        word = (flat % V).view(-1)  # (B*S*K,)
+        word_lp = logp[origin, word]  # (B*S*K,) the model's own log-prob
 
         state = state.index_select(origin)
         was_done = done.index_select(0, origin)
@@ -235,41 +247,58 @@ def constrained_beam_search(
         if bool(done.all()):
             break
 
-    final = scores.view(-1) / length_penalty(lengths, length_alpha)  # (B*2K,)
+    final = scores.view(-1) / length_penalty(lengths, length_alpha)  # (B*S*K,)
     final = torch.where(torch.isfinite(final), final, torch.full_like(final, float("-inf")))
-    rows = _best_in_state(final.view(B, 2, K), allowance, n_best) + base  # (B, n_best) history rows, best first
+    rows = _best_state(final.view(B, S, K), allowance, n_best) + base  # (B, n_best) history rows, best first
     return _collect(rows, hist_ids, hist_lp, hist_alpha, final, end_id, pad_id)
 
 
-def _two_state_topk(scores: torch.Tensor, logp: torch.Tensor, need: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of the constrained search's selection: the K best continuations per state.
+def _next_state(required: torch.Tensor) -> torch.Tensor:
+    """required (B, C, V) -> (B, 2^C, V): the state a beam in state s moves to with word v, -1 where v is banned
+    (its constraint is already satisfied in s)."""
+    B, C, V = required.shape
+    bits = (required.long() << torch.arange(C, device=required.device).view(1, C, 1)).sum(1)  # (B, V)
+    states = torch.arange(1 << C, device=required.device).view(1, -1, 1)  # (1, S, 1)
+    dest = states | bits.unsqueeze(1)  # (B, S, V)
+    return dest.masked_fill((states & bits.unsqueeze(1)) != 0, -1)  # (B, S, V)
 
-    scores (B, 2, K) beam scores so far, logp (B, 2, K, V) next-word log-probs, need (B, 1, V) the required
-    words -> new scores (B, 2, K) and flat (B, 2K) indices into each image's (2K*V) candidates: the first K
-    (state 0) come from rows 0..K-1, the last K (state 1) from rows 0..2K-1.
+
+def _subset_topk(scores: torch.Tensor, logp: torch.Tensor, dest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the constrained search's selection: the K best continuations that land in each state.
+
+    scores (B, S, K) beam scores so far, logp (B, S, K, V) next-word log-probs, dest (B, S, V) from
+    :func:`_next_state` -> new scores (B, S, K) and flat (B, S*K) indices into each image's (S*K*V)
+    candidates, state-major: the K beams of state s are columns s*K .. s*K + K - 1.
     """
-    B, _, K, V = logp.shape
-    total = scores.unsqueeze(3) + logp  # (B, 2, K, V)
-    stay0 = total[:, 0].masked_fill(need, float("-inf"))  # (B, K, V) state 0 without the word
-    enter1 = total[:, 0].masked_fill(~need, float("-inf"))  # (B, K, V) state 0 -> 1 by using it
-    stay1 = total[:, 1].masked_fill(need, float("-inf"))  # (B, K, V) state 1, the word not again
-    s0, flat0 = stay0.reshape(B, K * V).topk(K, dim=1)  # (B, K): rows 0..K-1 of each image
-    s1, flat1 = torch.cat([enter1, stay1], 1).reshape(B, 2 * K * V).topk(K, dim=1)  # (B, K): rows 0..2K-1
-    return torch.stack([s0, s1], 1), torch.cat([flat0, flat1], 1)  # (B, 2, K), (B, 2K)
+    B, S, K, V = logp.shape
+    total = scores.unsqueeze(3) + logp  # (B, S, K, V)
+    best, flat = [], []
+    for s in range(S):
+        into = total.masked_fill((dest != s).unsqueeze(2), float("-inf"))  # (B, S, K, V) continuations landing in s
+        top, index = into.view(B, S * K * V).topk(K, dim=1)  # (B, K)
+        best.append(top)
+        flat.append(index)
+    return torch.stack(best, 1), torch.cat(flat, 1)  # (B, S, K), (B, S*K)
 
 
-def _best_in_state(final: torch.Tensor, allowance: torch.Tensor | None, n_best: int) -> torch.Tensor:
-    """final (B, 2, K) normalised scores -> (B, n_best) rows within each image (state * K + beam), best first.
+def _best_state(final: torch.Tensor, allowance: torch.Tensor | None, n_best: int) -> torch.Tensor:
+    """final (B, S, K) normalised scores -> (B, n_best) rows within each image (state * K + beam), best first.
 
-    The rows come from state 1 when its best is alive and at most ``allowance`` (B,) below state 0's best
-    (no allowance: whenever it is alive), else from state 0.
+    The rows come from the state with the highest best score plus the ``allowance`` (B, C) of the constraints
+    it satisfies (ties: the higher state, which satisfies more); without an allowance, from the alive state
+    that satisfies most constraints (ties: the higher best score).
     """
-    B, _, K = final.shape
-    best = final.max(dim=2).values  # (B, 2) best score per state
-    satisfied = torch.isfinite(best[:, 1])  # (B,)
-    if allowance is not None:
-        satisfied &= best[:, 1] >= best[:, 0] - allowance.to(final.device)  # (B,)
-    pool = torch.where(satisfied, 1, 0)  # (B,) the state the result comes from
+    B, S, K = final.shape
+    C = S.bit_length() - 1
+    best = final.max(dim=2).values  # (B, S) best score per state
+    alive = torch.isfinite(best)  # (B, S)
+    member = ((torch.arange(S, device=final.device).unsqueeze(1) >> torch.arange(C, device=final.device)) & 1).float()
+    if allowance is None:  # member (S, C): which constraints each state satisfies
+        count = torch.where(alive, member.sum(1), -1.0)  # (B, S)
+        rank = torch.where(count == count.max(dim=1, keepdim=True).values, best, float("-inf"))  # (B, S)
+    else:
+        rank = torch.where(alive, best + allowance.to(final.device).float() @ member.T, float("-inf"))  # (B, S)
+    pool = S - 1 - rank.flip(1).argmax(dim=1)  # (B,) the state the result comes from: the last best one
     ranked = final[torch.arange(B, device=final.device), pool]  # (B, K)
     return ranked.argsort(dim=1, descending=True)[:, :n_best] + (pool * K).unsqueeze(1)  # (B, n_best)
 
