@@ -28,6 +28,10 @@ from torch import nn
 from .encoder import Encoder, build_lite
 
 MAPPING_FILE = "imagenet_concepts.json"
+#: ImageNet-1k's classes 0-397 are animals (WordNet's animal.n.01 subtree), the rest are not.
+ANIMAL_CLASSES = range(398)
+#: Words of animal classes that captions also use in another sense ("a kite flies", "playing cricket").
+OTHER_SENSES = frozenset({"fly", "cricket", "star"})
 
 
 @dataclass(frozen=True)
@@ -96,11 +100,13 @@ class ConceptMap:
         class_words: list[list[str]],
         vocab_words: list[str],
         proxies: dict[str, str] | None = None,
+        scenes: set[str] | None = None,
     ) -> None:
         known = set(vocab_words)
         # a proxy only stands in for a word the vocabulary lacks
         self.proxies = {w: p for w, p in (proxies or {}).items() if w not in known and p in known}
         self.words = sorted({w for ws in class_words for w in ws if w in known or w in self.proxies})
+        self.scenes = {w for w in scenes or set() if w in self.words}  # room words (kitchen), not objects
         index = {w: i for i, w in enumerate(self.words)}
         matrix = torch.zeros(len(class_words), len(self.words))  # (1000, W)
         for c, ws in enumerate(class_words):
@@ -110,6 +116,15 @@ class ConceptMap:
         self.matrix = matrix
         # share of the classes that name each word: what its probability is under a flat classifier
         self.share = dict(zip(self.words, (matrix.sum(0) / len(class_words)).tolist()))
+        animal = matrix[ANIMAL_CLASSES.start : ANIMAL_CLASSES.stop].any(0) & ~matrix[ANIMAL_CLASSES.stop :].any(0)
+        # the vocabulary forms of words only animal classes name: the classifier can vouch for these
+        self.vetted = {
+            f
+            for w, a in zip(self.words, animal.tolist())
+            if a and w not in OTHER_SENSES
+            for f in (w, w + "s", w + "es")
+            if f in known
+        }
         self.forms: dict[str, list[str]] = {}  # concept word -> the vocabulary words that place it
         self.shown: dict[str, dict[str, str]] = {}  # concept word -> {vocabulary form: what the caption shows}
         for w in self.words:
@@ -127,7 +142,8 @@ class ConceptMap:
         )
         data = json.loads(text)
         classes = sorted(data["classes"], key=lambda c: c["index"])
-        return cls([c["words"] + c.get("novel", []) for c in classes], vocab_words, data.get("proxies", {}))
+        words = [c["words"] + c.get("novel", []) + ([c["scene"]] if "scene" in c else []) for c in classes]
+        return cls(words, vocab_words, data.get("proxies", {}), {c["scene"] for c in classes if "scene" in c})
 
     def word_probs(self, class_probs: torch.Tensor) -> torch.Tensor:
         """class probabilities (B, 1000) -> word probabilities (B, W), each at most 1."""
