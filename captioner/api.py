@@ -100,6 +100,9 @@ class Captioner:
             "concept_weight": 16.0,
             "concept_top": 2,
             "concept_lift": 2.0,
+            "concept_pair": 1.0,
+            "concept_veto": 0.0,
+            "concept_scene": False,
         }
         self.defaults.update(config.get("inference", {}))
         # visual concepts need the encoder's ImageNet head (EfficientNet-Lite, head stage), in torch or ONNX
@@ -260,10 +263,10 @@ class Captioner:
             unk_id=v.unk_id,
         )
         annotations = annotations.to(self.device)
-        required, allowance, shown = (
+        required, allowance, shown, penalty = (
             self._constraints(concepts)
             if guidance == "concepts" and concepts
-            else (None, None, [{} for _ in range(annotations.shape[0])])
+            else (None, None, [{} for _ in range(annotations.shape[0])], None)
         )
         if required is not None and bool(required.any()):
             hyps = constrained_beam_search(
@@ -274,6 +277,7 @@ class Captioner:
                 length_alpha=alpha,
                 n_best=n_best,
                 allowance=allowance,
+                penalty=penalty,
                 **common,
             )
         else:
@@ -285,32 +289,51 @@ class Captioner:
     def _constraints(
         self,
         concepts: list[list[Concept]],
-    ) -> tuple[torch.Tensor, torch.Tensor | None, list[dict[str, str]]]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[dict[str, str]], torch.Tensor | None]:
         """Each image's top ``concept_top`` concepts whose probability reaches ``concept_threshold`` and
         ``concept_lift`` x their word's class share (a "dog" named by 121 of the 1000 classes needs more
-        than a "zebra"), as one constraint that either word satisfies.
+        than a "zebra"), each as a constraint of its own (``concept_mode`` "each") or all as one that either
+        word satisfies ("either").
 
-        Returns the (B, V) bool mask of their vocabulary forms (a novel word's are its proxy's), the
-        (B,) score allowance ``concept_weight`` x (summed probability) that the caption using one may
-        cost (None: any cost), and per image {vocabulary form: the word the caption shows}.
+        Returns the (B, C, V) bool mask of each constraint's vocabulary forms (a novel word's are its
+        proxy's), the (B, C) score allowance ``concept_weight`` x (its summed probability) that satisfying
+        each may cost (None: any cost), per image {vocabulary form: the word the caption shows}, and the
+        (B, V) penalty ``concept_veto`` on the vetted words (:meth:`ConceptMap.vetted`) of the images with a
+        constraint whose probability is below the reported concepts' (None when 0).
         """
         assert self.concept_map is not None
-        required = torch.zeros(len(concepts), len(self.vocab), dtype=torch.bool)
-        mass = torch.zeros(len(concepts))  # (B,)
-        shown: list[dict[str, str]] = [{} for _ in concepts]
+        cmap, stoi = self.concept_map, self.vocab.stoi
         threshold, top = float(self.defaults["concept_threshold"]), int(self.defaults["concept_top"])
         lift = float(self.defaults["concept_lift"] or 0.0)
+        pair = float(self.defaults["concept_pair"])
+        C = top + int(bool(self.defaults["concept_scene"]))
+        required = torch.zeros(len(concepts), C, len(self.vocab), dtype=torch.bool)
+        mass = torch.zeros(len(concepts), C)  # (B, C)
+        shown: list[dict[str, str]] = [{} for _ in concepts]
+        veto = float(self.defaults["concept_veto"] or 0.0)
+        penalty = torch.zeros(len(concepts), len(self.vocab)) if veto else None  # (B, V)
+        scene = bool(self.defaults["concept_scene"])
         for b, cs in enumerate(concepts):
-            sure = [c for c in cs if c.probability >= max(threshold, lift * self.concept_map.share[c.word])]
-            for c in sure[:top]:
-                if any(f in shown[b] for f in self.concept_map.forms[c.word]):
+            sure = [c for c in cs if c.probability >= max(threshold, lift * cmap.share[c.word])]
+            objects = [c for c in sure if c.word not in cmap.scenes][:top]
+            rooms = [c for c in sure if c.word in cmap.scenes][: int(scene)]
+            for c in objects + rooms:
+                if any(f in shown[b] for f in cmap.forms[c.word]):
                     continue  # two concepts placed through one proxy: the likelier one names it
-                mass[b] += c.probability
-                shown[b] |= self.concept_map.shown[c.word]
-                for form in self.concept_map.forms[c.word]:
-                    required[b, self.vocab.stoi[form]] = True
+                # its own constraint (the next free one) for a room or a confident second object, else the first's
+                own = c in rooms or (c is not objects[0] and c.probability >= pair)
+                k = int((mass[b] > 0).sum()) if own else 0
+                mass[b, k] += c.probability
+                shown[b] |= cmap.shown[c.word]
+                for form in cmap.forms[c.word]:
+                    required[b, k, stoi[form]] = True
+            if penalty is not None and sure:
+                seen = {f for c in cs for f in cmap.forms[c.word]}
+                for form in cmap.vetted - seen:
+                    penalty[b, stoi[form]] = veto
+        C = int(required.any(2).any(0).sum())  # constraints fill from the first: drop the ones no image uses
         weight = self.defaults["concept_weight"]
-        return required, None if weight is None else float(weight) * mass, shown
+        return required[:, :C], None if weight is None else float(weight) * mass[:, :C], shown, penalty
 
     def _to_caption(self, hyps: list[Hypothesis], concepts: list[Concept], shown: dict[str, str]) -> Caption:
         H, W = self.grid
