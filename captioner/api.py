@@ -101,8 +101,7 @@ class Captioner:
             "concept_top": 2,
             "concept_lift": 2.0,
             "concept_pair": 1.0,
-            "concept_veto": 0.0,
-            "concept_scene": False,
+            "concept_scene": True,
         }
         self.defaults.update(config.get("inference", {}))
         # visual concepts need the encoder's ImageNet head (EfficientNet-Lite, head stage), in torch or ONNX
@@ -242,10 +241,11 @@ class Captioner:
         """annotations (B, L, D) -> one Caption per image (``n_best - 1`` alternatives attached).
 
         ``concepts`` (from :meth:`see`) are attached to the captions; with ``guidance="concepts"``
-        (the default) an image with confident concepts (:meth:`_constraints`) gets a caption that
-        uses one of them once (:func:`~captioner.search.constrained_beam_search`, beam size at least 2;
-        a novel word through its proxy, shown by :func:`~captioner.concepts.show_placed`) unless it
-        scores more than ``concept_weight`` x their probability below the plain caption.
+        (the default) an image with confident concepts gets a caption that satisfies its constraints
+        (:meth:`_constraints`: an object, and with ``concept_scene`` a room) each at most once
+        (:func:`~captioner.search.constrained_beam_search`, beam size at least 2; a novel word through its
+        proxy, shown by :func:`~captioner.concepts.show_placed`): of the best captions satisfying each subset
+        of them, the one whose score plus ``concept_weight`` x the probability of what it satisfies is highest.
         """
         beam_size = int(self.defaults["beam_size"] if beam_size is None else beam_size)
         max_length = int(self.defaults["max_length"] if max_length is None else max_length)
@@ -263,10 +263,10 @@ class Captioner:
             unk_id=v.unk_id,
         )
         annotations = annotations.to(self.device)
-        required, allowance, shown, penalty = (
+        required, allowance, shown = (
             self._constraints(concepts)
             if guidance == "concepts" and concepts
-            else (None, None, [{} for _ in range(annotations.shape[0])], None)
+            else (None, None, [{} for _ in range(annotations.shape[0])])
         )
         if required is not None and bool(required.any()):
             hyps = constrained_beam_search(
@@ -277,7 +277,6 @@ class Captioner:
                 length_alpha=alpha,
                 n_best=n_best,
                 allowance=allowance,
-                penalty=penalty,
                 **common,
             )
         else:
@@ -289,17 +288,17 @@ class Captioner:
     def _constraints(
         self,
         concepts: list[list[Concept]],
-    ) -> tuple[torch.Tensor, torch.Tensor | None, list[dict[str, str]], torch.Tensor | None]:
-        """Each image's top ``concept_top`` concepts whose probability reaches ``concept_threshold`` and
-        ``concept_lift`` x their word's class share (a "dog" named by 121 of the 1000 classes needs more
-        than a "zebra"), each as a constraint of its own (``concept_mode`` "each") or all as one that either
-        word satisfies ("either").
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[dict[str, str]]]:
+        """Each image's constraints from its confident concepts: probability p reaching ``concept_threshold``
+        and ``concept_lift`` x the word's class share (a "dog" named by 121 of the 1000 classes needs more
+        than a "zebra").
 
-        Returns the (B, C, V) bool mask of each constraint's vocabulary forms (a novel word's are its
-        proxy's), the (B, C) score allowance ``concept_weight`` x (its summed probability) that satisfying
-        each may cost (None: any cost), per image {vocabulary form: the word the caption shows}, and the
-        (B, V) penalty ``concept_veto`` on the vetted words (:meth:`ConceptMap.vetted`) of the images with a
-        constraint whose probability is below the reported concepts' (None when 0).
+        The top ``concept_top`` object words form one constraint that either satisfies, except that a second
+        object with p >= ``concept_pair`` is a constraint of its own; with ``concept_scene`` the top room word
+        (kitchen, bathroom: :attr:`ConceptMap.scenes`) is one more. Returns the (B, C, V) bool mask of each
+        constraint's vocabulary forms (a novel word's are its proxy's), the (B, C) score allowance
+        ``concept_weight`` x (its summed p) that satisfying each may cost (None: any cost), and per image
+        {vocabulary form: the word the caption shows}.
         """
         assert self.concept_map is not None
         cmap, stoi = self.concept_map, self.vocab.stoi
@@ -310,8 +309,6 @@ class Captioner:
         required = torch.zeros(len(concepts), C, len(self.vocab), dtype=torch.bool)
         mass = torch.zeros(len(concepts), C)  # (B, C)
         shown: list[dict[str, str]] = [{} for _ in concepts]
-        veto = float(self.defaults["concept_veto"] or 0.0)
-        penalty = torch.zeros(len(concepts), len(self.vocab)) if veto else None  # (B, V)
         scene = bool(self.defaults["concept_scene"])
         for b, cs in enumerate(concepts):
             sure = [c for c in cs if c.probability >= max(threshold, lift * cmap.share[c.word])]
@@ -327,13 +324,9 @@ class Captioner:
                 shown[b] |= cmap.shown[c.word]
                 for form in cmap.forms[c.word]:
                     required[b, k, stoi[form]] = True
-            if penalty is not None and sure:
-                seen = {f for c in cs for f in cmap.forms[c.word]}
-                for form in cmap.vetted - seen:
-                    penalty[b, stoi[form]] = veto
         C = int(required.any(2).any(0).sum())  # constraints fill from the first: drop the ones no image uses
         weight = self.defaults["concept_weight"]
-        return required[:, :C], None if weight is None else float(weight) * mass[:, :C], shown, penalty
+        return required[:, :C], None if weight is None else float(weight) * mass[:, :C], shown
 
     def _to_caption(self, hyps: list[Hypothesis], concepts: list[Concept], shown: dict[str, str]) -> Caption:
         H, W = self.grid

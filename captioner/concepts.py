@@ -28,10 +28,6 @@ from torch import nn
 from .encoder import Encoder, build_lite
 
 MAPPING_FILE = "imagenet_concepts.json"
-#: ImageNet-1k's classes 0-397 are animals (WordNet's animal.n.01 subtree), the rest are not.
-ANIMAL_CLASSES = range(398)
-#: Words of animal classes that captions also use in another sense ("a kite flies", "playing cricket").
-OTHER_SENSES = frozenset({"fly", "cricket", "star"})
 
 
 @dataclass(frozen=True)
@@ -116,15 +112,6 @@ class ConceptMap:
         self.matrix = matrix
         # share of the classes that name each word: what its probability is under a flat classifier
         self.share = dict(zip(self.words, (matrix.sum(0) / len(class_words)).tolist()))
-        animal = matrix[ANIMAL_CLASSES.start : ANIMAL_CLASSES.stop].any(0) & ~matrix[ANIMAL_CLASSES.stop :].any(0)
-        # the vocabulary forms of words only animal classes name: the classifier can vouch for these
-        self.vetted = {
-            f
-            for w, a in zip(self.words, animal.tolist())
-            if a and w not in OTHER_SENSES
-            for f in (w, w + "s", w + "es")
-            if f in known
-        }
         self.forms: dict[str, list[str]] = {}  # concept word -> the vocabulary words that place it
         self.shown: dict[str, dict[str, str]] = {}  # concept word -> {vocabulary form: what the caption shows}
         for w in self.words:

@@ -180,7 +180,6 @@ def constrained_beam_search(
     block_repeats: bool = True,
     unk_id: int | None = None,
     allowance: torch.Tensor | None = None,
-    penalty: torch.Tensor | None = None,
 ) -> list[list[Hypothesis]]:
     """Beam search in which a caption may satisfy each of an image's constraints, each exactly once.
 
@@ -188,9 +187,8 @@ def constrained_beam_search(
     concept, "cat", "cats"); a word set is used at most once, and an all-False set is never satisfied.
     The constrained beam search of Anderson et al. (2017): every image keeps K beams for each subset
     of its constraints satisfied so far (2^C states, as a bit mask); a word of constraint c moves a beam
-    from state s to s | 2^c, and may not come again there. Scores stay the model's own log-probabilities
-    (less ``penalty`` (B, V), a per-word cost that only steers the search: the returned log-probs are the
-    model's), so the search places a word where the model finds it most likely.
+    from state s to s | 2^c, and may not come again there. Scores stay the model's own log-probabilities,
+    so the search places a word where the model finds it most likely.
 
     The result comes from the state whose best score plus its constraints' ``allowance`` (B, C), or (B,)
     for one constraint, is highest (ties: the state that satisfies more); no allowance: the alive state
@@ -210,7 +208,6 @@ def constrained_beam_search(
     expand = torch.arange(B, device=device).repeat_interleave(S * K)  # (B*S*K,) rows: image, state, beam
     memory, state = memory.index_select(expand), state.index_select(expand)
     dest = _next_state(required)  # (B, S, V)
-    cost = None if penalty is None else penalty.to(device).float().repeat_interleave(S * K, dim=0)  # (B*S*K, V)
 
     scores = torch.full((B, S, K), float("-inf"), device=device)
     scores[:, 0, 0] = 0.0  # one live beam, with nothing satisfied, at t = 0
@@ -230,11 +227,10 @@ def constrained_beam_search(
         )
         logp[done] = float("-inf")
         logp[done, pad_id] = 0.0  # a finished beam can only continue with <pad>, at no cost
-        steer = logp if cost is None else logp - cost.masked_fill(done.unsqueeze(1), 0.0)  # (B*S*K, V)
-        scores, flat = _subset_topk(scores, steer.view(B, S, K, V), dest)  # (B, S, K), (B, S*K)
+        scores, flat = _subset_topk(scores, logp.view(B, S, K, V), dest)  # (B, S, K), (B, S*K)
         origin = (flat // V + base).view(-1)  # (B*S*K,) row each new beam comes from
         word = (flat % V).view(-1)  # (B*S*K,)
-        word_lp = logp[origin, word]  # (B*S*K,) the model's own log-prob
+        word_lp = logp[origin, word]  # (B*S*K,)
 
         state = state.index_select(origin)
         was_done = done.index_select(0, origin)
@@ -256,7 +252,7 @@ def constrained_beam_search(
 def _next_state(required: torch.Tensor) -> torch.Tensor:
     """required (B, C, V) -> (B, 2^C, V): the state a beam in state s moves to with word v, -1 where v is banned
     (its constraint is already satisfied in s)."""
-    B, C, V = required.shape
+    C = required.shape[1]
     bits = (required.long() << torch.arange(C, device=required.device).view(1, C, 1)).sum(1)  # (B, V)
     states = torch.arange(1 << C, device=required.device).view(1, -1, 1)  # (1, S, 1)
     dest = states | bits.unsqueeze(1)  # (B, S, V)
