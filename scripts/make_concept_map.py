@@ -525,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "about": "ImageNet-1k class -> caption words; written by scripts/make_concept_map.py (WordNet 3.0 "
         "hypernyms, restricted to the flickr8k-lite2 vocabulary, reviewed by hand); novel: words outside "
-        "the vocabulary, placed through their in-vocabulary proxies; scene: the room a class's object places a photo in",
+        "the vocabulary, placed through their in-vocabulary proxies; scene: the room a class's object "
+        "places a photo in",
         "proxies": PROXIES,
         "classes": classes,
     }
