@@ -102,6 +102,7 @@ class Captioner:
             "concept_lift": 2.0,
             "concept_pair": 1.0,
             "concept_scene": True,
+            "concept_apart": True,
         }
         self.defaults.update(config.get("inference", {}))
         # visual concepts need the encoder's ImageNet head (EfficientNet-Lite, head stage), in torch or ONNX
@@ -245,7 +246,8 @@ class Captioner:
         (:meth:`_constraints`: an object, and with ``concept_scene`` a room) each at most once
         (:func:`~captioner.search.constrained_beam_search`, beam size at least 2; a novel word through its
         proxy, shown by :func:`~captioner.concepts.show_placed`): of the best captions satisfying each subset
-        of them, the one whose score plus ``concept_weight`` x the probability of what it satisfies is highest.
+        of them, the one whose score plus ``concept_weight`` x the probability of what it satisfies is highest;
+        with ``concept_apart`` no constraint's word comes right after another's ("a kitchen microwave").
         """
         beam_size = int(self.defaults["beam_size"] if beam_size is None else beam_size)
         max_length = int(self.defaults["max_length"] if max_length is None else max_length)
@@ -277,6 +279,7 @@ class Captioner:
                 length_alpha=alpha,
                 n_best=n_best,
                 allowance=allowance,
+                apart=bool(self.defaults["concept_apart"]),
                 **common,
             )
         else:

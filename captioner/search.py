@@ -180,6 +180,7 @@ def constrained_beam_search(
     block_repeats: bool = True,
     unk_id: int | None = None,
     allowance: torch.Tensor | None = None,
+    apart: bool = False,
 ) -> list[list[Hypothesis]]:
     """Beam search in which a caption may satisfy each of an image's constraints, each exactly once.
 
@@ -208,6 +209,8 @@ def constrained_beam_search(
     expand = torch.arange(B, device=device).repeat_interleave(S * K)  # (B*S*K,) rows: image, state, beam
     memory, state = memory.index_select(expand), state.index_select(expand)
     dest = _next_state(required)  # (B, S, V)
+    # apart: no constraint's word right after another's ("a kitchen microwave"), so each is a noun of its own
+    placed = required.any(1).repeat_interleave(S * K, dim=0) if apart and C > 1 else None  # (B*S*K, V)
 
     scores = torch.full((B, S, K), float("-inf"), device=device)
     scores[:, 0, 0] = 0.0  # one live beam, with nothing satisfied, at t = 0
@@ -225,6 +228,9 @@ def constrained_beam_search(
         logp = _mask_logprobs(
             torch.log_softmax(logits.float(), dim=-1), prev, t, end_id, pad_id, start_id, block_repeats, unk_id
         )
+        if placed is not None:
+            after = placed.gather(1, prev.unsqueeze(1))  # (B*S*K, 1) the previous word is a constraint's
+            logp.masked_fill_(after & placed, float("-inf"))
         logp[done] = float("-inf")
         logp[done, pad_id] = 0.0  # a finished beam can only continue with <pad>, at no cost
         scores, flat = _subset_topk(scores, logp.view(B, S, K, V), dest)  # (B, S, K), (B, S*K)

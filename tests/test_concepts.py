@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from importlib import resources
 from pathlib import Path
@@ -270,6 +271,11 @@ def test_two_constraints_are_each_satisfied_once_and_the_allowance_picks_which()
         ids = hyps[0].ids
         assert [sum(required[b, c, w].item() for w in ids) for c in range(2)] == [1, 0], ids
         assert hyps[0].score > both[b][0].score  # the word it left out would have cost that much
+    apart = constrained_beam_search(decoder, annotations, required, beam_size=3, max_length=15, apart=True, **IDS)
+    for b, hyps in enumerate(apart):  # both placed, never one constraint's word right after the other's
+        ids, words = hyps[0].ids, required[b].any(0)
+        assert [sum(required[b, c, w].item() for w in ids) for c in range(2)] == [1, 1], ids
+        assert not any(words[x] and words[y] for x, y in itertools.pairwise(ids)), ids
 
 
 def test_scene_words_come_from_their_classes_and_are_a_constraint_of_their_own(
