@@ -189,19 +189,13 @@ def constrained_beam_search(
     The constrained beam search of Anderson et al. (2017): every image keeps K beams for each subset
     of its constraints satisfied so far (2^C states, as a bit mask); a word of constraint c moves a beam
     from state s to s | 2^c, and may not come again there. Scores stay the model's own log-probabilities,
-    so the search places a word where the model finds it most likely.
-
-    The result comes from the state whose best score plus its constraints' ``allowance`` (B, C), or (B,)
-    for one constraint, is highest (ties: the state that satisfies more); no allowance: the alive state
-    that satisfies most constraints. With no constraints the result is :func:`beam_search`'s. Runs as
-    one (B*2^C*K) batch.
+    so the search places a word where the model finds it most likely. The result comes from the state
+    whose best score plus its constraints' ``allowance`` (B, C), or (B,) for one constraint, is highest
+    (ties: the higher state); no allowance: the alive state satisfying most. No constraints: :func:`beam_search`'s
+    result. ``apart``: no constraint's word right after another's. Runs as one (B*2^C*K) batch.
     """
-    required = required.to(annotations.device)
-    required = required.unsqueeze(1) if required.dim() == 2 else required  # (B, C, V)
-    if allowance is not None:
-        allowance = allowance.to(annotations.device).view(required.shape[0], -1)  # (B, C)
-    K, C = beam_size, required.shape[1]
-    S = 1 << C
+    required, allowance = _as_constraints(required, allowance, annotations.device)  # (B, C, V), (B, C) | None
+    K, S = beam_size, 1 << required.shape[1]
     n_best = max(1, min(n_best, K))
     B = annotations.shape[0]
     device = annotations.device
@@ -210,7 +204,7 @@ def constrained_beam_search(
     memory, state = memory.index_select(expand), state.index_select(expand)
     dest = _next_state(required)  # (B, S, V)
     # apart: no constraint's word right after another's ("a kitchen microwave"), so each is a noun of its own
-    placed = required.any(1).repeat_interleave(S * K, dim=0) if apart and C > 1 else None  # (B*S*K, V)
+    placed = required.any(1).repeat_interleave(S * K, dim=0) if apart and S > 2 else None  # (B*S*K, V)
 
     scores = torch.full((B, S, K), float("-inf"), device=device)
     scores[:, 0, 0] = 0.0  # one live beam, with nothing satisfied, at t = 0
@@ -228,9 +222,8 @@ def constrained_beam_search(
         logp = _mask_logprobs(
             torch.log_softmax(logits.float(), dim=-1), prev, t, end_id, pad_id, start_id, block_repeats, unk_id
         )
-        if placed is not None:
-            after = placed.gather(1, prev.unsqueeze(1))  # (B*S*K, 1) the previous word is a constraint's
-            logp.masked_fill_(after & placed, float("-inf"))
+        if placed is not None:  # (B*S*K, 1) & (B*S*K, V): after a constraint's word, none of theirs
+            logp.masked_fill_(placed.gather(1, prev.unsqueeze(1)) & placed, float("-inf"))
         logp[done] = float("-inf")
         logp[done, pad_id] = 0.0  # a finished beam can only continue with <pad>, at no cost
         scores, flat = _subset_topk(scores, logp.view(B, S, K, V), dest)  # (B, S, K), (B, S*K)
@@ -253,6 +246,15 @@ def constrained_beam_search(
     final = torch.where(torch.isfinite(final), final, torch.full_like(final, float("-inf")))
     rows = _best_state(final.view(B, S, K), allowance, n_best) + base  # (B, n_best) history rows, best first
     return _collect(rows, hist_ids, hist_lp, hist_alpha, final, end_id, pad_id)
+
+
+def _as_constraints(
+    required: torch.Tensor, allowance: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """required (B, C, V) or (B, V), allowance (B, C) or (B,) or None -> (B, C, V), (B, C) or None on ``device``."""
+    required = required.to(device)
+    required = required.unsqueeze(1) if required.dim() == 2 else required  # (B, C, V)
+    return required, None if allowance is None else allowance.to(device).view(required.shape[0], -1)  # (B, C)
 
 
 def _next_state(required: torch.Tensor) -> torch.Tensor:
