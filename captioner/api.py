@@ -18,10 +18,11 @@ import torch
 from . import checkpoint
 from . import runtime as runtimes
 from .concepts import Concept, ConceptEncoder, ConceptMap, ImageNetHead, show_placed
+from .constrained import constrained_beam_search
 from .decoder import AttentionDecoder, DecoderConfig
 from .encoder import Encoder, EncoderConfig
 from .images import DEFAULT_MAX_PIXELS, ImageSource, load_image, preprocess
-from .search import Hypothesis, best_hypotheses, constrained_beam_search
+from .search import Hypothesis, best_hypotheses
 from .settings import GUIDANCE, MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, default_model_path, parse_flag
 from .vocab import Vocabulary
 
@@ -100,6 +101,9 @@ class Captioner:
             "concept_weight": 16.0,
             "concept_top": 2,
             "concept_lift": 2.0,
+            "concept_pair": 1.0,
+            "concept_scene": True,
+            "concept_apart": True,
         }
         self.defaults.update(config.get("inference", {}))
         # visual concepts need the encoder's ImageNet head (EfficientNet-Lite, head stage), in torch or ONNX
@@ -239,10 +243,12 @@ class Captioner:
         """annotations (B, L, D) -> one Caption per image (``n_best - 1`` alternatives attached).
 
         ``concepts`` (from :meth:`see`) are attached to the captions; with ``guidance="concepts"``
-        (the default) an image with confident concepts (:meth:`_constraints`) gets a caption that
-        uses one of them once (:func:`~captioner.search.constrained_beam_search`, beam size at least 2;
-        a novel word through its proxy, shown by :func:`~captioner.concepts.show_placed`) unless it
-        scores more than ``concept_weight`` x their probability below the plain caption.
+        (the default) an image with confident concepts gets a caption that satisfies its constraints
+        (:meth:`_constraints`: an object, and with ``concept_scene`` a room) each at most once
+        (:func:`~captioner.constrained.constrained_beam_search`, beam size at least 2; a novel word through its
+        proxy, shown by :func:`~captioner.concepts.show_placed`): of the best captions satisfying each subset
+        of them, the one whose score plus ``concept_weight`` x the probability of what it satisfies is highest;
+        with ``concept_apart`` no constraint's word comes right after another's ("a kitchen microwave").
         """
         beam_size = int(self.defaults["beam_size"] if beam_size is None else beam_size)
         max_length = int(self.defaults["max_length"] if max_length is None else max_length)
@@ -274,6 +280,7 @@ class Captioner:
                 length_alpha=alpha,
                 n_best=n_best,
                 allowance=allowance,
+                apart=bool(self.defaults["concept_apart"]),
                 **common,
             )
         else:
@@ -286,31 +293,44 @@ class Captioner:
         self,
         concepts: list[list[Concept]],
     ) -> tuple[torch.Tensor, torch.Tensor | None, list[dict[str, str]]]:
-        """Each image's top ``concept_top`` concepts whose probability reaches ``concept_threshold`` and
-        ``concept_lift`` x their word's class share (a "dog" named by 121 of the 1000 classes needs more
-        than a "zebra"), as one constraint that either word satisfies.
+        """Each image's constraints from its confident concepts: probability p reaching ``concept_threshold``
+        and ``concept_lift`` x the word's class share (a "dog" named by 121 of the 1000 classes needs more
+        than a "zebra").
 
-        Returns the (B, V) bool mask of their vocabulary forms (a novel word's are its proxy's), the
-        (B,) score allowance ``concept_weight`` x (summed probability) that the caption using one may
-        cost (None: any cost), and per image {vocabulary form: the word the caption shows}.
+        The top ``concept_top`` object words form one constraint that either satisfies, except that a second
+        object with p >= ``concept_pair`` is a constraint of its own; with ``concept_scene`` the top room word
+        (kitchen, bathroom: :attr:`ConceptMap.scenes`) is one more. Returns the (B, C, V) bool mask of each
+        constraint's vocabulary forms (a novel word's are its proxy's), the (B, C) score allowance
+        ``concept_weight`` x (its summed p) that satisfying each may cost (None: any cost), and per image
+        {vocabulary form: the word the caption shows}.
         """
         assert self.concept_map is not None
-        required = torch.zeros(len(concepts), len(self.vocab), dtype=torch.bool)
-        mass = torch.zeros(len(concepts))  # (B,)
-        shown: list[dict[str, str]] = [{} for _ in concepts]
+        cmap, stoi = self.concept_map, self.vocab.stoi
         threshold, top = float(self.defaults["concept_threshold"]), int(self.defaults["concept_top"])
         lift = float(self.defaults["concept_lift"] or 0.0)
+        pair = float(self.defaults["concept_pair"])
+        C = top + int(bool(self.defaults["concept_scene"]))
+        required = torch.zeros(len(concepts), C, len(self.vocab), dtype=torch.bool)
+        mass = torch.zeros(len(concepts), C)  # (B, C)
+        shown: list[dict[str, str]] = [{} for _ in concepts]
+        scene = bool(self.defaults["concept_scene"])
         for b, cs in enumerate(concepts):
-            sure = [c for c in cs if c.probability >= max(threshold, lift * self.concept_map.share[c.word])]
-            for c in sure[:top]:
-                if any(f in shown[b] for f in self.concept_map.forms[c.word]):
+            sure = [c for c in cs if c.probability >= max(threshold, lift * cmap.share[c.word])]
+            objects = [c for c in sure if c.word not in cmap.scenes][:top]
+            rooms = [c for c in sure if c.word in cmap.scenes][: int(scene)]
+            for c in objects + rooms:
+                if any(f in shown[b] for f in cmap.forms[c.word]):
                     continue  # two concepts placed through one proxy: the likelier one names it
-                mass[b] += c.probability
-                shown[b] |= self.concept_map.shown[c.word]
-                for form in self.concept_map.forms[c.word]:
-                    required[b, self.vocab.stoi[form]] = True
+                # its own constraint (the next free one) for a room or a confident second object, else the first's
+                own = c in rooms or (c is not objects[0] and c.probability >= pair)
+                k = int((mass[b] > 0).sum()) if own else 0
+                mass[b, k] += c.probability
+                shown[b] |= cmap.shown[c.word]
+                for form in cmap.forms[c.word]:
+                    required[b, k, stoi[form]] = True
+        C = int(required.any(2).any(0).sum())  # constraints fill from the first: drop the ones no image uses
         weight = self.defaults["concept_weight"]
-        return required, None if weight is None else float(weight) * mass, shown
+        return required[:, :C], None if weight is None else float(weight) * mass[:, :C], shown
 
     def _to_caption(self, hyps: list[Hypothesis], concepts: list[Concept], shown: dict[str, str]) -> Caption:
         H, W = self.grid

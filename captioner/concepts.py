@@ -96,11 +96,13 @@ class ConceptMap:
         class_words: list[list[str]],
         vocab_words: list[str],
         proxies: dict[str, str] | None = None,
+        scenes: set[str] | None = None,
     ) -> None:
         known = set(vocab_words)
         # a proxy only stands in for a word the vocabulary lacks
         self.proxies = {w: p for w, p in (proxies or {}).items() if w not in known and p in known}
         self.words = sorted({w for ws in class_words for w in ws if w in known or w in self.proxies})
+        self.scenes = {w for w in scenes or set() if w in self.words}  # room words (kitchen), not objects
         index = {w: i for i, w in enumerate(self.words)}
         matrix = torch.zeros(len(class_words), len(self.words))  # (1000, W)
         for c, ws in enumerate(class_words):
@@ -127,7 +129,8 @@ class ConceptMap:
         )
         data = json.loads(text)
         classes = sorted(data["classes"], key=lambda c: c["index"])
-        return cls([c["words"] + c.get("novel", []) for c in classes], vocab_words, data.get("proxies", {}))
+        words = [c["words"] + c.get("novel", []) + ([c["scene"]] if "scene" in c else []) for c in classes]
+        return cls(words, vocab_words, data.get("proxies", {}), {c["scene"] for c in classes if "scene" in c})
 
     def word_probs(self, class_probs: torch.Tensor) -> torch.Tensor:
         """class probabilities (B, 1000) -> word probabilities (B, W), each at most 1."""

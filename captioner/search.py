@@ -5,7 +5,7 @@ The searches run all images of a batch together (beam search: B images x K beams
 image's grid once, stop as soon as every hypothesis has emitted ``<end>``, and
 always stop after ``max_length`` words even if ``<end>`` never comes. The beam searches
 run the decoder only on the beams still running (:class:`~captioner.live_rows.LiveRows`). Every
-decoding path bans the same tokens (:func:`_mask_logprobs`).
+decoding path bans the same tokens (:func:`mask_logprobs`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def length_penalty(length: torch.Tensor, alpha: float) -> torch.Tensor:
     return ((5.0 + length.float()) / 6.0) ** alpha
 
 
-def _mask_logprobs(
+def mask_logprobs(
     logp: torch.Tensor,
     prev: torch.Tensor,
     step: int,
@@ -77,7 +77,7 @@ def greedy_search(
     ids, lps, alphas = [], [], []
     for t in range(max_length):
         logits, state, alpha = decoder.step(prev, state, memory)
-        logp = _mask_logprobs(
+        logp = mask_logprobs(
             torch.log_softmax(logits.float(), dim=-1), prev, t, end_id, pad_id, start_id, block_repeats, unk_id
         )
         lp, word = logp.max(dim=-1)  # (B,)
@@ -125,7 +125,7 @@ def beam_search(
     expand = torch.arange(B, device=device).repeat_interleave(K)  # (B*K,)
     state = state.index_select(expand)
     mask = partial(
-        _mask_logprobs, end_id=end_id, pad_id=pad_id, start_id=start_id, block_repeats=block_repeats, unk_id=unk_id
+        mask_logprobs, end_id=end_id, pad_id=pad_id, start_id=start_id, block_repeats=block_repeats, unk_id=unk_id
     )
     rows = LiveRows(decoder, memory, expand, pad_id, mask)
 
@@ -164,119 +164,10 @@ def beam_search(
     final = torch.where(torch.isfinite(final), final, torch.full_like(final, float("-inf")))
     order = final.view(B, K).argsort(dim=1, descending=True)[:, :n_best]  # (B, n_best)
     rows = order + base  # (B, n_best) history rows, best first
-    return _collect(rows, hist_ids, hist_lp, hist_alpha, final, end_id, pad_id)
+    return collect_hypotheses(rows, hist_ids, hist_lp, hist_alpha, final, end_id, pad_id)
 
 
-@torch.inference_mode()
-def constrained_beam_search(
-    decoder: AttentionDecoder,
-    annotations: torch.Tensor,
-    required: torch.Tensor,
-    start_id: int,
-    end_id: int,
-    pad_id: int = 0,
-    beam_size: int = 3,
-    max_length: int = 30,
-    length_alpha: float = 0.0,
-    n_best: int = 1,
-    block_repeats: bool = True,
-    unk_id: int | None = None,
-    allowance: torch.Tensor | None = None,
-) -> list[list[Hypothesis]]:
-    """Beam search in which a caption must use one of each image's ``required`` words, exactly once.
-
-    required (B, V) bool: the forms of one concept per image ("cat", "cats"); an all-False row
-    leaves that image unconstrained (its result is :func:`beam_search`'s). A constrained beam
-    search with one constraint (Anderson et al. 2017): every image keeps K beams that have not used
-    the word yet (state 0) and K that have (state 1); a required word moves a state-0 beam to state
-    1, where the word may not come again. Scores stay the model's own log-probabilities, so the
-    search places the word where the model finds it most likely. The result comes from state 1
-    when its best score is at most ``allowance`` (B,) below state 0's best (default: whenever a
-    state-1 beam is alive), else from state 0. Runs as one (B*2*K) batch.
-    """
-    K = beam_size
-    n_best = max(1, min(n_best, K))
-    B = annotations.shape[0]
-    device = annotations.device
-    memory, state = decoder.prepare(annotations)
-    expand = torch.arange(B, device=device).repeat_interleave(2 * K)  # (B*2K,) rows: image, state, beam
-    state = state.index_select(expand)
-    mask = partial(
-        _mask_logprobs, end_id=end_id, pad_id=pad_id, start_id=start_id, block_repeats=block_repeats, unk_id=unk_id
-    )
-    rows = LiveRows(decoder, memory, expand, pad_id, mask)
-    need = required.to(device).unsqueeze(1)  # (B, 1, V)
-
-    scores = torch.full((B, 2, K), float("-inf"), device=device)
-    scores[:, 0, 0] = 0.0  # one live state-0 beam at t = 0
-    prev = torch.full((B * 2 * K,), start_id, dtype=torch.long, device=device)
-    done = torch.zeros(B * 2 * K, dtype=torch.bool, device=device)
-    lengths = torch.zeros(B * 2 * K, dtype=torch.long, device=device)
-    hist_ids = torch.zeros(B * 2 * K, 0, dtype=torch.long, device=device)
-    hist_lp = torch.zeros(B * 2 * K, 0, device=device)
-    hist_alpha = torch.zeros(B * 2 * K, 0, memory.feats.shape[1], device=device)
-    base = (torch.arange(B, device=device) * 2 * K).unsqueeze(1)  # (B, 1)
-
-    for t in range(max_length):
-        stepped = rows.step(t, prev, state, done, scores.view(-1))
-        if stepped is None:  # every beam has ended or is empty
-            break
-        logp, state, alpha = stepped  # (B*2K, V), ..., (B*2K, L)
-        V = logp.shape[-1]
-        scores, flat = _two_state_topk(scores, logp.view(B, 2, K, V), need)  # (B, 2, K), (B, 2K)
-        origin = (flat // V + base).view(-1)  # (B*2K,) row each new beam comes from
-        word = (flat % V).view(-1)  # (B*2K,)
-        word_lp = logp[origin, word]  # (B*2K,)
-
-        state = state.index_select(origin)
-        was_done = done.index_select(0, origin)
-        lengths = lengths.index_select(0, origin) + (~was_done).long()
-        hist_ids = torch.cat([hist_ids.index_select(0, origin), word.unsqueeze(1)], 1)
-        hist_lp = torch.cat([hist_lp.index_select(0, origin), word_lp.unsqueeze(1)], 1)
-        hist_alpha = torch.cat([hist_alpha.index_select(0, origin), alpha.index_select(0, origin).unsqueeze(1)], 1)
-        done = was_done | (word == end_id)
-        prev = word
-
-    final = scores.view(-1) / length_penalty(lengths, length_alpha)  # (B*2K,)
-    final = torch.where(torch.isfinite(final), final, torch.full_like(final, float("-inf")))
-    rows = _best_in_state(final.view(B, 2, K), allowance, n_best) + base  # (B, n_best) history rows, best first
-    return _collect(rows, hist_ids, hist_lp, hist_alpha, final, end_id, pad_id)
-
-
-def _two_state_topk(scores: torch.Tensor, logp: torch.Tensor, need: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of the constrained search's selection: the K best continuations per state.
-
-    scores (B, 2, K) beam scores so far, logp (B, 2, K, V) next-word log-probs, need (B, 1, V) the required
-    words -> new scores (B, 2, K) and flat (B, 2K) indices into each image's (2K*V) candidates: the first K
-    (state 0) come from rows 0..K-1, the last K (state 1) from rows 0..2K-1.
-    """
-    B, _, K, V = logp.shape
-    total = scores.unsqueeze(3) + logp  # (B, 2, K, V)
-    stay0 = total[:, 0].masked_fill(need, float("-inf"))  # (B, K, V) state 0 without the word
-    enter1 = total[:, 0].masked_fill(~need, float("-inf"))  # (B, K, V) state 0 -> 1 by using it
-    stay1 = total[:, 1].masked_fill(need, float("-inf"))  # (B, K, V) state 1, the word not again
-    s0, flat0 = stay0.reshape(B, K * V).topk(K, dim=1)  # (B, K): rows 0..K-1 of each image
-    s1, flat1 = torch.cat([enter1, stay1], 1).reshape(B, 2 * K * V).topk(K, dim=1)  # (B, K): rows 0..2K-1
-    return torch.stack([s0, s1], 1), torch.cat([flat0, flat1], 1)  # (B, 2, K), (B, 2K)
-
-
-def _best_in_state(final: torch.Tensor, allowance: torch.Tensor | None, n_best: int) -> torch.Tensor:
-    """final (B, 2, K) normalised scores -> (B, n_best) rows within each image (state * K + beam), best first.
-
-    The rows come from state 1 when its best is alive and at most ``allowance`` (B,) below state 0's best
-    (no allowance: whenever it is alive), else from state 0.
-    """
-    B, _, K = final.shape
-    best = final.max(dim=2).values  # (B, 2) best score per state
-    satisfied = torch.isfinite(best[:, 1])  # (B,)
-    if allowance is not None:
-        satisfied &= best[:, 1] >= best[:, 0] - allowance.to(final.device)  # (B,)
-    pool = torch.where(satisfied, 1, 0)  # (B,) the state the result comes from
-    ranked = final[torch.arange(B, device=final.device), pool]  # (B, K)
-    return ranked.argsort(dim=1, descending=True)[:, :n_best] + (pool * K).unsqueeze(1)  # (B, n_best)
-
-
-def _collect(
+def collect_hypotheses(
     rows: torch.Tensor,
     hist_ids: torch.Tensor,
     hist_lp: torch.Tensor,
@@ -369,7 +260,7 @@ def sample(
     ids, lps, masks = [], [], []
     for t in range(max_length):
         logits, state, _ = decoder.step(prev, state, memory)  # (N, V)
-        logits = _mask_logprobs(logits.float(), prev, t, end_id, pad_id, start_id, False, unk_id)  # (N, V)
+        logits = mask_logprobs(logits.float(), prev, t, end_id, pad_id, start_id, False, unk_id)  # (N, V)
         logp = F.log_softmax(logits, dim=-1)  # (N, V): renormalised over the allowed words
         with torch.no_grad():
             word = torch.multinomial(logp.exp(), 1).squeeze(1)  # (N,)

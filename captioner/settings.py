@@ -19,10 +19,10 @@ DEFAULT_MODEL_NAME = "flickr8k-lite2"
 #: Upper bounds enforced for every caller (service, CLI, API).
 MAX_BEAM_SIZE = 10
 MAX_LENGTH_LIMIT = 60
-#: ``guidance`` values: ``concepts`` places one of the ``concept_top`` most likely visual concepts in the
-#: caption (constrained beam search; a concept counts when its probability p reaches ``concept_threshold``
-#: and ``concept_lift`` times its words' class share, and the caption is kept when it scores at most
-#: ``concept_weight`` x (summed p) below the plain one; defaults chosen on dev data); ``none`` is the plain model.
+#: ``guidance`` values: ``concepts`` places one of the ``concept_top`` most likely visual objects and, with
+#: ``concept_scene``, the room word in the caption (constrained beam search; a concept counts when its
+#: probability p reaches ``concept_threshold`` and ``concept_lift`` times its words' class share, and each is
+#: kept when it costs at most ``concept_weight`` x p; defaults chosen on dev data); ``none`` is the plain model.
 GUIDANCE = ("concepts", "none")
 #: What runs the encoder on the CPU fast path (``Captioner.load(runtime=...)``, ``CAPTIONER_RUNTIME``):
 #: ``auto`` (ONNX Runtime when installed and the model has a matching ``encoder.onnx``), ``torch`` or ``onnx``.

@@ -17,6 +17,9 @@ such as "native" or "chest"), and ``OVERRIDES`` replaces the result for classes 
 The vocabulary decides what can be named: a model with another vocabulary keeps only its own
 words at load time (captioner.concepts.ConceptMap).
 
+A class whose object places a photo in a room (a refrigerator, a bathtub) also names the ``SCENES``
+word (kitchen, bathroom) as its ``scene``, a concept of its own kind (captioner.concepts.ConceptMap).
+
 Everyday objects that the vocabulary lacks (zebra, sink, microwave, ...) are listed by hand in
 ``NOVEL`` (class -> its ``novel`` words, which replace the hypernym walk's words for that class),
 each with an in-vocabulary ``PROXIES`` word of the same kind (zebra -> horse): the decoder places
@@ -390,6 +393,41 @@ PROXIES: dict[str, str] = {
     "traffic light": "light",
 }
 
+# Reviewed by hand: scene word -> the classes whose object places a photo in that room (kitchen appliances
+# and utensils, bathroom fittings). A class's scene is an extra concept word next to its own words.
+SCENES: dict[str, list[str]] = {
+    "kitchen": [
+        "refrigerator",
+        "microwave oven",
+        "stove",
+        "dishwasher",
+        "toaster",
+        "Dutch oven",
+        "espresso machine",
+        "frying pan",
+        "wok",
+        "Crock Pot",
+        "waffle iron",
+        "plate rack",
+        "spatula",
+        "ladle",
+        "cleaver",
+        "mixing bowl",
+        "coffeepot",
+        "paper towel",
+    ],
+    "bathroom": [
+        "bathtub",
+        "toilet seat",
+        "sink",
+        "medicine cabinet",
+        "shower curtain",
+        "soap dispenser",
+        "plunger",
+        "toilet paper",
+    ],
+}
+
 
 def load_wordnet(wordnet_dir: Path):
     """nltk's WordNet reader over Debian's WordNet 3.0 files (copied, with lexnames, into a temp dir)."""
@@ -456,9 +494,12 @@ def main(argv: list[str] | None = None) -> int:
     names = json.loads((pkg / "imagenet1k_clean_names.json").read_text())
     vocab = set(json.loads(Path(args.vocab).read_text())["itos"])
     wn = load_wordnet(Path(args.wordnet))
-    unknown = (set(OVERRIDES) | set(NOVEL)) - set(names)
+    scene_of = {name: scene for scene, class_names in SCENES.items() for name in class_names}
+    unknown = (set(OVERRIDES) | set(NOVEL) | set(scene_of)) - set(names)
     if unknown:
-        sys.exit(f"OVERRIDES or NOVEL name classes that do not exist: {sorted(unknown)}")
+        sys.exit(f"OVERRIDES, NOVEL or SCENES name classes that do not exist: {sorted(unknown)}")
+    if not set(SCENES) <= vocab:
+        sys.exit(f"scene words outside the vocabulary: {sorted(set(SCENES) - vocab)}")
     for word, proxy in PROXIES.items():
         if word in vocab or proxy not in vocab:
             sys.exit(f"proxy {word!r} -> {proxy!r}: the word must be outside the vocabulary, the proxy in it")
@@ -479,11 +520,13 @@ def main(argv: list[str] | None = None) -> int:
         classes.append(
             {"index": i, "wnid": wnid, "name": names[i], "words": words}
             | ({"novel": NOVEL[names[i]]} if names[i] in NOVEL else {})
+            | ({"scene": scene_of[names[i]]} if names[i] in scene_of else {})
         )
     out = {
         "about": "ImageNet-1k class -> caption words; written by scripts/make_concept_map.py (WordNet 3.0 "
         "hypernyms, restricted to the flickr8k-lite2 vocabulary, reviewed by hand); novel: words outside "
-        "the vocabulary, placed through their in-vocabulary proxies",
+        "the vocabulary, placed through their in-vocabulary proxies; scene: the room a class's object "
+        "places a photo in",
         "proxies": PROXIES,
         "classes": classes,
     }

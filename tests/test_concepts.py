@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from importlib import resources
 from pathlib import Path
@@ -11,10 +12,11 @@ import torch
 
 from captioner.api import Captioner
 from captioner.concepts import MAPPING_FILE, Concept, ConceptEncoder, ConceptMap, ImageNetHead
+from captioner.constrained import constrained_beam_search
 from captioner.decoder import AttentionDecoder, DecoderConfig
 from captioner.encoder import Encoder, EncoderConfig
 from captioner.perf import fast_encoder
-from captioner.search import beam_search, constrained_beam_search
+from captioner.search import beam_search
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_VOCAB = ROOT / "models" / "flickr8k-lite2" / "vocab.json"
@@ -245,3 +247,66 @@ def test_cli_records_concepts_and_guidance_places_the_seen_word(
     with pytest.raises(SystemExit) as exc:
         main(["caption", str(cat_photo), "--checkpoint", str(checkpoint_224), "--guidance", "maybe"])
     assert exc.value.code == 2
+
+
+def test_two_constraints_are_each_satisfied_once_and_the_allowance_picks_which() -> None:
+    decoder = tiny_decoder(seed=4)
+    with torch.no_grad():
+        decoder.out.bias[11] -= 8.0  # the second constraint's word costs the model a lot
+    annotations = torch.randn(3, 6, 16)
+    plain = beam_search(decoder, annotations, beam_size=3, max_length=15, **IDS)
+    required = torch.zeros(3, 2, 12, dtype=torch.bool)  # (B, C, V)
+    for b in range(3):
+        required[b, 0, next(w for w in range(3, 11) if w not in plain[b][0].ids)] = True
+        required[b, 1, 11] = True
+    both = constrained_beam_search(decoder, annotations, required, beam_size=3, max_length=15, **IDS)
+    for b, hyps in enumerate(both):  # no allowance: the state that satisfies most constraints
+        ids = hyps[0].ids
+        assert hyps[0].finished and hyps[0].alphas.shape == (len(ids), 6)
+        assert [sum(required[b, c, w].item() for w in ids) for c in range(2)] == [1, 1], ids
+    # each satisfied constraint may cost its allowance: the first earns plenty, the second nothing
+    first = constrained_beam_search(
+        decoder, annotations, required, beam_size=3, max_length=15, allowance=torch.tensor([[1e3, 0.0]] * 3), **IDS
+    )
+    for b, hyps in enumerate(first):
+        ids = hyps[0].ids
+        assert [sum(required[b, c, w].item() for w in ids) for c in range(2)] == [1, 0], ids
+        assert hyps[0].score > both[b][0].score  # the word it left out would have cost that much
+    apart = constrained_beam_search(decoder, annotations, required, beam_size=3, max_length=15, apart=True, **IDS)
+    for b, hyps in enumerate(apart):  # both placed, never one constraint's word right after the other's
+        ids, words = hyps[0].ids, required[b].any(0)
+        assert [sum(required[b, c, w].item() for w in ids) for c in range(2)] == [1, 1], ids
+        assert not any(words[x] and words[y] for x, y in itertools.pairwise(ids)), ids
+
+
+def test_scene_words_come_from_their_classes_and_are_a_constraint_of_their_own(
+    tiny_cap: Captioner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shipped = ConceptMap.load(json.loads(SHIPPED_VOCAB.read_text())["itos"])
+    assert shipped.scenes == {"kitchen", "bathroom"}
+    data = json.loads(resources.files("captioner.resources").joinpath(MAPPING_FILE).read_text())
+    fridge = next(c["index"] for c in data["classes"] if c["name"] == "refrigerator")
+    probs = torch.zeros(1, 1000)
+    probs[0, fridge] = 0.7
+    words = {c.word: c.probability for c in shipped.concepts(probs)[0]}
+    assert words == pytest.approx({"refrigerator": 0.7, "kitchen": 0.7})
+
+    from conftest import make_image
+
+    cap = tiny_cap
+    monkeypatch.setattr(
+        cap, "concept_map", ConceptMap([["cat"], ["ball"], ["grass"]] + [[]] * 997, cap.vocab.itos, None, {"grass"})
+    )
+    monkeypatch.setitem(cap.defaults, "concept_weight", None)  # place whatever it costs the untrained decoder
+    annotations = cap.see(torch.stack([cap.preprocess(make_image(i))[0] for i in range(3)]))[0]
+    seen = [[Concept("grass", 0.8), Concept("cat", 0.6), Concept("ball", 0.5)]] * 3
+    monkeypatch.setitem(cap.defaults, "concept_scene", True)
+    for got in cap.decode(annotations, concepts=seen):  # the room is not an object: cat or ball, and grass
+        assert got.tokens.count("grass") == 1 and got.tokens.count("cat") + got.tokens.count("ball") == 1, got.text
+    monkeypatch.setitem(cap.defaults, "concept_pair", 0.5)  # a second object this confident is its own constraint
+    for got in cap.decode(annotations, concepts=seen):
+        assert [got.tokens.count(w) for w in ("grass", "cat", "ball")] == [1, 1, 1], got.text
+        assert got.attention.shape[0] == len(got.tokens)
+    monkeypatch.setitem(cap.defaults, "concept_scene", False)
+    for got in cap.decode(annotations, concepts=seen):
+        assert [got.tokens.count(w) for w in ("cat", "ball")] == [1, 1], got.text

@@ -12,8 +12,8 @@ import torch
 
 from captioner.api import Captioner
 from captioner.concepts import MAPPING_FILE, Concept, ConceptMap, indefinite_article, plural, show_placed
+from captioner.constrained import constrained_beam_search
 from captioner.decoder import AttentionDecoder, DecoderConfig
-from captioner.search import constrained_beam_search
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_VOCAB = ROOT / "models" / "flickr8k-lite2" / "vocab.json"
