@@ -70,8 +70,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "beam-score-x100",
         "captioner/search.py",
-        "final = scores.view(-1) / length_penalty(lengths, length_alpha)  # (B*K,)",
-        "final = 100 * scores.view(-1) / length_penalty(lengths, length_alpha)  # (B*K,)",
+        "final = scores.reshape(-1) / length_penalty(self.lengths, length_alpha)  # (R,)",
+        "final = 100 * scores.reshape(-1) / length_penalty(self.lengths, length_alpha)  # (R,)",
         SEARCH_TESTS,
     ),
     Mutation(
@@ -251,12 +251,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "beam-length-counts-padding",
         "captioner/search.py",
-        "word_lp = logp[origin, word]  # (B*K,)\n\n        state = state.index_select(origin)\n"
-        "        was_done = done.index_select(0, origin)\n"
-        "        lengths = lengths.index_select(0, origin) + (~was_done).long()",
-        "word_lp = logp[origin, word]  # (B*K,)\n\n        state = state.index_select(origin)\n"
-        "        was_done = done.index_select(0, origin)\n"
-        "        lengths = lengths.index_select(0, origin) + 1",
+        "self.lengths = self.lengths.index_select(0, origin) + (~was_done).long()  # (R,)",
+        "self.lengths = self.lengths.index_select(0, origin) + 1  # (R,)",
         SEARCH_TESTS,
     ),
     Mutation(

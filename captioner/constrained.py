@@ -13,7 +13,7 @@ import torch
 
 from .decoder import AttentionDecoder
 from .live_rows import LiveRows
-from .search import Hypothesis, collect_hypotheses, length_penalty, mask_logprobs
+from .search import Beams, Hypothesis, mask_logprobs
 
 
 @torch.inference_mode()
@@ -62,40 +62,28 @@ def constrained_beam_search(
 
     scores = torch.full((B, S, K), float("-inf"), device=device)
     scores[:, 0, 0] = 0.0  # one live beam, with nothing satisfied, at t = 0
-    prev = torch.full((B * S * K,), start_id, dtype=torch.long, device=device)
-    done = torch.zeros(B * S * K, dtype=torch.bool, device=device)
-    lengths = torch.zeros(B * S * K, dtype=torch.long, device=device)
-    hist_ids = torch.zeros(B * S * K, 0, dtype=torch.long, device=device)
-    hist_lp = torch.zeros(B * S * K, 0, device=device)
-    hist_alpha = torch.zeros(B * S * K, 0, memory.feats.shape[1], device=device)
+    beams = Beams.start(B * S * K, memory.feats.shape[1], start_id, device)
     base = (torch.arange(B, device=device) * S * K).unsqueeze(1)  # (B, 1)
 
     for t in range(max_length):
-        stepped = rows.step(t, prev, state, done, scores.view(-1))
+        stepped = rows.step(t, beams.prev, state, beams.done, scores.view(-1))
         if stepped is None:  # every beam has ended or is empty
             break
         logp, state, alpha = stepped  # (B*S*K, V), ..., (B*S*K, L)
         V = logp.shape[-1]
         if placed is not None:  # (B*S*K, 1) & (B*S*K, V): after a constraint's word, none of theirs
-            logp.masked_fill_(placed.gather(1, prev.unsqueeze(1)) & placed, float("-inf"))
+            logp.masked_fill_(placed.gather(1, beams.prev.unsqueeze(1)) & placed, float("-inf"))
         scores, flat = _subset_topk(scores, logp.view(B, S, K, V), dest)  # (B, S, K), (B, S*K)
         origin = (flat // V + base).view(-1)  # (B*S*K,) row each new beam comes from
         word = (flat % V).view(-1)  # (B*S*K,)
         word_lp = logp[origin, word]  # (B*S*K,)
 
         state = state.index_select(origin)
-        was_done = done.index_select(0, origin)
-        lengths = lengths.index_select(0, origin) + (~was_done).long()
-        hist_ids = torch.cat([hist_ids.index_select(0, origin), word.unsqueeze(1)], 1)
-        hist_lp = torch.cat([hist_lp.index_select(0, origin), word_lp.unsqueeze(1)], 1)
-        hist_alpha = torch.cat([hist_alpha.index_select(0, origin), alpha.index_select(0, origin).unsqueeze(1)], 1)
-        done = was_done | (word == end_id)
-        prev = word
+        beams.advance(origin, word, word_lp, alpha, end_id)
 
-    final = scores.view(-1) / length_penalty(lengths, length_alpha)  # (B*S*K,)
-    final = torch.where(torch.isfinite(final), final, torch.full_like(final, float("-inf")))
+    final = beams.normalised(scores, length_alpha)  # (B*S*K,)
     rows = _best_state(final.view(B, S, K), allowance, n_best) + base  # (B, n_best) history rows, best first
-    return collect_hypotheses(rows, hist_ids, hist_lp, hist_alpha, final, end_id, pad_id)
+    return beams.hypotheses(rows, final, end_id, pad_id)
 
 
 def _as_constraints(

@@ -131,16 +131,11 @@ def beam_search(
 
     scores = torch.full((B, K), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: keep only one alive at t = 0
-    prev = torch.full((B * K,), start_id, dtype=torch.long, device=device)
-    done = torch.zeros(B * K, dtype=torch.bool, device=device)
-    lengths = torch.zeros(B * K, dtype=torch.long, device=device)
-    hist_ids = torch.zeros(B * K, 0, dtype=torch.long, device=device)
-    hist_lp = torch.zeros(B * K, 0, device=device)
-    hist_alpha = torch.zeros(B * K, 0, memory.feats.shape[1], device=device)
+    beams = Beams.start(B * K, memory.feats.shape[1], start_id, device)
     base = (torch.arange(B, device=device) * K).unsqueeze(1)  # (B, 1)
 
     for t in range(max_length):
-        stepped = rows.step(t, prev, state, done, scores.view(-1))
+        stepped = rows.step(t, beams.prev, state, beams.done, scores.view(-1))
         if stepped is None:  # every beam has ended
             break
         logp, state, alpha = stepped  # (B*K, V), ..., (B*K, L)
@@ -152,36 +147,62 @@ def beam_search(
         word_lp = logp[origin, word]  # (B*K,)
 
         state = state.index_select(origin)
-        was_done = done.index_select(0, origin)
-        lengths = lengths.index_select(0, origin) + (~was_done).long()
-        hist_ids = torch.cat([hist_ids.index_select(0, origin), word.unsqueeze(1)], 1)
-        hist_lp = torch.cat([hist_lp.index_select(0, origin), word_lp.unsqueeze(1)], 1)
-        hist_alpha = torch.cat([hist_alpha.index_select(0, origin), alpha.index_select(0, origin).unsqueeze(1)], 1)
-        done = was_done | (word == end_id)
-        prev = word
+        beams.advance(origin, word, word_lp, alpha, end_id)
 
-    final = scores.view(-1) / length_penalty(lengths, length_alpha)  # (B*K,)
-    final = torch.where(torch.isfinite(final), final, torch.full_like(final, float("-inf")))
+    final = beams.normalised(scores, length_alpha)  # (B*K,)
     order = final.view(B, K).argsort(dim=1, descending=True)[:, :n_best]  # (B, n_best)
-    rows = order + base  # (B, n_best) history rows, best first
-    return collect_hypotheses(rows, hist_ids, hist_lp, hist_alpha, final, end_id, pad_id)
+    return beams.hypotheses(order + base, final, end_id, pad_id)  # rows (B, n_best), best first
 
 
-def collect_hypotheses(
-    rows: torch.Tensor,
-    hist_ids: torch.Tensor,
-    hist_lp: torch.Tensor,
-    hist_alpha: torch.Tensor,
-    final: torch.Tensor,
-    end_id: int,
-    pad_id: int,
-) -> list[list[Hypothesis]]:
-    """rows (B, n) history rows to return per image, best first -> their Hypotheses (scores from ``final``)."""
-    ids_c, lp_c, al_c, fin_c = hist_ids.cpu(), hist_lp.float().cpu(), hist_alpha.float().cpu(), final.cpu()
-    return [
-        [_finish(ids_c[r], lp_c[r], al_c[r], end_id, pad_id, float(fin_c[r])) for r in image_rows]
-        for image_rows in rows.cpu().tolist()
-    ]
+@dataclass
+class Beams:
+    """The bookkeeping both beam searches share, one row per beam: its last word, whether it has ended, its
+    length and its history of words, log-probs and attention."""
+
+    prev: torch.Tensor  # (R,) the last word
+    done: torch.Tensor  # (R,) bool: <end> emitted
+    lengths: torch.Tensor  # (R,) words so far, <end> included
+    ids: torch.Tensor  # (R, T)
+    logprobs: torch.Tensor  # (R, T)
+    alphas: torch.Tensor  # (R, T, L)
+
+    @classmethod
+    def start(cls, rows: int, regions: int, start_id: int, device: torch.device) -> Beams:
+        """``rows`` empty beams over ``regions`` attention regions, each about to follow ``<start>``."""
+        return cls(
+            prev=torch.full((rows,), start_id, dtype=torch.long, device=device),  # (R,)
+            done=torch.zeros(rows, dtype=torch.bool, device=device),  # (R,)
+            lengths=torch.zeros(rows, dtype=torch.long, device=device),  # (R,)
+            ids=torch.zeros(rows, 0, dtype=torch.long, device=device),  # (R, 0)
+            logprobs=torch.zeros(rows, 0, device=device),  # (R, 0)
+            alphas=torch.zeros(rows, 0, regions, device=device),  # (R, 0, L)
+        )
+
+    def advance(
+        self, origin: torch.Tensor, word: torch.Tensor, word_lp: torch.Tensor, alpha: torch.Tensor, end_id: int
+    ) -> None:
+        """Each new beam r continues row ``origin[r]`` with ``word[r]`` (log-prob ``word_lp[r]``); alpha (R, L)
+        is the attention of the step, per old row."""
+        was_done = self.done.index_select(0, origin)  # (R,)
+        self.lengths = self.lengths.index_select(0, origin) + (~was_done).long()  # (R,)
+        self.ids = torch.cat([self.ids.index_select(0, origin), word.unsqueeze(1)], 1)  # (R, T+1)
+        self.logprobs = torch.cat([self.logprobs.index_select(0, origin), word_lp.unsqueeze(1)], 1)  # (R, T+1)
+        self.alphas = torch.cat([self.alphas.index_select(0, origin), alpha.index_select(0, origin).unsqueeze(1)], 1)
+        self.done = was_done | (word == end_id)  # (R,)
+        self.prev = word  # (R,)
+
+    def normalised(self, scores: torch.Tensor, length_alpha: float) -> torch.Tensor:
+        """scores (..., K) summed log-probs -> (R,) divided by :func:`length_penalty`, -inf for empty beams."""
+        final = scores.reshape(-1) / length_penalty(self.lengths, length_alpha)  # (R,)
+        return torch.where(torch.isfinite(final), final, torch.full_like(final, float("-inf")))  # (R,)
+
+    def hypotheses(self, rows: torch.Tensor, final: torch.Tensor, end_id: int, pad_id: int) -> list[list[Hypothesis]]:
+        """rows (B, n) beams to return per image, best first -> their Hypotheses (scores from ``final`` (R,))."""
+        ids_c, lp_c, al_c, fin_c = self.ids.cpu(), self.logprobs.float().cpu(), self.alphas.float().cpu(), final.cpu()
+        return [
+            [_finish(ids_c[r], lp_c[r], al_c[r], end_id, pad_id, float(fin_c[r])) for r in image_rows]
+            for image_rows in rows.cpu().tolist()
+        ]
 
 
 def _finish(
