@@ -15,6 +15,7 @@ beam size and length alpha are tuned on dev and stored as its inference defaults
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -126,6 +127,10 @@ def fit_phase(config: TrainConfig, scst: bool = False, tune: bool = True) -> dic
             dist.broadcast(flag, 0)
             progress.bad_epochs = int(flag)
     if s.world > 1:
+        # the DDP wrapper's reducer holds the gloo group and its worker threads: free it while the
+        # interpreter is whole, or the process can abort at exit ("terminate called without an active exception")
+        m.model = m.decoder
+        gc.collect()
         dist.destroy_process_group()
     summary = {
         "best_" + config.monitor: progress.best,
