@@ -188,11 +188,12 @@ def preprocess(img: Image.Image, size: int, norm: Normalization = LITE_NORM) -> 
     import torch
 
     img = resize_square(img, size)
-    arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())  # (S, S, 3)
-    mean = torch.tensor(norm.mean, dtype=torch.float32)
-    std = torch.tensor(norm.std, dtype=torch.float32)
-    arr = (arr - mean) / std
-    return arr.permute(2, 0, 1).contiguous()  # (3, S, S)
+    # channels first while still bytes (a cheap copy), then contiguous per-channel arithmetic: the same
+    # float32 (x - mean) / std per element as on (S, S, 3), about 10x faster than broadcasting over its last axis
+    arr = torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))).float()  # (3, S, S)
+    mean = torch.tensor(norm.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(norm.std, dtype=torch.float32).view(3, 1, 1)
+    return arr.sub_(mean).div_(std)  # (3, S, S)
 
 
 def load_and_preprocess(
