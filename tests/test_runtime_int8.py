@@ -73,13 +73,27 @@ def test_int8_export_records_its_recipe_and_is_reproducible(exported: Path, flic
         "weights": "int8",
         "activations": "uint8",
         "method": "minmax",
-        "exclude": [],
+        "exclude": [
+            "/encoder/_conv_stem/Conv",
+            "/encoder/_blocks.0/_depthwise_conv/Conv",
+            "/encoder/_blocks.0/_project_conv/Conv",
+        ],  # the default: the stem and first block stay fp32
     }
     assert {"torch", "onnx", "onnxruntime", "captioner"} <= recipe["built_with"].keys()
     again = build_onnx(copy_of(exported, tmp_path), "int8", Calibration(flickr, 4))  # same inputs -> same bytes
     assert again["onnx_sha256"] == recipe["onnx_sha256"]
     other = build_onnx(copy_of(exported, tmp_path / "three"), "int8", Calibration(flickr, 3))
     assert other["onnx_sha256"] != recipe["onnx_sha256"]  # the calibration set shapes the file
+    whole = copy_of(exported, tmp_path / "whole")
+    assert (
+        cli_main(
+            export_args(whole, whole, "--calibration-data", str(flickr), "--calibration-images", "4", "--keep-fp32")
+        )
+        == 0
+    )  # no node named: every node quantised
+    everything = checkpoint.read_config(whole)[runtime.RECIPE_KEY]
+    assert everything["quantization"]["exclude"] == []
+    assert everything["onnx_sha256"] != recipe["onnx_sha256"]
 
 
 def test_int8_encoder_is_batch_invariant_and_close_to_torch(exported: Path) -> None:

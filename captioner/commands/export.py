@@ -58,7 +58,12 @@ def add_onnx_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calibration-method", choices=CALIBRATION_METHODS, default="minmax", help="int8: the activation range method"
     )
-    parser.add_argument("--keep-fp32", nargs="+", default=[], metavar="NODE", help="int8: ONNX nodes left in fp32")
+    parser.add_argument(
+        "--keep-fp32",
+        nargs="*",
+        metavar="NODE",
+        help="int8: ONNX nodes left in fp32 (default: the stem and first block; give none to quantise every node)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
