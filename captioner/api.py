@@ -104,6 +104,7 @@ class Captioner:
             "concept_pair": 1.0,
             "concept_scene": True,
             "concept_apart": True,
+            "concept_margin": 6.0,
         }
         self.defaults.update(config.get("inference", {}))
         # visual concepts need the encoder's ImageNet head (EfficientNet-Lite, head stage), in torch or ONNX
@@ -248,7 +249,8 @@ class Captioner:
         (:func:`~captioner.constrained.constrained_beam_search`, beam size at least 2; a novel word through its
         proxy, shown by :func:`~captioner.concepts.show_placed`): of the best captions satisfying each subset
         of them, the one whose score plus ``concept_weight`` x the probability of what it satisfies is highest;
-        with ``concept_apart`` no constraint's word comes right after another's ("a kitchen microwave").
+        with ``concept_apart`` no constraint's word comes right after another's ("a kitchen microwave"), and a
+        constraint's word goes only where its log-probability is within ``concept_margin`` of the step's best word's.
         """
         beam_size = int(self.defaults["beam_size"] if beam_size is None else beam_size)
         max_length = int(self.defaults["max_length"] if max_length is None else max_length)
@@ -281,6 +283,7 @@ class Captioner:
                 n_best=n_best,
                 allowance=allowance,
                 apart=bool(self.defaults["concept_apart"]),
+                margin=None if self.defaults["concept_margin"] is None else float(self.defaults["concept_margin"]),
                 **common,
             )
         else:

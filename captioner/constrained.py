@@ -32,6 +32,7 @@ def constrained_beam_search(
     unk_id: int | None = None,
     allowance: torch.Tensor | None = None,
     apart: bool = False,
+    margin: float | None = None,
 ) -> list[list[Hypothesis]]:
     """Beam search in which a caption may satisfy each of an image's constraints, each exactly once.
 
@@ -43,7 +44,9 @@ def constrained_beam_search(
     so the search places a word where the model finds it most likely. The result comes from the state
     whose best score plus its constraints' ``allowance`` (B, C), or (B,) for one constraint, is highest
     (ties: the higher state); no allowance: the alive state satisfying most. No constraints: :func:`beam_search`'s
-    result. ``apart``: no constraint's word right after another's. Runs as one (B*2^C*K) batch.
+    result. ``apart``: no constraint's word right after another's. ``margin``: a constraint's word is placed only
+    where its log-probability is within ``margin`` of the step's likeliest word (not "a man is microwave"); a
+    constraint with no such place stays unsatisfied. Runs as one (B*2^C*K) batch.
     """
     required, allowance = _as_constraints(required, allowance, annotations.device)  # (B, C, V), (B, C) | None
     K, S = beam_size, 1 << required.shape[1]
@@ -58,7 +61,8 @@ def constrained_beam_search(
     rows = LiveRows(decoder, memory, expand, pad_id, mask)
     dest = _next_state(required)  # (B, S, V)
     # apart: no constraint's word right after another's ("a kitchen microwave"), so each is a noun of its own
-    placed = required.any(1).repeat_interleave(S * K, dim=0) if apart and S > 2 else None  # (B*S*K, V)
+    words = required.any(1).repeat_interleave(S * K, dim=0)  # (B*S*K, V) any constraint's word, per row
+    placed = words if apart and S > 2 else None  # (B*S*K, V)
 
     scores = torch.full((B, S, K), float("-inf"), device=device)
     scores[:, 0, 0] = 0.0  # one live beam, with nothing satisfied, at t = 0
@@ -73,6 +77,8 @@ def constrained_beam_search(
         V = logp.shape[-1]
         if placed is not None:  # (B*S*K, 1) & (B*S*K, V): after a constraint's word, none of theirs
             logp.masked_fill_(placed.gather(1, beams.prev.unsqueeze(1)) & placed, float("-inf"))
+        if margin is not None:  # (B*S*K, V): a constraint's word only where the model finds it plausible
+            logp.masked_fill_(words & (logp < logp.max(dim=1, keepdim=True).values - margin), float("-inf"))
         scores, flat = _subset_topk(scores, logp.view(B, S, K, V), dest)  # (B, S, K), (B, S*K)
         origin = (flat // V + base).view(-1)  # (B*S*K,) row each new beam comes from
         word = (flat % V).view(-1)  # (B*S*K,)

@@ -22,7 +22,8 @@ MAX_LENGTH_LIMIT = 60
 #: ``guidance`` values: ``concepts`` places one of the ``concept_top`` most likely visual objects and, with
 #: ``concept_scene``, the room word in the caption (constrained beam search; a concept counts when its
 #: probability p reaches ``concept_threshold`` and ``concept_lift`` times its words' class share, and each is
-#: kept when it costs at most ``concept_weight`` x p; defaults chosen on dev data); ``none`` is the plain model.
+#: kept when it costs at most ``concept_weight`` x p, at a step where the model finds its word plausible,
+#: ``concept_margin``; defaults chosen on dev data); ``none`` is the plain model.
 GUIDANCE = ("concepts", "none")
 #: What runs the encoder on the CPU fast path (``Captioner.load(runtime=...)``, ``CAPTIONER_RUNTIME``):
 #: ``auto`` (ONNX Runtime when installed and the model has a matching ``encoder.onnx``), ``torch`` or ``onnx``.

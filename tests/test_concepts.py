@@ -279,6 +279,24 @@ def test_two_constraints_are_each_satisfied_once_and_the_allowance_picks_which()
         assert not any(words[x] and words[y] for x, y in itertools.pairwise(ids)), ids
 
 
+def test_margin_places_a_word_only_where_the_model_finds_it_plausible() -> None:
+    decoder = tiny_decoder(seed=4)
+    with torch.no_grad():
+        decoder.out.bias[11] -= 8.0  # the model never finds this word likely
+    annotations = torch.randn(3, 6, 16)
+    plain = beam_search(decoder, annotations, beam_size=3, max_length=15, **IDS)
+    required = torch.zeros(3, 12, dtype=torch.bool)
+    required[:, 11] = True
+    anywhere = constrained_beam_search(decoder, annotations, required, beam_size=3, max_length=15, **IDS)
+    wide = constrained_beam_search(decoder, annotations, required, beam_size=3, max_length=15, margin=100.0, **IDS)
+    narrow = constrained_beam_search(decoder, annotations, required, beam_size=3, max_length=15, margin=2.0, **IDS)
+    for b in range(3):
+        assert anywhere[b][0].ids.count(11) == 1  # without a margin it is forced in somewhere
+        assert wide[b][0].ids == anywhere[b][0].ids and wide[b][0].score == anywhere[b][0].score
+        assert 11 not in narrow[b][0].ids  # nowhere within 2 nats of the best word: left out
+        assert narrow[b][0].ids == plain[b][0].ids  # and the plain caption stays
+
+
 def test_scene_words_come_from_their_classes_and_are_a_constraint_of_their_own(
     tiny_cap: Captioner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
