@@ -22,6 +22,7 @@ from .constrained import constrained_beam_search
 from .decoder import AttentionDecoder, DecoderConfig
 from .encoder import Encoder, EncoderConfig
 from .images import DEFAULT_MAX_PIXELS, ImageSource, load_image, preprocess
+from .perf import ONE_THREAD_BATCH, intra_op_threads
 from .search import Hypothesis, best_hypotheses
 from .settings import GUIDANCE, MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, default_model_path, parse_flag
 from .vocab import Vocabulary
@@ -273,23 +274,26 @@ class Captioner:
             if guidance == "concepts" and concepts
             else (None, None, [{} for _ in range(annotations.shape[0])])
         )
-        if required is not None and bool(required.any()):
-            hyps = constrained_beam_search(
-                self.decoder,
-                annotations,
-                required,
-                beam_size=max(beam_size, n_best, 2),
-                length_alpha=alpha,
-                n_best=n_best,
-                allowance=allowance,
-                apart=bool(self.defaults["concept_apart"]),
-                margin=None if self.defaults["concept_margin"] is None else float(self.defaults["concept_margin"]),
-                **common,
-            )
-        else:
-            hyps = best_hypotheses(
-                self.decoder, annotations, beam_size=beam_size, length_alpha=alpha, n_best=n_best, **common
-            )
+        # a small batch beside ONNX Runtime's own thread pool decodes on one thread (perf.intra_op_threads)
+        small = self.runtime != runtimes.TORCH and self.device.type == "cpu" and len(annotations) <= ONE_THREAD_BATCH
+        with intra_op_threads(1 if small else None):
+            if required is not None and bool(required.any()):
+                hyps = constrained_beam_search(
+                    self.decoder,
+                    annotations,
+                    required,
+                    beam_size=max(beam_size, n_best, 2),
+                    length_alpha=alpha,
+                    n_best=n_best,
+                    allowance=allowance,
+                    apart=bool(self.defaults["concept_apart"]),
+                    margin=None if self.defaults["concept_margin"] is None else float(self.defaults["concept_margin"]),
+                    **common,
+                )
+            else:
+                hyps = best_hypotheses(
+                    self.decoder, annotations, beam_size=beam_size, length_alpha=alpha, n_best=n_best, **common
+                )
         return [self._to_caption(h, cs, sh) for h, cs, sh in zip(hyps, concepts or [[] for _ in hyps], shown)]
 
     def _constraints(

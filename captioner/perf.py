@@ -13,8 +13,10 @@ Linear/LSTMCell weights) changes some captions, with dev-split scores within noi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -170,6 +172,32 @@ def _as_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
         if bias is not None:
             linear.bias.copy_(bias)
     return linear
+
+
+#: Batches of up to this many images decode on one torch thread when ONNX Runtime runs the encoder
+#: (:meth:`captioner.api.Captioner.decode`, :func:`intra_op_threads`): the service's micro-batches (at most 8 by
+#: default) and single images; the CLI's batches of 16 keep torch's threads.
+ONE_THREAD_BATCH = 8
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """Run this thread's torch operations on ``n`` intra-op threads (None: as set), then restore the count.
+
+    Beside ONNX Runtime, which keeps its own pool of spinning threads on the same cores, torch's second OpenMP
+    thread makes the two pools take each other's cores: on 2 cores one image decoded in 59-82 ms with two
+    torch threads and about 33 ms with one, while batches of 16 ran about 5% slower on one (BENCHMARKS.md).
+    Captions do not depend on the thread count.
+    """
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def quantize_decoder(decoder: nn.Module, inplace: bool = False) -> nn.Module:

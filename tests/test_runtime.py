@@ -88,6 +88,37 @@ def test_shipped_model_onnx_captions_match_torch() -> None:
 
 
 @needs_ort
+def test_decoder_runs_on_one_thread_beside_onnx_runtime(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONNX Runtime's pool and torch's second thread would share the cores: a small batch's search runs on one
+    thread, with the same captions, and the caller's thread count comes back; a large batch keeps its threads."""
+    from captioner import api
+    from captioner.perf import ONE_THREAD_BATCH
+
+    seen: list[int] = []
+    real = api.best_hypotheses
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "best_hypotheses", spy)
+    images = [make_image(i) for i in range(3)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        onnx = Captioner.load(exported, device="cpu", runtime="onnx")
+        torch_path = Captioner.load(exported, device="cpu", runtime="torch")
+        texts = [c.text for c in onnx.caption(images, beam_size=3, guidance="none")]
+        assert seen == [1] and torch.get_num_threads() == 2
+        assert texts == [c.text for c in torch_path.caption(images, beam_size=3, guidance="none")]
+        assert seen == [1, 2]  # the torch encoder's path keeps the caller's threads
+        onnx.caption([make_image(i) for i in range(ONE_THREAD_BATCH + 1)], beam_size=3, guidance="none")
+        assert seen == [1, 2, 2]
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_ort
 def test_onnx_path_is_batch_invariant(exported: Path) -> None:
     """An image's grid, caption and attention never depend on its batch-mates."""
     cap = Captioner.load(exported, device="cpu", runtime="onnx")
