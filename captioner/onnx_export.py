@@ -230,7 +230,7 @@ def first_block(graph: Path) -> list[str]:
     (``/encoder/_conv_stem``, ``/encoder/_blocks.0/``), else the first convolution.
 
     Their rounding error runs through every later layer: in fp32 they take the grid's mean error from 16.7% to
-    13.0% of its mean value, where any other block kept in fp32 gains at most 0.4 points (bench/int8_variants.py).
+    13.0% of its mean value, where any other block kept in fp32 gains at most 0.9 points (bench/int8_variants.py).
     """
     import onnx
 
