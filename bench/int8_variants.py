@@ -29,13 +29,15 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from captioner.batch import ImageFiles
 from captioner.checkpoint import read_config
+from captioner.datasets import load_records
 from captioner.encoder import EncoderConfig
+from captioner.onnx_export import Reader
 from captioner.settings import default_model_path
 
 
 def photos(data: Path, split: str, n: int) -> list[Path]:
-    names = (data / f"Flickr_8k.{split}Images.txt").read_text().split()[:n]
-    return [data / "images" / name for name in names]
+    """The first ``n`` photos of a Flickr8k split, in split-list order (the export's calibration photos for train)."""
+    return [Path(r.path) for r in load_records("flickr8k", data, split, limit=n)]
 
 
 def pixels(paths: list[Path], folder: Path) -> np.ndarray:
@@ -138,7 +140,7 @@ def main() -> None:
         quantize_static(
             str(pre),
             str(out),
-            Reader(calib),
+            Reader([calib[i : i + 1] for i in range(len(calib))]),  # the export's reader: one photo per call
             **{
                 "quant_format": QuantFormat.QDQ,
                 "per_channel": True,
@@ -162,15 +164,6 @@ def main() -> None:
         result["variants"][name] = r
         print(json.dumps({name: r}), file=sys.stderr, flush=True)
     print(json.dumps(result, indent=1))
-
-
-class Reader:
-    def __init__(self, x: np.ndarray) -> None:
-        self.items = iter(x[i : i + 1] for i in range(len(x)))
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        item = next(self.items, None)
-        return None if item is None else {"images": item}
 
 
 if __name__ == "__main__":
