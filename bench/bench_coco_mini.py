@@ -7,6 +7,8 @@ folder's images, then reports
 - object recall: over every (image, object) pair of ``objects.json`` other than "person", the
   share whose caption names the object (its COCO name, a plural, or a synonym from ``SYNONYMS``);
 - coco-caption CIDEr-D and METEOR (captioner.metrics) against the 5 human captions;
+- invented people: over the photos none of whose human captions names a person (a ``PEOPLE`` word),
+  how many captions name one;
 - human agreement: each image's first caption scored against the other four, for scale.
 Writes bench/results/coco_mini.json (the captions included).
 """
@@ -72,6 +74,17 @@ SYNONYMS: dict[str, list[str]] = {
 }
 
 
+# Words that put a person in a caption: for the photos none of whose five human captions uses one, how often
+# the model invents a person (Flickr8k's captions nearly all start with one).
+PEOPLE = frozenset(
+    {
+        "man", "men", "woman", "women", "person", "people", "persons", "child", "children", "kid", "kids", "boy",
+        "boys", "girl", "girls", "baby", "guy", "lady", "player", "players", "skateboarder", "snowboarder", "skier",
+        "surfer", "rider", "someone", "chef", "cook",
+    }
+)  # fmt: skip
+
+
 def names(category: str, text: str) -> bool:
     """Does the caption name this COCO category (a synonym or its plural; multi-word names as a phrase)?"""
     words = tokenize(text)
@@ -86,6 +99,12 @@ def names(category: str, text: str) -> bool:
 def recall(captions: dict[str, str], objects: dict[str, list[str]]) -> tuple[int, int]:
     pairs = [(img, obj) for img, objs in objects.items() for obj in objs if obj != "person" and img in captions]
     return sum(names(obj, captions[img]) for img, obj in pairs), len(pairs)
+
+
+def invented_people(captions: dict[str, str], refs: dict[str, list[str]]) -> tuple[int, int]:
+    """(captions that name a person, photos) over the photos whose human captions name none."""
+    empty = [f for f, rs in refs.items() if f in captions and not any(PEOPLE & set(tokenize(r)) for r in rs)]
+    return sum(bool(PEOPLE & set(tokenize(captions[f]))) for f in empty), len(empty)
 
 
 def run_cli(images: list[Path], guidance: str | None, extra: list[str]) -> tuple[dict[str, dict], float]:
@@ -122,7 +141,8 @@ def main() -> None:
         "hits": hit,
         "pairs": n,
         "cider_d": round(m["cider"], 1),
-        "meteor": round(m["meteor"] or 0, 1),
+        "meteor": round(m["meteor"] or 0, 2),
+        "invented_people": list(invented_people(human, {f: rs[1:] for f, rs in refs.items()})),
     }
     for guidance in [None, *args.guidance]:
         records, secs = run_cli(images, guidance, args.cli_args.split())
@@ -135,15 +155,17 @@ def main() -> None:
             "hits": hit,
             "pairs": n,
             "cider_d": round(m["cider"], 1),
-            "meteor": round(m["meteor"] or 0, 1),
+            "meteor": round(m["meteor"] or 0, 2),
             "bleu4": round(m["bleu4"], 1),
+            "invented_people": list(invented_people(caps, refs)),
             "seconds": round(secs, 1),
             "captions": {f: {"caption": r["caption"], "concepts": r.get("concepts", [])} for f, r in records.items()},
         }
     for label, r in results.items():
         print(
             f"{label:40s} recall {r['object_recall']:5.1f}% ({r['hits']}/{r['pairs']})  "
-            f"CIDEr-D {r['cider_d']:5.1f}  METEOR {r['meteor']:4.1f}"
+            f"CIDEr-D {r['cider_d']:5.1f}  METEOR {r['meteor']:5.2f}  "
+            f"a person where none is: {r['invented_people'][0]}/{r['invented_people'][1]}"
         )
     Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
 
