@@ -215,9 +215,17 @@ class Captioner:
         return self.see(images)[0]
 
     @torch.inference_mode()
-    def see(self, images: torch.Tensor) -> tuple[torch.Tensor, list[list[Concept]] | None]:
-        """images (B, 3, S, S) -> annotations (B, L, D) and each image's concepts (None without a concept head)."""
-        out = self.encoder(images.to(self.device))
+    def see(self, images: torch.Tensor, threads: int | None = None) -> tuple[torch.Tensor, list[list[Concept]] | None]:
+        """images (B, 3, S, S) -> annotations (B, L, D) and each image's concepts (None without a concept head).
+
+        ``threads``: run an ONNX Runtime encoder on that many intra-op threads (None: as loaded), e.g. one while
+        another thread decodes (the service's micro-batcher); it keeps a session per count, with bit-identical
+        outputs. The torch encoder runs as loaded: its convolutions round differently on another thread count.
+        """
+        if isinstance(self.encoder, runtimes.OnnxEncoder):
+            out = self.encoder(images, threads=threads)
+        else:
+            out = self.encoder(images.to(self.device))
         if self.concept_map is None:
             return out, None
         annotations, class_probs = out  # (B, L, D), (B, 1000)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -106,35 +107,73 @@ def stale_reason(folder: Path, config: dict) -> str | None:
 
 class OnnxEncoder(nn.Module):
     """The exported encoder in an ONNX Runtime session: images (B, 3, S, S) -> annotations (B, L, D)
-    and, with a concept head, class probabilities (B, 1000), as torch tensors on the CPU."""
+    and, with a concept head, class probabilities (B, 1000), as torch tensors on the CPU.
 
-    def __init__(self, session: Any, config: EncoderConfig, precision: str, concepts: bool) -> None:
+    ``forward(images, threads=n)`` runs a session of the same verified file on ``n`` intra-op threads instead
+    (built on first use, or ahead with :meth:`session_for`), for a caller that keeps the other cores busy
+    meanwhile: the service encodes its next micro-batch on one thread while the last one decodes. Outputs are
+    bit-identical on any thread count (tests/test_runtime.py).
+    """
+
+    def __init__(
+        self,
+        session: Any,
+        config: EncoderConfig,
+        precision: str,
+        concepts: bool,
+        source: tuple[Path, dict] | None = None,
+    ) -> None:
         super().__init__()
-        self.session, self.config, self.concepts = session, config, concepts
+        self.config, self.concepts = config, concepts
         self.runtime = f"onnxruntime-{precision}"
+        self._sessions: dict[int | None, Any] = {None: session}  # intra-op threads (None: the default) -> session
+        self._source = source  # (folder, recipe): where another thread count's session comes from
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, folder: Path, config: dict, threads: int | None = None) -> OnnxEncoder:
         """A session on ``folder``'s exported encoder with ``threads`` intra-op threads (default: torch's count)."""
-        import onnxruntime as ort
-
         recipe = config[RECIPE_KEY]
-        path = folder / recipe["file"]
-        model = path.read_bytes()
-        if hashlib.sha256(model).hexdigest() != recipe["onnx_sha256"]:
-            raise RuntimeUnavailable(f"{path} does not match its recipe (onnx_sha256)")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-        return cls(session, EncoderConfig(**config["encoder"]), recipe["precision"], len(recipe["outputs"]) == 2)
+        session = _session(folder, recipe, threads)
+        return cls(
+            session,
+            EncoderConfig(**config["encoder"]),
+            recipe["precision"],
+            len(recipe["outputs"]) == 2,
+            (folder, recipe),
+        )
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """images (B, 3, S, S) -> annotations (B, L, D) [, class probabilities (B, 1000)]."""
+    def session_for(self, threads: int | None = None) -> Any:
+        """The session that runs on ``threads`` intra-op threads (None: the one opened), built once on first use."""
+        with self._lock:
+            if threads not in self._sessions:
+                if self._source is None:
+                    raise RuntimeUnavailable("this encoder has no file to open another session from")
+                self._sessions[threads] = _session(*self._source, threads)
+            return self._sessions[threads]
+
+    def forward(
+        self, images: torch.Tensor, threads: int | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, S, S) -> annotations (B, L, D) [, class probabilities (B, 1000)], on ``threads`` threads."""
         pixels = images.detach().to("cpu", torch.float32).contiguous().numpy()  # (B, 3, S, S)
-        outs = [torch.from_numpy(o) for o in self.session.run(None, {"images": pixels})]
+        outs = [torch.from_numpy(o) for o in self.session_for(threads).run(None, {"images": pixels})]
         return (outs[0], outs[1]) if self.concepts else outs[0]
+
+
+def _session(folder: Path, recipe: dict, threads: int | None) -> Any:
+    """An ONNX Runtime session on ``folder``'s exported encoder, its bytes checked against the recipe's sha256."""
+    import onnxruntime as ort
+
+    path = folder / recipe["file"]
+    model = path.read_bytes()
+    if hashlib.sha256(model).hexdigest() != recipe["onnx_sha256"]:
+        raise RuntimeUnavailable(f"{path} does not match its recipe (onnx_sha256)")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 def open_encoder(

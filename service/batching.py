@@ -1,13 +1,20 @@
-"""Micro-batching: many request threads, one model, one background thread.
+"""Micro-batching: many request threads, one model, two background threads in a pipeline.
 
 Request threads decode and resize their upload themselves (so that CPU work runs
 in parallel and never holds up the model), then :meth:`MicroBatcher.submit` the
-ready tensor ``(3, S, S)``. A single background thread takes the first waiting
-request, waits up to ``wait_ms`` for more (up to ``max_batch``), and runs the
-whole batch through **one** ``captioner.encode`` of the stacked images. It then
-groups the batch by decoding settings (beam size, max length, n-best) and runs
-one batched ``captioner.decode`` per group, handing each request its caption
-through a :class:`concurrent.futures.Future`.
+ready tensor ``(3, S, S)``. The *encoder* thread takes the first waiting request,
+waits up to ``wait_ms`` for more (up to ``max_batch``), and runs the whole batch
+through **one** ``captioner.see`` of the stacked images. The *decoder* thread
+takes each encoded batch, groups it by decoding settings (beam size, max length,
+n-best, guidance) and runs one batched ``captioner.decode`` per group, handing each
+request its caption through a :class:`concurrent.futures.Future`.
+
+Under load the two stages overlap: the next batch is collected and encoded while
+the last one decodes, at most one encoded batch waits between them, and while the
+decoder is busy the encoder runs on one thread (``see(threads=1)``) so that the two
+share the cores instead of fighting over them. A lone request finds the decoder
+idle and is encoded on every thread, as before. Captions do not depend on either
+(bit-identical encoder outputs on any thread count; batch-invariant decoding).
 
 With ``adaptive_wait`` (the service's setting) the batcher waits only while other
 request threads are still preparing an image (:meth:`MicroBatcher.incoming`): a
@@ -18,7 +25,7 @@ The queue is bounded: when it is full :meth:`submit` raises :class:`QueueFull`
 at once (the service answers 503 + ``Retry-After``) instead of letting requests
 pile up. A request that stops waiting (timeout) cancels its future, and the
 batcher skips it if it has not started yet. Failures inside the model are set
-on the futures of the affected requests; the thread itself never dies.
+on the futures of the affected requests; the threads themselves never die.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from .protocols import BatchModel
 
 if TYPE_CHECKING:
     from captioner.api import Caption
+    from captioner.concepts import Concept
 
 log = logging.getLogger("service.batching")
 
@@ -71,7 +79,7 @@ class BatchResult:
     caption: Caption
     batch_size: int  # images in the encoder batch this request was part of
     group_size: int  # images decoded together with the same settings
-    queue_ms: float  # submit -> batch start
+    queue_ms: float  # submit -> encoder start, plus the wait between the encoder and decoder stages
     inference_ms: float  # encoder pass + this group's decode
 
 
@@ -81,6 +89,17 @@ class _Item:
     settings: DecodeSettings
     future: Future[BatchResult]
     enqueued: float
+
+
+@dataclass
+class _Encoded:
+    """A batch between the two stages: its requests, their encoder outputs and when the encoder ran."""
+
+    items: list[_Item]
+    annotations: torch.Tensor  # (B, L, D)
+    concepts: list[list[Concept]] | None  # one concept list per image; None without a concept head
+    start: float  # encoder pass began
+    encoded: float  # encoder pass ended
 
 
 class MicroBatcher:
@@ -110,6 +129,9 @@ class MicroBatcher:
         self._on_queue_depth = on_queue_depth
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._decoder = threading.Thread(target=self._decode_loop, name=f"{name}-decoder", daemon=True)
+        self._handoff: queue.Queue[_Encoded | None] = queue.Queue(maxsize=1)  # encoded batches; None: stop
+        self._decoding = threading.Event()  # the decoder thread is working on a batch
         self._started = False
         self._lock = threading.Lock()
         #: Seconds the last few batches took, for ``Retry-After`` estimates.
@@ -120,18 +142,21 @@ class MicroBatcher:
         with self._lock:
             if not self._started:
                 self._started = True
+                self._decoder.start()
                 self._thread.start()
         return self
 
     @property
     def running(self) -> bool:
-        return self._thread.is_alive() and not self._stop.is_set()
+        return self._thread.is_alive() and self._decoder.is_alive() and not self._stop.is_set()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop taking requests, fail the ones still queued, and join the thread."""
+        """Stop taking requests, finish the batch in hand, fail the ones still queued, and join the threads."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if self._decoder.is_alive():
+            self._decoder.join(timeout)
         self._fail_queued(BatcherClosed("the service is shutting down"))
 
     @property
@@ -179,16 +204,32 @@ class MicroBatcher:
         batches = max(1, -(-self.depth // self.max_batch))
         return max(1, round(batches * max(self.last_batch_s, 0.05) + 0.5))
 
-    # ------------------------------------------------------------ the thread
+    # ------------------------------------------------------------ the threads
     def _run(self) -> None:
-        while not self._stop.is_set():
+        """The encoder thread: collect a batch, encode it, hand it to the decoder thread."""
+        try:
+            while not self._stop.is_set():
+                try:
+                    items = self._collect()
+                    encoded = self._encode(items) if items else None
+                    if encoded is not None:
+                        self._handoff.put(encoded)  # waits while the decoder still has one batch in hand
+                except Exception:  # pragma: no cover - defensive: the thread must survive anything
+                    log.exception("micro-batcher loop error")
+            self._fail_queued(BatcherClosed("the service is shutting down"))
+        finally:
+            self._handoff.put(None)
+
+    def _decode_loop(self) -> None:
+        """The decoder thread: decode each encoded batch until the encoder thread says stop."""
+        while (encoded := self._handoff.get()) is not None:
+            self._decoding.set()
             try:
-                items = self._collect()
-                if items:
-                    self._process(items)
+                self._decode(encoded)
             except Exception:  # pragma: no cover - defensive: the thread must survive anything
-                log.exception("micro-batcher loop error")
-        self._fail_queued(BatcherClosed("the service is shutting down"))
+                log.exception("micro-batcher decoder error")
+            finally:
+                self._decoding.clear()
 
     def _collect(self) -> list[_Item]:
         try:
@@ -219,21 +260,28 @@ class MicroBatcher:
         self._report_depth()
         return items
 
-    def _process(self, items: list[_Item]) -> None:
+    def _encode(self, items: list[_Item]) -> _Encoded | None:
+        """One encoder pass over the live requests (None when all were cancelled or the pass failed)."""
         live = [it for it in items if it.future.set_running_or_notify_cancel()]
         if not live:
-            return
+            return None
+        # the decoder thread is busy (or about to be): one thread here, the other cores are its
+        busy = self._decoding.is_set() or not self._handoff.empty()
         start = time.perf_counter()
         try:
             batch = torch.stack([it.tensor for it in live])  # (B, 3, S, S)
-            annotations, concepts = self.captioner.see(batch)  # (B, L, D), B concept lists or None
+            annotations, concepts = self.captioner.see(batch, threads=1 if busy else None)  # (B, L, D), B lists
         except Exception as exc:  # handed to every waiting request
             log.exception("encoder failed on a batch of %d", len(live))
             for it in live:
                 it.future.set_exception(exc)
-            return
-        encoded = time.perf_counter()
+            return None
+        return _Encoded(live, annotations, concepts, start, time.perf_counter())
 
+    def _decode(self, batch: _Encoded) -> None:
+        """One decode per settings group of an encoded batch; each request gets its caption or the error."""
+        live, annotations, concepts = batch.items, batch.annotations, batch.concepts
+        waited = time.perf_counter() - batch.encoded  # in the hand-off, behind the previous batch's decode
         groups: dict[DecodeSettings, list[int]] = {}
         for i, it in enumerate(live):
             groups.setdefault(it.settings, []).append(i)
@@ -258,13 +306,12 @@ class MicroBatcher:
                 for i in idxs:
                     live[i].future.set_exception(exc)
                 continue
-            inference_ms = ((encoded - start) + (time.perf_counter() - group_start)) * 1000.0
+            inference_ms = ((batch.encoded - batch.start) + (time.perf_counter() - group_start)) * 1000.0
             for i, caption in zip(idxs, captions):
                 it = live[i]
-                it.future.set_result(
-                    BatchResult(caption, len(live), len(idxs), (start - it.enqueued) * 1000.0, inference_ms)
-                )
-        self.last_batch_s = time.perf_counter() - start
+                queue_ms = (batch.start - it.enqueued + waited) * 1000.0
+                it.future.set_result(BatchResult(caption, len(live), len(idxs), queue_ms, inference_ms))
+        self.last_batch_s = time.perf_counter() - batch.start
         if self._on_batch is not None:
             try:
                 self._on_batch(len(live), len(groups), self.last_batch_s)

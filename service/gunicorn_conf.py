@@ -73,7 +73,7 @@ keepalive = _int("CAPTIONER_KEEPALIVE", 5)
 max_requests = _int("CAPTIONER_MAX_REQUESTS", 5000, low=0)
 max_requests_jitter = _int("CAPTIONER_MAX_REQUESTS_JITTER", 500, low=0)
 # Off: every worker builds its own app after the fork, so it loads the model and starts the
-# micro-batcher thread itself (threads do not survive fork; CUDA must not be initialised before it).
+# micro-batcher threads itself (threads do not survive fork; CUDA must not be initialised before it).
 preload_app = False
 # Logs to stdout: one access line per request, JSON unless CAPTIONER_LOG_FORMAT=text (service/logs.py).
 # access_log_format is the text format (request time in microseconds, then the request id).

@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 class BatchModel(Protocol):
     """The two stages the micro-batcher runs: one encoder pass per batch, one decode per settings group."""
 
-    def see(self, images: torch.Tensor) -> tuple[torch.Tensor, list[list[Concept]] | None]:
-        """images (B, 3, S, S) -> annotations (B, L, D) and each image's concepts (None without a concept head)."""
+    def see(self, images: torch.Tensor, threads: int | None = None) -> tuple[torch.Tensor, list[list[Concept]] | None]:
+        """images (B, 3, S, S) -> annotations (B, L, D) and each image's concepts (None without a concept head);
+        ``threads``: intra-op threads for this pass (None: as loaded)."""
         ...
 
     def decode(

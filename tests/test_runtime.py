@@ -136,6 +136,21 @@ def test_onnx_path_is_batch_invariant(exported: Path) -> None:
 
 
 @needs_ort
+def test_encoder_on_one_thread_is_bit_identical(exported: Path) -> None:
+    """``see(threads=1)`` (the service's encoder while a batch decodes) runs a second session of the same file:
+    the same grid and concepts as the session opened at load; the torch encoder ignores it."""
+    onnx = Captioner.load(exported, device="cpu", runtime="onnx")
+    pixels = torch.stack([onnx.preprocess(make_image(i))[0] for i in range(3)])  # (3, 3, S, S)
+    grid, concepts = onnx.see(pixels)
+    narrow, narrow_concepts = onnx.see(pixels, threads=1)
+    assert torch.equal(narrow, grid) and narrow_concepts == concepts
+    assert onnx.encoder.session_for(1) is not onnx.encoder.session_for(None)  # one session per thread count
+    assert onnx.encoder.session_for(1) is onnx.encoder.session_for(1)  # built once
+    plain = Captioner.load(exported, device="cpu", runtime="torch")  # runs as loaded: no other rounding
+    assert torch.equal(plain.see(pixels, threads=1)[0], plain.see(pixels)[0])
+
+
+@needs_ort
 def test_missing_or_stale_file_falls_back_to_torch(exported: Path, tmp_path: Path) -> None:
     missing = copy_of(exported, tmp_path / "missing")
     (missing / runtime.ONNX_FILE).unlink()

@@ -124,10 +124,10 @@ class GatedCaptioner:
     def __getattr__(self, name):
         return getattr(self.real, name)
 
-    def see(self, images):
+    def see(self, images, threads=None):
         self.entered.set()
         assert self.gate.wait(30)
-        return self.real.see(images)
+        return self.real.see(images, threads)
 
     def decode(self, annotations, **kwargs):
         if self.fail_next is not None:
@@ -688,7 +688,7 @@ class FakeCaptioner:
         self.encode_shapes: list[tuple] = []
         self.decode_calls: list[tuple] = []
 
-    def see(self, images):
+    def see(self, images, threads=None):
         self.encode_shapes.append(tuple(images.shape))
         return images[:, :1, 0, 0].reshape(len(images), 1, 1), None  # no concepts
 
@@ -717,6 +717,46 @@ def test_micro_batcher_one_encode_one_decode_per_group():
         assert r.batch_size == 7 and r.group_size == (4 if i % 3 else 3)
 
 
+def test_batcher_encodes_the_next_batch_on_one_thread_while_one_decodes():
+    """The two stages overlap: while a batch decodes, the next is encoded (on one thread) instead of waiting;
+    a batch that finds the decoder idle is encoded on every thread. Each request still gets its own caption."""
+    fake = FakeCaptioner()
+    seen: list[int | None] = []  # each encoder pass's threads
+    real_see = fake.see
+
+    def see(images, threads=None):
+        seen.append(threads)
+        return real_see(images)
+
+    fake.see = see
+    decoding, release = threading.Event(), threading.Event()
+    real_decode = fake.decode
+
+    def slow_decode(annotations, **kwargs):
+        decoding.set()
+        assert release.wait(10)
+        return real_decode(annotations, **kwargs)
+
+    fake.decode = slow_decode
+    batcher = MicroBatcher(fake, max_batch=4, wait_ms=0, queue_size=8).start()
+    s = DecodeSettings(1, 5)
+    try:
+        first = batcher.submit(torch.zeros(3, 4, 4), s)
+        assert decoding.wait(10)  # the first batch is in the decoder ...
+        second = batcher.submit(torch.ones(3, 4, 4), s)
+        deadline = time.time() + 5
+        while len(fake.encode_shapes) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        assert fake.encode_shapes == [(1, 3, 4, 4), (1, 3, 4, 4)]  # ... and the second was encoded meanwhile
+        assert not first.done() and not second.done()
+        release.set()
+        assert first.result(10).caption == "img0/b1" and second.result(10).caption == "img1/b1"
+    finally:
+        release.set()
+        batcher.close()
+    assert seen == [None, 1]  # alone: every thread; beside a decode: one
+
+
 def test_adaptive_wait_starts_a_lone_request_at_once_and_waits_for_incoming_ones():
     fake = FakeCaptioner()
     batcher = MicroBatcher(fake, max_batch=8, wait_ms=2000, queue_size=8, adaptive_wait=True).start()
@@ -740,7 +780,7 @@ def test_micro_batcher_max_batch_queue_limit_timeout_and_shutdown():
     fake = FakeCaptioner()
     gate = threading.Event()
     real_see = fake.see
-    fake.see = lambda x: (gate.wait(10), real_see(x))[1]
+    fake.see = lambda x, threads=None: (gate.wait(10), real_see(x))[1]
     batcher = MicroBatcher(fake, max_batch=2, wait_ms=0, queue_size=3)
     with pytest.raises(BatcherClosed):
         batcher.submit(torch.zeros(3, 4, 4), DecodeSettings(1, 5))  # not started yet
