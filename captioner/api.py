@@ -254,7 +254,7 @@ class Captioner:
 
         ``concepts`` (from :meth:`see`) are attached to the captions; with ``guidance="concepts"``
         (the default) an image with confident concepts gets a caption that satisfies its constraints
-        (:meth:`_constraints`: an object, and with ``concept_scene`` a room) each at most once
+        (:meth:`ConceptMap.constraints`: an object, and with ``concept_scene`` a room) each at most once
         (:func:`~captioner.constrained.constrained_beam_search`, beam size at least 2; a novel word through its
         proxy, shown by :func:`~captioner.concepts.show_placed`): of the best captions satisfying each subset
         of them, the one whose score plus ``concept_weight`` x the probability of what it satisfies is highest;
@@ -278,8 +278,8 @@ class Captioner:
         )
         annotations = annotations.to(self.device)
         required, allowance, shown = (
-            self._constraints(concepts)
-            if guidance == "concepts" and concepts
+            self.concept_map.constraints(concepts, v.stoi, len(v), self.defaults)
+            if guidance == "concepts" and concepts and self.concept_map is not None
             else (None, None, [{} for _ in range(annotations.shape[0])])
         )
         # a small batch beside ONNX Runtime's own thread pool decodes on one thread (perf.intra_op_threads)
@@ -303,49 +303,6 @@ class Captioner:
                     self.decoder, annotations, beam_size=beam_size, length_alpha=alpha, n_best=n_best, **common
                 )
         return [self._to_caption(h, cs, sh) for h, cs, sh in zip(hyps, concepts or [[] for _ in hyps], shown)]
-
-    def _constraints(
-        self,
-        concepts: list[list[Concept]],
-    ) -> tuple[torch.Tensor, torch.Tensor | None, list[dict[str, str]]]:
-        """Each image's constraints from its confident concepts: probability p reaching ``concept_threshold``
-        and ``concept_lift`` x the word's class share (a "dog" named by 121 of the 1000 classes needs more
-        than a "zebra").
-
-        The top ``concept_top`` object words form one constraint that either satisfies, except that a second
-        object with p >= ``concept_pair`` is a constraint of its own; with ``concept_scene`` the top room word
-        (kitchen, bathroom: :attr:`ConceptMap.scenes`) is one more. Returns the (B, C, V) bool mask of each
-        constraint's vocabulary forms (a novel word's are its proxy's), the (B, C) score allowance
-        ``concept_weight`` x (its summed p) that satisfying each may cost (None: any cost), and per image
-        {vocabulary form: the word the caption shows}.
-        """
-        assert self.concept_map is not None
-        cmap, stoi = self.concept_map, self.vocab.stoi
-        threshold, top = float(self.defaults["concept_threshold"]), int(self.defaults["concept_top"])
-        lift = float(self.defaults["concept_lift"] or 0.0)
-        pair = float(self.defaults["concept_pair"])
-        C = top + int(bool(self.defaults["concept_scene"]))
-        required = torch.zeros(len(concepts), C, len(self.vocab), dtype=torch.bool)
-        mass = torch.zeros(len(concepts), C)  # (B, C)
-        shown: list[dict[str, str]] = [{} for _ in concepts]
-        scene = bool(self.defaults["concept_scene"])
-        for b, cs in enumerate(concepts):
-            sure = [c for c in cs if c.probability >= max(threshold, lift * cmap.share[c.word])]
-            objects = [c for c in sure if c.word not in cmap.scenes][:top]
-            rooms = [c for c in sure if c.word in cmap.scenes][: int(scene)]
-            for c in objects + rooms:
-                if any(f in shown[b] for f in cmap.forms[c.word]):
-                    continue  # two concepts placed through one proxy: the likelier one names it
-                # its own constraint (the next free one) for a room or a confident second object, else the first's
-                own = c in rooms or (c is not objects[0] and c.probability >= pair)
-                k = int((mass[b] > 0).sum()) if own else 0
-                mass[b, k] += c.probability
-                shown[b] |= cmap.shown[c.word]
-                for form in cmap.forms[c.word]:
-                    required[b, k, stoi[form]] = True
-        C = int(required.any(2).any(0).sum())  # constraints fill from the first: drop the ones no image uses
-        weight = self.defaults["concept_weight"]
-        return required[:, :C], None if weight is None else float(weight) * mass[:, :C], shown
 
     def _to_caption(self, hyps: list[Hypothesis], concepts: list[Concept], shown: dict[str, str]) -> Caption:
         H, W = self.grid

@@ -12,15 +12,19 @@ probability is the summed probability of the classes that name it (every dog bre
 A *novel* word outside the vocabulary (zebra, sink) is placed through its in-vocabulary proxy
 (horse, tub): the decoder scores and reads the proxy, :meth:`ConceptMap.shown` names what the
 caption shows instead, and :func:`show_placed` writes it with the article and number fixed.
+:meth:`ConceptMap.constraints` turns each image's confident concepts into the word constraints of
+:func:`captioner.constrained.constrained_beam_search`.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -144,6 +148,46 @@ class ConceptMap:
             [Concept(self.words[i], float(p)) for p, i in zip(vs.tolist(), ix.tolist()) if p >= min_prob]
             for vs, ix in zip(values, index)
         ]
+
+    def constraints(
+        self, concepts: list[list[Concept]], stoi: dict[str, int], vocab_size: int, settings: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[dict[str, str]]]:
+        """Each image's search constraints from its confident concepts, under ``settings`` (a captioner's inference
+        defaults): probability p reaching ``concept_threshold`` and ``concept_lift`` x the word's class share (a
+        "dog" named by 121 of the 1000 classes needs more than a "zebra").
+
+        The top ``concept_top`` object words form one constraint that either satisfies, except that a second
+        object with p >= ``concept_pair`` is a constraint of its own; with ``concept_scene`` the top room word
+        (kitchen, bathroom: :attr:`ConceptMap.scenes`) is one more. Returns the (B, C, V) bool mask of each
+        constraint's vocabulary forms (a novel word's are its proxy's), the (B, C) score allowance
+        ``concept_weight`` x (its summed p) that satisfying each may cost (None: any cost), and per image
+        {vocabulary form: the word the caption shows}.
+        """
+        threshold, top = float(settings["concept_threshold"]), int(settings["concept_top"])
+        lift = float(settings["concept_lift"] or 0.0)
+        pair = float(settings["concept_pair"])
+        C = top + int(bool(settings["concept_scene"]))
+        required = torch.zeros(len(concepts), C, vocab_size, dtype=torch.bool)
+        mass = torch.zeros(len(concepts), C)  # (B, C)
+        shown: list[dict[str, str]] = [{} for _ in concepts]
+        scene = bool(settings["concept_scene"])
+        for b, cs in enumerate(concepts):
+            sure = [c for c in cs if c.probability >= max(threshold, lift * self.share[c.word])]
+            objects = [c for c in sure if c.word not in self.scenes][:top]
+            rooms = [c for c in sure if c.word in self.scenes][: int(scene)]
+            for c in objects + rooms:
+                if any(f in shown[b] for f in self.forms[c.word]):
+                    continue  # two concepts placed through one proxy: the likelier one names it
+                # its own constraint (the next free one) for a room or a confident second object, else the first's
+                own = c in rooms or (c is not objects[0] and c.probability >= pair)
+                k = int((mass[b] > 0).sum()) if own else 0
+                mass[b, k] += c.probability
+                shown[b] |= self.shown[c.word]
+                for form in self.forms[c.word]:
+                    required[b, k, stoi[form]] = True
+        C = int(required.any(2).any(0).sum())  # constraints fill from the first: drop the ones no image uses
+        weight = settings["concept_weight"]
+        return required[:, :C], None if weight is None else float(weight) * mass[:, :C], shown
 
 
 def plural(word: str) -> str:
