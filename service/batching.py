@@ -134,7 +134,7 @@ class MicroBatcher:
         self._decoding = threading.Event()  # the decoder thread is working on a batch
         self._started = False
         self._lock = threading.Lock()
-        #: Seconds the last few batches took, for ``Retry-After`` estimates.
+        #: Seconds the model spent on the last batch (encoder pass + decodes), for ``Retry-After`` estimates.
         self.last_batch_s = 0.0
 
     # ------------------------------------------------------------ life cycle
@@ -281,7 +281,8 @@ class MicroBatcher:
     def _decode(self, batch: _Encoded) -> None:
         """One decode per settings group of an encoded batch; each request gets its caption or the error."""
         live, annotations, concepts = batch.items, batch.annotations, batch.concepts
-        waited = time.perf_counter() - batch.encoded  # in the hand-off, behind the previous batch's decode
+        decode_start = time.perf_counter()
+        waited = decode_start - batch.encoded  # in the hand-off, behind the previous batch's decode
         groups: dict[DecodeSettings, list[int]] = {}
         for i, it in enumerate(live):
             groups.setdefault(it.settings, []).append(i)
@@ -311,7 +312,7 @@ class MicroBatcher:
                 it = live[i]
                 queue_ms = (batch.start - it.enqueued + waited) * 1000.0
                 it.future.set_result(BatchResult(caption, len(live), len(idxs), queue_ms, inference_ms))
-        self.last_batch_s = time.perf_counter() - batch.start
+        self.last_batch_s = (batch.encoded - batch.start) + (time.perf_counter() - decode_start)  # the model's time
         if self._on_batch is not None:
             try:
                 self._on_batch(len(live), len(groups), self.last_batch_s)
