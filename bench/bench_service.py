@@ -75,13 +75,17 @@ def batch_histogram(port: int) -> tuple[float, float]:
 class Service:
     """The gunicorn service command in its own process group, stopped with SIGTERM."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, app: str = "service.app:create_app()") -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, app: str = "service.app:create_app()", tree: Path | None = None
+    ) -> None:
+        """``tree``: serve that source tree (its folder and ``PYTHONPATH``) with this checkout's gunicorn."""
         self.log_path = log_path
         self.log = log_path.open("wb")
         gunicorn = repo_root() / ".venv" / "bin" / "gunicorn"
         cmd = [str(gunicorn) if gunicorn.exists() else "gunicorn", "--config", "service/gunicorn_conf.py", app]
+        env = env if tree is None else dict(env, PYTHONPATH=str(tree))
         self.proc = subprocess.Popen(
-            cmd, cwd=repo_root(), env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, cwd=tree or repo_root(), env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
 
     def wait_ready(self, port: int, timeout: float) -> None:

@@ -15,56 +15,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_anchor import pick_photos
-from bench.bench_service import HOST, free_port, get, run_clients
-from bench.common import repo_root
-
-
-def serve(tree: Path, port: int, log: Path) -> subprocess.Popen:
-    """``tree``'s gunicorn service on ``port`` (this checkout's virtual environment), in its own process group."""
-    env = dict(os.environ, HOST=HOST, PORT=str(port), CAPTIONER_LOG_LEVEL="warning", PYTHONPATH=str(tree))
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    gunicorn = str(repo_root() / ".venv" / "bin" / "gunicorn")
-    cmd = [gunicorn, "--config", "service/gunicorn_conf.py", "service.app:create_app()"]
-    with log.open("wb") as out:
-        return subprocess.Popen(cmd, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_ready(proc: subprocess.Popen, port: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the service exited with {proc.returncode}")
-        try:
-            if get(port, "/readyz", timeout=2)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the service was not ready after {timeout:.0f} s")
+from bench.bench_service import HOST, Service, free_port, run_clients
 
 
 def one_run(tree: Path, uploads: list[bytes], args: argparse.Namespace, log: Path) -> dict:
     port = free_port()
-    proc = serve(tree, port, log)
+    env = dict(os.environ, HOST=HOST, PORT=str(port), CAPTIONER_LOG_LEVEL="warning")
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    service = Service(env, log, tree=tree)
     query = f"beam_size={args.beam_size}"
     try:
-        wait_ready(proc, port)
+        service.wait_ready(port, 300)
         run_clients(port, uploads[:8], 1, 8, query)  # warm-up
         many = run_clients(port, uploads, args.clients, max(1, len(uploads) // args.clients), query)
         one = run_clients(port, uploads[: args.single_n], 1, args.single_n, query)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+        service.stop()
     return {
         "tree": str(tree),
         f"c{args.clients}_rps": many["throughput_rps"],

@@ -90,7 +90,8 @@ class ServiceState:
                 self.batcher.run(
                     torch.zeros(3, size, size), self.default_settings(), timeout=max(300.0, s.request_timeout_s)
                 )
-                cap.see(torch.zeros(1, 3, size, size), threads=1)  # the one-thread encoder the batcher uses under load
+                if getattr(cap, "runtime", "torch") != "torch":  # ONNX Runtime's one-thread session, used under load
+                    cap.see(torch.zeros(1, 3, size, size), threads=1)
                 log.info("warm-up inference took %.2f s", time.perf_counter() - started)
             self.status = "ready"
             self.metrics.ready.set(1)
