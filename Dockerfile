@@ -7,7 +7,8 @@
 #
 # Stages: base (pinned Python) -> deps (virtualenv with the pinned core + service requirements;
 # cached until requirements.txt changes) -> wheel (the project, with the shipped model as package
-# data) -> runtime (non-root, read-only friendly, no compilers, no network needed at start).
+# data) -> runtime (deps plus the wheel: non-root, read-only friendly, no compilers, no network
+# needed at start).
 # The tag's version is pyproject.toml's (docs/deployment.md, "Versions and image tags").
 
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
@@ -48,13 +49,12 @@ COPY models/ models/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # ---------------------------------------------------------------- runtime
-FROM base AS runtime
+# Built on deps rather than on base with a copy of /opt/venv: deps has no compilers either, and a
+# copy would store the (multi-GB with CUDA torch) virtualenv twice while the image is built.
+FROM deps AS runtime
 ARG APP_UID=10001
 RUN groupadd --system --gid "${APP_UID}" app \
  && useradd --system --uid "${APP_UID}" --gid app --home-dir /home/app --create-home --shell /usr/sbin/nologin app
-COPY --from=deps /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH \
-    VIRTUAL_ENV=/opt/venv
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-deps /wheels/*.whl
 
