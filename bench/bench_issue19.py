@@ -15,7 +15,9 @@ Each round, interleaved on the same ``--n`` Flickr8k test photos:
    photos in batches of 8 (grid + concepts);
 5. the CLI start: ``captioner caption -q`` on one photo in a fresh process, per runtime
    (``CAPTIONER_RUNTIME`` onnx and torch): seconds to its first output line (the caption: the target) and to
-   its exit, then the same steps timed inside one process (import torch / import captioner / load / first caption).
+   its exit, then the same steps timed inside one process (import torch / import captioner / load / first caption);
+   ``--start-python NAME=PYTHON[@TREE]`` adds the ONNX path with another interpreter, or another checkout's
+   code (``start_NAME``), and ``--start-only`` runs only these start measurements, ``--rounds`` times, alternated.
 
 Ratios are taken within each round and reported with their median. After the rounds, ``--dev``
 Flickr8k dev photos are captioned in this process by the shipped fast path (whatever runtime it
@@ -75,12 +77,21 @@ def med(values: list[float]) -> float | None:
     return round(statistics.median(values), 3) if values else None
 
 
-def cli_start(photo: Path, runtime: str) -> dict:
-    """A fresh process: wall seconds of ``captioner caption -q photo``, then the same steps timed inside one."""
+def cli_start(photo: Path, runtime: str, python: str | None = None, tree: Path | None = None) -> dict:
+    """A fresh process: wall seconds of ``captioner caption -q photo``, then the same steps timed inside one.
+
+    ``python``: another interpreter (a venv with another torch build), which runs ``tree``'s code (default: this
+    checkout) as ``python -m captioner.commands.main`` with PYTHONPATH set to it; default: this venv's
+    ``captioner`` script.
+    """
     env = dict(os.environ, CAPTIONER_RUNTIME=runtime)
-    cli = str(Path(sys.executable).parent / "captioner")
+    if python:
+        env["PYTHONPATH"] = str(tree or repo_root())
+        cmd = [python, "-m", "captioner.commands.main"]
+    else:
+        cmd = [str(Path(sys.executable).parent / "captioner")]
     t0 = time.perf_counter()
-    with subprocess.Popen([cli, "caption", "-q", str(photo)], env=env, stdout=subprocess.PIPE) as proc:
+    with subprocess.Popen([*cmd, "caption", "-q", str(photo)], env=env, stdout=subprocess.PIPE) as proc:
         assert proc.stdout is not None
         proc.stdout.readline()  # the caption's record: the start is over
         first = time.perf_counter() - t0
@@ -89,7 +100,12 @@ def cli_start(photo: Path, runtime: str) -> dict:
     if proc.returncode:
         raise subprocess.CalledProcessError(proc.returncode, proc.args)
     run = subprocess.run(
-        [sys.executable, "-c", STAGES, str(photo)], check=True, env=env, capture_output=True, text=True, cwd=repo_root()
+        [python or sys.executable, "-c", STAGES, str(photo)],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tree or repo_root(),
     )
     return {
         "first_caption_s": round(first, 3),
@@ -158,6 +174,46 @@ def dev_quality(data: Path, n: int) -> dict:
     return out
 
 
+START_KEYS = ("first_caption_s", "wall_s", "import_torch", "import_captioner", "load", "first_caption")
+
+
+def start_pythons(items: list[str]) -> dict[str, tuple[str, Path | None]]:
+    """``--start-python`` values, NAME=PYTHON or NAME=PYTHON@TREE -> {NAME: (PYTHON, TREE or None)}."""
+    out: dict[str, tuple[str, Path | None]] = {}
+    for item in items:
+        name, _, spec = item.partition("=")
+        python, _, tree = spec.partition("@")
+        out[name] = (python, Path(tree).resolve() if tree else None)
+    return out
+
+
+def start_only(photo: Path, pythons: dict[str, tuple[str, Path | None]], rounds: int) -> dict:
+    """``--start-only``: the CLI start on the ONNX path with this venv and each ``--start-python``; the order of
+    the ``--start-python`` runs is reversed every other round."""
+    result: dict = {"bench": "issue19-start", "machine": machine(), "uptime_start": uptime(), "photo": photo.name}
+    result["rounds"] = []
+    for k in range(rounds):
+        r: dict = {"load1_start": load1(), "start_onnx": cli_start(photo, "auto")}
+        for name, (python, tree) in list(pythons.items())[:: 1 if k % 2 == 0 else -1]:
+            r[f"start_{name}"] = cli_start(photo, "auto", python, tree)
+        result["rounds"].append(r)
+        log({"round": k + 1, **r})
+    result["medians"] = {
+        f"{part}_{key}": med([r[part][key] for r in result["rounds"]])
+        for part in ["start_onnx", *(f"start_{n}" for n in pythons)]
+        for key in START_KEYS
+    }
+    result["torch"] = {name: torch_version(python) for name, (python, _) in pythons.items()}
+    result["trees"] = {name: str(tree or repo_root()) for name, (_, tree) in pythons.items()}
+    result["uptime_end"] = uptime()
+    return result
+
+
+def torch_version(python: str) -> str:
+    run = subprocess.run([python, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True)
+    return run.stdout.strip() or run.stderr.strip()[-200:]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="the Flickr8k folder (images/, Flickr_8k.*Images.txt, tokens)")
@@ -168,8 +224,22 @@ def main() -> None:
     ap.add_argument("--dev", type=int, default=1000, help="dev photos to score (0: the whole split; -1: skip)")
     ap.add_argument("--beam-size", type=int, default=3)
     ap.add_argument("--startup-timeout", type=float, default=300)
+    ap.add_argument(
+        "--start-python",
+        action="append",
+        default=[],
+        metavar="NAME=PYTHON[@TREE]",
+        help="also time the CLI start with this interpreter (e.g. a venv with a CPU-only torch) running TREE's code "
+        "(default: this checkout), as start_NAME",
+    )
+    ap.add_argument("--start-only", action="store_true", help="only the CLI start (this venv and each --start-python)")
     args = ap.parse_args()
     data = Path(args.data)
+    pythons = start_pythons(args.start_python)
+    if args.start_only:
+        photo = pick_photos(data / "images", data / "Flickr_8k.testImages.txt", 1)[0]
+        print(json.dumps(start_only(photo, pythons, args.rounds), indent=1))
+        return
     paths = pick_photos(data / "images", data / "Flickr_8k.testImages.txt", args.n)
     uploads = [p.read_bytes() for p in paths]
     from captioner.api import Captioner
@@ -200,6 +270,8 @@ def main() -> None:
                 r |= encoder_round(encoders, pixels)
                 r["start_onnx"] = cli_start(paths[0], "auto")
                 r["start_torch"] = cli_start(paths[0], "torch")
+                for name, (python, tree) in pythons.items():
+                    r[f"start_{name}"] = cli_start(paths[0], "auto", python, tree)
                 r["load1_end"] = load1()
                 r["anchor_ratio"] = round(r["cli_ips"] / r["anchor_ips"], 2)
                 r["service8_vs_cli"] = round(r["c8_ips"] / r["cli_ips"], 2)
@@ -226,8 +298,8 @@ def main() -> None:
             "encoder_ms_onnx",
         )
     }
-    for rt in ("onnx", "torch"):
-        for key in ("first_caption_s", "wall_s", "import_torch", "import_captioner", "load", "first_caption"):
+    for rt in ("onnx", "torch", *pythons):
+        for key in START_KEYS:
             result["medians"][f"start_{rt}_{key}"] = med([r[f"start_{rt}"][key] for r in rounds])
     result["rounds_seconds"] = round(time.perf_counter() - started, 1)
     if args.dev >= 0:

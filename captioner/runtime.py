@@ -43,13 +43,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, ort_session
 from .encoder import EncoderConfig
 from .settings import ONNX_PRECISIONS as PRECISIONS
 from .settings import RUNTIMES
 
 ONNX_FILE = "encoder.onnx"
-RECIPE_KEY = "encoder_onnx"
+RECIPE_KEY = ort_session.RECIPE_KEY
 OPSET = 17
 TORCH = "torch"
 
@@ -162,18 +162,12 @@ class OnnxEncoder(nn.Module):
 
 
 def _session(folder: Path, recipe: dict, threads: int | None) -> Any:
-    """An ONNX Runtime session on ``folder``'s exported encoder, its bytes checked against the recipe's sha256."""
-    import onnxruntime as ort
-
-    path = folder / recipe["file"]
-    model = path.read_bytes()
-    if hashlib.sha256(model).hexdigest() != recipe["onnx_sha256"]:
-        raise RuntimeUnavailable(f"{path} does not match its recipe (onnx_sha256)")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    """An ONNX Runtime session on ``folder``'s exported encoder (default threads: torch's count), its bytes
+    checked against the recipe's sha256; one that :func:`captioner.ort_session.prefetch` started is taken over."""
+    try:
+        return ort_session.open_session(folder, recipe, threads or torch.get_num_threads())
+    except ort_session.DigestMismatch as exc:
+        raise RuntimeUnavailable(str(exc)) from exc
 
 
 def open_encoder(

@@ -151,6 +151,62 @@ def test_encoder_on_one_thread_is_bit_identical(exported: Path) -> None:
 
 
 @needs_ort
+def test_prefetched_session_is_taken_over_only_when_it_matches(
+    exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ort_session.prefetch (the CLI, while torch imports) builds the session early; the load takes it over when
+    file, digest and thread count match, and otherwise builds its own, with the usual errors and fallbacks."""
+    from captioner import ort_session
+
+    built: list[int] = []
+    build = ort_session._build
+    monkeypatch.setattr(ort_session, "_build", lambda folder, recipe, n: built.append(n) or build(folder, recipe, n))
+    n = torch.get_num_threads()
+    ort_session.prefetch(exported, threads=n)
+    assert Captioner.load(exported, device="cpu").runtime == "onnxruntime-fp32"
+    assert built == [n] and not ort_session._pending  # built once, early, and handed over
+
+    ort_session.prefetch(exported, threads=n + 1)  # not what the load asks for: dropped, built again
+    assert Captioner.load(exported, device="cpu").runtime == "onnxruntime-fp32"
+    assert built[1:] == [n + 1, n] and not ort_session._pending
+
+    edited = copy_of(exported, tmp_path / "edited")
+    with (edited / runtime.ONNX_FILE).open("ab") as fh:
+        fh.write(b"\0")
+    ort_session.prefetch(edited, threads=n)  # fails in the background; the load still warns and falls back
+    with pytest.warns(UserWarning, match="onnx_sha256"):
+        assert Captioner.load(edited, device="cpu").runtime == "torch"
+    assert not ort_session._pending
+
+    del built[:]
+    monkeypatch.setenv("CAPTIONER_RUNTIME", "torch")  # nothing to prefetch
+    ort_session.prefetch(exported, threads=n)
+    ort_session.prefetch(tmp_path / "no-such-model", threads=n)
+    assert built == [] and not ort_session._pending
+
+
+@needs_ort
+def test_cli_builds_the_encoder_session_while_torch_imports(
+    exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from captioner import ort_session
+
+    built: list[int] = []
+    build = ort_session._build
+    monkeypatch.setattr(ort_session, "_build", lambda folder, recipe, n: built.append(n) or build(folder, recipe, n))
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # what the prefetch takes torch to use
+    image = tmp_path / "a.png"
+    make_image(2).save(image)
+    outs = [tmp_path / "prefetched.jsonl", tmp_path / "exact.jsonl"]
+    assert cli_main(["caption", "--checkpoint", str(exported), "--workers", "0", "-o", str(outs[0]), str(image)]) == 0
+    assert built == [torch.get_num_threads()] and not ort_session._pending  # the early session was the one used
+    assert cli_main(["caption", "--checkpoint", str(exported), "--exact", "-o", str(outs[1]), str(image)]) == 0
+    assert len(built) == 1  # --exact runs torch: nothing prefetched
+    first = json.loads(outs[0].read_text())
+    assert first["caption"] and set(first) >= {"caption", "tokens", "concepts"}
+
+
+@needs_ort
 def test_missing_or_stale_file_falls_back_to_torch(exported: Path, tmp_path: Path) -> None:
     missing = copy_of(exported, tmp_path / "missing")
     (missing / runtime.ONNX_FILE).unlink()

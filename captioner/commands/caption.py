@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         _usage(args, "'-' (read paths from stdin) may be given only once")
     from datetime import timedelta
 
+    _prefetch_encoder(args)
     from ..distributed import Distributed  # torch: after the usage checks, which answer at once
 
     # the ranks meet twice, around a whole run of captioning: gloo (CPU objects), a long timeout
@@ -152,6 +153,22 @@ def run(args: argparse.Namespace) -> int:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
         ddp.close()
+
+
+def _prefetch_encoder(args: argparse.Namespace) -> None:
+    """Build the ONNX Runtime encoder session on the other core while torch imports (captioner.ort_session).
+
+    Only where the CPU fast path will run: not with ``--exact``, and not where a GPU may be picked (``--device``
+    cuda, or a default device on a machine with NVIDIA or AMD GPU device files, which torch would use).
+    """
+    if args.exact or args.device not in (None, "cpu"):
+        return
+    if args.device is None and any(os.path.exists(f) for f in ("/dev/nvidiactl", "/dev/kfd")):
+        return
+    from ..ort_session import prefetch
+    from ..settings import default_model_path
+
+    prefetch(args.checkpoint or default_model_path())
 
 
 def _load(args: argparse.Namespace, ddp: Distributed) -> Captioner:
