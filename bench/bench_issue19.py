@@ -84,7 +84,7 @@ def cli_start(photo: Path, runtime: str, python: str | None = None, tree: Path |
     checkout) as ``python -m captioner.commands.main`` with PYTHONPATH set to it; default: this venv's
     ``captioner`` script.
     """
-    env = dict(os.environ, CAPTIONER_RUNTIME=runtime)
+    env, photo = dict(os.environ, CAPTIONER_RUNTIME=runtime), photo.absolute()
     if python:
         env["PYTHONPATH"] = str(tree or repo_root())
         cmd = [python, "-m", "captioner.commands.main"]
@@ -183,6 +183,7 @@ def start_pythons(items: list[str]) -> dict[str, tuple[str, Path | None]]:
     for item in items:
         name, _, spec = item.partition("=")
         python, _, tree = spec.partition("@")
+        python = str(Path(python).absolute()) if os.sep in python else python  # the runs start in TREE
         out[name] = (python, Path(tree).resolve() if tree else None)
     return out
 
