@@ -73,7 +73,9 @@ def prefetch(folder: str | os.PathLike, threads: int | None = None) -> None:
         except BaseException as exc:  # noqa: BLE001 - handed to open_session, which builds again
             future.set_exception(exc)
 
-    threading.Thread(target=build, name="captioner-ort-prefetch", daemon=True).start()
+    # not a daemon: an exit during the build (a bad checkpoint, Ctrl-C) waits for it instead of tearing
+    # ONNX Runtime down under a thread that is still inside it
+    threading.Thread(target=build, name="captioner-ort-prefetch").start()
 
 
 def _key(folder: Path, recipe: dict) -> tuple[str, str]:
