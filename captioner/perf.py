@@ -118,9 +118,10 @@ class Int8Linear(nn.Module):
     batch; the row scale is multiplied back afterwards.
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """weight (out, in) and bias (out,) of a Linear layer (or one of an LSTMCell's two products)."""
         super().__init__()
-        weight = linear.weight.detach().float()  # (out, in)
+        weight = weight.detach().float()  # (out, in)
         scales = (weight.abs().amax(dim=1) / 127.0).clamp_min(1e-12)  # (out,)
         with warnings.catch_warnings():  # quantized tensor types are deprecated upstream; fine in torch 2.14
             warnings.simplefilter("ignore")
@@ -128,10 +129,13 @@ class Int8Linear(nn.Module):
                 weight, scales.double(), torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8
             )
             self._packed = torch.ops.quantized.linear_prepack(qweight, None)
-        bias = linear.bias.detach().float().clone() if linear.bias is not None else None
-        self.register_buffer("bias", bias)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("bias", bias.detach().float().clone() if bias is not None else None)
+        self.out_features, self.in_features = weight.shape
         self.register_buffer("_anchors", torch.tensor([[1.0], [-1.0]]).expand(2, self.in_features).contiguous())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        return cls(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
@@ -154,8 +158,8 @@ class Int8LSTMCell(nn.Module):
     def __init__(self, cell: nn.LSTMCell) -> None:
         super().__init__()
         self.hidden_size = cell.hidden_size
-        self.ih = Int8Linear(_as_linear(cell.weight_ih, cell.bias_ih))
-        self.hh = Int8Linear(_as_linear(cell.weight_hh, cell.bias_hh))
+        self.ih = Int8Linear(cell.weight_ih, cell.bias_ih)
+        self.hh = Int8Linear(cell.weight_hh, cell.bias_hh)
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, I), (h, c) (B, H) each -> (h', c')."""
@@ -163,15 +167,6 @@ class Int8LSTMCell(nn.Module):
         i, f, g, o = (self.ih(x) + self.hh(h)).chunk(4, dim=1)  # (B, H) each, PyTorch's gate order
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         return torch.sigmoid(o) * torch.tanh(c), c
-
-
-def _as_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    return linear
 
 
 #: Batches of up to this many images decode on one torch thread when ONNX Runtime runs the encoder
@@ -210,7 +205,7 @@ def quantize_decoder(decoder: nn.Module, inplace: bool = False) -> nn.Module:
     for module in list(quantized.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, child_name, Int8Linear(child))
+                setattr(module, child_name, Int8Linear.from_linear(child))
             elif isinstance(child, nn.LSTMCell):
                 setattr(module, child_name, Int8LSTMCell(child))
     return quantized.eval()

@@ -93,7 +93,7 @@ def test_int8_layers_match_float(tiny_checkpoint: Path) -> None:
     torch.manual_seed(0)
     linear, cell = torch.nn.Linear(64, 48), torch.nn.LSTMCell(64, 32)
     x = torch.randn(5, 7, 64)  # (B, L, in): any leading shape
-    torch.testing.assert_close(Int8Linear(linear)(x), linear(x), atol=0.03, rtol=0.05)
+    torch.testing.assert_close(Int8Linear.from_linear(linear)(x), linear(x), atol=0.03, rtol=0.05)
     h, c = torch.randn(5, 32), torch.randn(5, 32)
     for a, b in zip(Int8LSTMCell(cell)(x[:, 0], (h, c)), cell(x[:, 0], (h, c))):
         torch.testing.assert_close(a, b, atol=0.03, rtol=0.05)
