@@ -1,8 +1,10 @@
-"""Two issue-16 ideas measured on both dev sets, neither shipped: regional concepts and object-first captions.
+"""Issue-16 ideas measured on both dev sets, none shipped: regional concepts, object-first captions, and an
+oracle that keeps people (and dogs) out of captions of photos that have none.
 
     python bench/sweep_concepts.py cache                       # once: the shipped encoder's outputs (a few minutes)
     python bench/concept_experiments.py regions [--output f.json]
     python bench/concept_experiments.py subject [--output f.json]
+    python bench/concept_experiments.py people [--output f.json]
 
 Both start from ``sweep_concepts.py``'s cache (annotation grids and ImageNet class probabilities of coco_mini and
 Flickr8k dev) and score like it: coco_mini object recall / CIDEr-D / METEOR, Flickr8k dev BLEU-4 / METEOR.
@@ -19,6 +21,10 @@ name in ``WORN``). Needs the torch encoder for the conv-head maps (about a minut
 person or dog. For an image whose top confident object concept has p >= ``tau``, the beam search is run once more
 with "a <object>" forced as its first two words (a scratch mask around ``captioner.search.mask_logprobs``), and that
 caption replaces the guided one when its length-normalised score is within ``beta`` of it.
+
+``people``: an upper bound for a person detector. On each photo whose five references use no person word
+(``bench_coco_mini.PEOPLE``), those words are banned from the search; a second row also bans dog words where no
+reference names a dog. Both dev sets, one image at a time, with a scratch mask around ``mask_logprobs``.
 """
 
 from __future__ import annotations
@@ -33,13 +39,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.bench_coco_mini import SYNONYMS, recall
+from bench.bench_coco_mini import PEOPLE, SYNONYMS, invented_people, recall
 from bench.sweep_concepts import SHARED, coco_sets, decode_all
-from captioner import search
+from captioner import constrained, search
 from captioner.api import CONCEPT_MIN_PROB, CONCEPTS_SHOWN, Captioner
 from captioner.concepts import MAPPING_FILE, show_placed
 from captioner.datasets import load_records
 from captioner.metrics import score
+from captioner.vocab import tokenize
 
 # ImageNet classes under WordNet's clothing, garment, footwear and headdress synsets (the WordNet reader of
 # scripts/make_concept_map.py, nouns whose hypernym closure meets them), by their names in the mapping file
@@ -227,13 +234,56 @@ def subject(args: argparse.Namespace) -> list[dict]:
     return out
 
 
+DOGS = frozenset({"dog", "dogs", "puppy", "puppies"})
+
+
+def people(args: argparse.Namespace) -> list[dict]:
+    """Oracle: the shipped defaults, with person words (and then dog words too) banned on the photos whose five
+    references name none, as a perfect person (dog) detector would; both dev sets, captions from the cache."""
+    refs = references()
+    by_part = {"coco_mini": refs[0], "flickr8k_dev": refs[2]}
+    cap = Captioner.load(device="cpu")
+    stoi = cap.vocab.stoi
+    plain = search.mask_logprobs
+    banned: list[int] = []  # word ids banned for the image being decoded (one image at a time)
+
+    def masked(logp: torch.Tensor, prev: torch.Tensor, step: int, **kw: object) -> torch.Tensor:
+        logp = plain(logp, prev, step, **kw)  # (N, V)
+        logp[:, banned] = float("-inf")
+        return logp
+
+    out = []
+    for label, groups in (("shipped", ()), ("no person words", (PEOPLE,)), ("no person or dog words", (PEOPLE, DOGS))):
+        texts: dict[str, dict[str, str]] = {}
+        bans = 0
+        for part, part_refs in by_part.items():
+            data, texts[part] = torch.load(Path(args.cache) / f"{part}.pt"), {}
+            for i, name in enumerate(data["names"]):
+                words = {w for r in part_refs[name] for w in tokenize(r)}
+                banned[:] = [stoi[w] for g in groups if not g & words for w in g if w in stoi]
+                bans += bool(banned)
+                probs = data["probs"][i : i + 1]  # (1, 1000)
+                concepts = cap.concept_map.concepts(probs, CONCEPTS_SHOWN, CONCEPT_MIN_PROB)
+                search.mask_logprobs = constrained.mask_logprobs = masked  # scratch: both searches read these names
+                try:
+                    texts[part][name] = cap.decode(data["feats"][i : i + 1], concepts=concepts)[0].text
+                finally:
+                    search.mask_logprobs = constrained.mask_logprobs = plain
+        coco = texts["coco_mini"]
+        row = {"label": label, "images_with_bans": bans, **figures(coco, texts["flickr8k_dev"], refs)}
+        row["invented_people"] = list(invented_people(coco, refs[0]))
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("experiment", choices=["regions", "subject"])
+    ap.add_argument("experiment", choices=["regions", "subject", "people"])
     ap.add_argument("--cache", default="/tmp/concept-sweep", help="sweep_concepts.py's cache folder")
     ap.add_argument("--output", help="write the rows as JSON here")
     args = ap.parse_args()
-    rows = regions(args) if args.experiment == "regions" else subject(args)
+    rows = {"regions": regions, "subject": subject, "people": people}[args.experiment](args)
     if args.output:
         Path(args.output).write_text(json.dumps({"experiment": args.experiment, "rows": rows}, indent=1) + "\n")
 
