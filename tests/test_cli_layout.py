@@ -74,6 +74,17 @@ def test_usage_errors_answer_before_torch_loads(tmp_path: Path) -> None:
     assert "torch" not in heavy_modules(code)
 
 
+def test_encoder_session_prefetch_imports_no_torch() -> None:
+    """The CLI builds the ONNX Runtime session while torch imports: that path must not import torch itself."""
+    assert heavy_modules("import captioner.ort_session") == []
+    code = (
+        "import threading\nfrom captioner.ort_session import prefetch\nfrom captioner.settings import "
+        "default_model_path\nprefetch(default_model_path())\n"
+        "[t.join() for t in threading.enumerate() if t.name == 'captioner-ort-prefetch']"
+    )
+    assert "torch" not in heavy_modules(code)
+
+
 def test_package_names_are_imported_on_first_use() -> None:
     assert heavy_modules("import captioner, captioner.settings, captioner.datasets") == []
     assert "torch" in heavy_modules("import captioner\ncaptioner.Captioner")
