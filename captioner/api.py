@@ -24,7 +24,7 @@ from .encoder import Encoder, EncoderConfig
 from .images import DEFAULT_MAX_PIXELS, ImageSource, load_image, preprocess
 from .perf import ONE_THREAD_BATCH, intra_op_threads
 from .search import Hypothesis, best_hypotheses
-from .settings import GUIDANCE, MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, default_model_path, parse_flag
+from .settings import CAPTION_BATCH, GUIDANCE, MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, default_model_path, parse_flag
 from .vocab import Vocabulary
 
 #: Concepts reported with a caption: at most this many, each at least this likely.
@@ -329,7 +329,7 @@ class Captioner:
         max_length: int | None = None,
         n_best: int = 1,
         length_alpha: float | None = None,
-        batch_size: int = 16,
+        batch_size: int = CAPTION_BATCH,
         guidance: str | None = None,
     ) -> Caption | list[Caption]:
         """Caption one image (path, bytes, file object or PIL image) or a list of them.

@@ -23,6 +23,7 @@ import numpy as np
 
 from .images import DEFAULT_MAX_PIXELS, ImageError, is_image_path, load_image, preprocess
 from .outputs import path_key
+from .settings import CAPTION_BATCH
 
 if TYPE_CHECKING:
     import torch
@@ -169,7 +170,7 @@ class Result:
 def iter_captions(
     cap: Captioner,
     paths: list[str],
-    batch_size: int = 16,
+    batch_size: int = CAPTION_BATCH,
     workers: int = 0,
     beam_size: int | None = None,
     max_length: int | None = None,

@@ -62,6 +62,12 @@ def default_model_path() -> Path:
     return packaged if packaged.is_dir() else package.parent / "models" / DEFAULT_MODEL_NAME
 
 
+#: Images per encoder pass and batched beam search in batch captioning (``captioner caption --batch-size``). On 2 CPU
+#: cores 32 ran 2-9% faster than 16 in each of 5 alternated pairs over 500 Flickr8k test photos, and 64 no faster
+#: (BENCHMARKS.md, issue 19, session 10); captions do not depend on it (batch invariance).
+CAPTION_BATCH = 32
+
+
 def default_workers() -> int:
     """Image-decoding processes of batch captioning: one core is left for the model (0: decode in this process)."""
     return max(0, min(4, (os.cpu_count() or 1) - 1))

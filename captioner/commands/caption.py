@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import outputs
 from ..outputs import FORMATS, PROG
-from ..settings import GUIDANCE, MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, default_workers
+from ..settings import CAPTION_BATCH, GUIDANCE, MAX_BEAM_SIZE, MAX_LENGTH_LIMIT, default_workers
 from .common import int_range
 
 if TYPE_CHECKING:
@@ -83,8 +83,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--batch-size",
         metavar="B",
         type=int_range(1),
-        default=16,
-        help="images per encoder pass and beam search (default: 16)",
+        default=CAPTION_BATCH,
+        help=f"images per encoder pass and beam search (default: {CAPTION_BATCH})",
     )
     c.add_argument(
         "--workers",
