@@ -171,7 +171,7 @@ class Int8LSTMCell(nn.Module):
 
 #: Batches of up to this many images decode on one torch thread when ONNX Runtime runs the encoder
 #: (:meth:`captioner.api.Captioner.decode`, :func:`intra_op_threads`): the service's micro-batches (at most 8 by
-#: default) and single images; the CLI's batches of 16 keep torch's threads.
+#: default) and single images; the CLI's batches (32 by default) keep torch's threads.
 ONE_THREAD_BATCH = 8
 
 
