@@ -30,9 +30,11 @@ reference names a dog. Both dev sets, one image at a time, with a scratch mask a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import sys
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -164,21 +166,35 @@ def concept_pairs(cap: Captioner, names: list[str], probs: torch.Tensor, objects
     return hits
 
 
-def prefixed_search(cap: Captioner, annotations: torch.Tensor, prefix: list[int]) -> search.Hypothesis:
-    """The best beam-search caption of one image (1, L, D) that starts with ``prefix`` (word ids)."""
+@contextlib.contextmanager
+def extra_mask(mask: Callable[[torch.Tensor, int], None]) -> Iterator[None]:
+    """Scratch experiments only: both beam searches also apply ``mask(logp (N, V), step)`` in place after their
+    own word bans (they look ``mask_logprobs`` up by name at each step)."""
     plain = search.mask_logprobs
 
-    def forced(logp: torch.Tensor, prev: torch.Tensor, step: int, **kw: object) -> torch.Tensor:
+    def masked(logp: torch.Tensor, prev: torch.Tensor, step: int, **kw: object) -> torch.Tensor:
         logp = plain(logp, prev, step, **kw)  # (N, V)
+        mask(logp, step)
+        return logp
+
+    search.mask_logprobs = constrained.mask_logprobs = masked
+    try:
+        yield
+    finally:
+        search.mask_logprobs = constrained.mask_logprobs = plain
+
+
+def prefixed_search(cap: Captioner, annotations: torch.Tensor, prefix: list[int]) -> search.Hypothesis:
+    """The best beam-search caption of one image (1, L, D) that starts with ``prefix`` (word ids)."""
+
+    def forced(logp: torch.Tensor, step: int) -> None:
         if step < len(prefix):
             keep = logp[:, prefix[step]].clone()  # (N,)
             logp.fill_(float("-inf"))
             logp[:, prefix[step]] = keep
-        return logp
 
     stoi, d = cap.vocab.stoi, cap.defaults
-    search.mask_logprobs = forced  # scratch experiment: beam_search reads the module's function at each call
-    try:
+    with extra_mask(forced):
         return search.beam_search(
             cap.decoder,
             annotations,
@@ -188,8 +204,6 @@ def prefixed_search(cap: Captioner, annotations: torch.Tensor, prefix: list[int]
             length_alpha=float(d["length_alpha"]),
             unk_id=stoi.get("<unk>"),
         )[0][0]
-    finally:
-        search.mask_logprobs = plain
 
 
 def subject(args: argparse.Namespace) -> list[dict]:
@@ -244,13 +258,10 @@ def people(args: argparse.Namespace) -> list[dict]:
     by_part = {"coco_mini": refs[0], "flickr8k_dev": refs[2]}
     cap = Captioner.load(device="cpu")
     stoi = cap.vocab.stoi
-    plain = search.mask_logprobs
     banned: list[int] = []  # word ids banned for the image being decoded (one image at a time)
 
-    def masked(logp: torch.Tensor, prev: torch.Tensor, step: int, **kw: object) -> torch.Tensor:
-        logp = plain(logp, prev, step, **kw)  # (N, V)
-        logp[:, banned] = float("-inf")
-        return logp
+    def ban(logp: torch.Tensor, step: int) -> None:
+        logp[:, banned] = float("-inf")  # (N, V)
 
     out = []
     for label, groups in (("shipped", ()), ("no person words", (PEOPLE,)), ("no person or dog words", (PEOPLE, DOGS))):
@@ -264,11 +275,8 @@ def people(args: argparse.Namespace) -> list[dict]:
                 bans += bool(banned)
                 probs = data["probs"][i : i + 1]  # (1, 1000)
                 concepts = cap.concept_map.concepts(probs, CONCEPTS_SHOWN, CONCEPT_MIN_PROB)
-                search.mask_logprobs = constrained.mask_logprobs = masked  # scratch: both searches read these names
-                try:
+                with extra_mask(ban):
                     texts[part][name] = cap.decode(data["feats"][i : i + 1], concepts=concepts)[0].text
-                finally:
-                    search.mask_logprobs = constrained.mask_logprobs = plain
         coco = texts["coco_mini"]
         row = {"label": label, "images_with_bans": bans, **figures(coco, texts["flickr8k_dev"], refs)}
         row["invented_people"] = list(invented_people(coco, refs[0]))
