@@ -19,6 +19,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from .settings import requested_runtime
+
 #: config.json key of the exported encoder's recipe (documented in :mod:`captioner.runtime`)
 RECIPE_KEY = "encoder_onnx"
 
@@ -49,11 +51,13 @@ def prefetch(folder: str | os.PathLike, threads: int | None = None) -> None:
 
     ``threads`` defaults to what torch will pick: ``$OMP_NUM_THREADS``, else the CPUs this process may use
     (on a machine with hyper-threads torch takes the physical cores instead, and the early session is dropped).
-    Does nothing when ``$CAPTIONER_RUNTIME`` is ``torch``, onnxruntime is missing or the folder has no recipe.
+    Does nothing when ``$CAPTIONER_RUNTIME`` is ``torch`` (or unknown), onnxruntime is missing or the folder has no
+    recipe.
     """
-    if os.environ.get("CAPTIONER_RUNTIME", "").strip().lower() == "torch":
-        return
-    if importlib.util.find_spec("onnxruntime") is None:
+    try:
+        if requested_runtime() == "torch" or not onnxruntime_installed():
+            return
+    except ValueError:  # an unknown CAPTIONER_RUNTIME: the load reports it
         return
     try:
         recipe = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))[RECIPE_KEY]
@@ -76,6 +80,10 @@ def prefetch(folder: str | os.PathLike, threads: int | None = None) -> None:
     # not a daemon: an exit during the build (a bad checkpoint, Ctrl-C) waits for it instead of tearing
     # ONNX Runtime down under a thread that is still inside it
     threading.Thread(target=build, name="captioner-ort-prefetch").start()
+
+
+def onnxruntime_installed() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
 
 
 def _key(folder: Path, recipe: dict) -> tuple[str, str]:

@@ -33,8 +33,6 @@ batch (tests/test_runtime.py).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import os
 import threading
 import warnings
 from pathlib import Path
@@ -43,10 +41,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, ort_session
+from . import checkpoint, ort_session, settings
 from .encoder import EncoderConfig
+from .ort_session import onnxruntime_installed
 from .settings import ONNX_PRECISIONS as PRECISIONS
-from .settings import RUNTIMES
 
 ONNX_FILE = "encoder.onnx"
 RECIPE_KEY = ort_session.RECIPE_KEY
@@ -73,14 +71,10 @@ def onnx_file(precision: str) -> str:
 
 def requested_runtime(runtime: str | None = None) -> str:
     """``runtime``, else ``$CAPTIONER_RUNTIME``, else ``auto``; RuntimeUnavailable for an unknown name."""
-    value = (runtime if runtime is not None else os.environ.get("CAPTIONER_RUNTIME", "auto")).strip().lower() or "auto"
-    if value not in RUNTIMES:
-        raise RuntimeUnavailable(f"the runtime (CAPTIONER_RUNTIME) must be one of {', '.join(RUNTIMES)}, got {value!r}")
-    return value
-
-
-def onnxruntime_installed() -> bool:
-    return importlib.util.find_spec("onnxruntime") is not None
+    try:
+        return settings.requested_runtime(runtime)
+    except ValueError as exc:
+        raise RuntimeUnavailable(str(exc)) from exc
 
 
 def expected_encoder(config: dict) -> dict:

@@ -68,6 +68,14 @@ def default_model_path() -> Path:
 CAPTION_BATCH = 32
 
 
+def requested_runtime(runtime: str | None = None) -> str:
+    """``runtime``, else ``$CAPTIONER_RUNTIME``, else ``auto`` (one of :data:`RUNTIMES`; ValueError otherwise)."""
+    value = (runtime if runtime is not None else os.environ.get("CAPTIONER_RUNTIME", "auto")).strip().lower() or "auto"
+    if value not in RUNTIMES:
+        raise ValueError(f"the runtime (CAPTIONER_RUNTIME) must be one of {', '.join(RUNTIMES)}, got {value!r}")
+    return value
+
+
 def default_workers() -> int:
     """Image-decoding processes of batch captioning: one core is left for the model (0: decode in this process)."""
     return max(0, min(4, (os.cpu_count() or 1) - 1))
