@@ -106,6 +106,7 @@ class Captioner:
             "concept_scene": True,
             "concept_apart": True,
             "concept_margin": 6.0,
+            "concept_places": True,
         }
         self.defaults.update(config.get("inference", {}))
         # visual concepts need the encoder's ImageNet head (EfficientNet-Lite, head stage), in torch or ONNX
@@ -254,12 +255,13 @@ class Captioner:
 
         ``concepts`` (from :meth:`see`) are attached to the captions; with ``guidance="concepts"``
         (the default) an image with confident concepts gets a caption that satisfies its constraints
-        (:meth:`ConceptMap.constraints`: an object, and with ``concept_scene`` a room) each at most once
+        (:meth:`ConceptMap.constraints`: an object, and with ``concept_scene`` a place) each at most once
         (:func:`~captioner.constrained.constrained_beam_search`, beam size at least 2; a novel word through its
         proxy, shown by :func:`~captioner.concepts.show_placed`): of the best captions satisfying each subset
         of them, the one whose score plus ``concept_weight`` x the probability of what it satisfies is highest;
         with ``concept_apart`` no constraint's word comes right after another's ("a kitchen microwave"), and a
-        constraint's word goes only where its log-probability is within ``concept_margin`` of the step's best word's.
+        constraint's word goes only where its log-probability is within ``concept_margin`` of the step's best word's;
+        with ``concept_places`` a place word (kitchen, table) comes only right after a preposition and an article.
         """
         beam_size = int(self.defaults["beam_size"] if beam_size is None else beam_size)
         max_length = int(self.defaults["max_length"] if max_length is None else max_length)
@@ -296,6 +298,7 @@ class Captioner:
                     allowance=allowance,
                     apart=bool(self.defaults["concept_apart"]),
                     margin=None if self.defaults["concept_margin"] is None else float(self.defaults["concept_margin"]),
+                    places=self.concept_map.places(required, v.stoi) if self.defaults["concept_places"] else None,
                     **common,
                 )
             else:

@@ -13,7 +13,8 @@ A *novel* word outside the vocabulary (zebra, sink) is placed through its in-voc
 (horse, tub): the decoder scores and reads the proxy, :meth:`ConceptMap.shown` names what the
 caption shows instead, and :func:`show_placed` writes it with the article and number fixed.
 :meth:`ConceptMap.constraints` turns each image's confident concepts into the word constraints of
-:func:`captioner.constrained.constrained_beam_search`.
+:func:`captioner.constrained.constrained_beam_search`, and :meth:`ConceptMap.places` its rule that a place word
+(kitchen, table) comes only in a place phrase ("at the table").
 """
 
 from __future__ import annotations
@@ -29,9 +30,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from .constrained import Places
 from .encoder import Encoder, build_lite
 
 MAPPING_FILE = "imagenet_concepts.json"
+# a place word (a scene: kitchen, table) is placed only after one of the articles that follows a preposition
+PLACE_PREPOSITIONS = (
+    "in", "on", "at", "inside", "near", "by", "beside", "behind", "under", "outside", "into", "onto", "across",
+    "around", "through", "from", "over", "beneath", "underneath",
+)  # fmt: skip
+PLACE_ARTICLES = ("a", "an", "the")
 
 
 @dataclass(frozen=True)
@@ -106,7 +114,7 @@ class ConceptMap:
         # a proxy only stands in for a word the vocabulary lacks
         self.proxies = {w: p for w, p in (proxies or {}).items() if w not in known and p in known}
         self.words = sorted({w for ws in class_words for w in ws if w in known or w in self.proxies})
-        self.scenes = {w for w in scenes or set() if w in self.words}  # room words (kitchen), not objects
+        self.scenes = {w for w in scenes or set() if w in self.words}  # place words (kitchen, table), not objects
         index = {w: i for i, w in enumerate(self.words)}
         matrix = torch.zeros(len(class_words), len(self.words))  # (1000, W)
         for c, ws in enumerate(class_words):
@@ -157,8 +165,8 @@ class ConceptMap:
         "dog" named by 121 of the 1000 classes needs more than a "zebra").
 
         The top ``concept_top`` object words form one constraint that either satisfies, except that a second
-        object with p >= ``concept_pair`` is a constraint of its own; with ``concept_scene`` the top room word
-        (kitchen, bathroom: :attr:`ConceptMap.scenes`) is one more. Returns the (B, C, V) bool mask of each
+        object with p >= ``concept_pair`` is a constraint of its own; with ``concept_scene`` the top place word
+        (kitchen, bathroom, table: :attr:`ConceptMap.scenes`) is one more. Returns the (B, C, V) bool mask of each
         constraint's vocabulary forms (a novel word's are its proxy's), the (B, C) score allowance
         ``concept_weight`` x (its summed p) that satisfying each may cost (None: any cost), and per image
         {vocabulary form: the word the caption shows}.
@@ -174,12 +182,12 @@ class ConceptMap:
         for b, cs in enumerate(concepts):
             sure = [c for c in cs if c.probability >= max(threshold, lift * self.share[c.word])]
             objects = [c for c in sure if c.word not in self.scenes][:top]
-            rooms = [c for c in sure if c.word in self.scenes][: int(scene)]
-            for c in objects + rooms:
+            places = [c for c in sure if c.word in self.scenes][: int(scene)]
+            for c in objects + places:
                 if any(f in shown[b] for f in self.forms[c.word]):
                     continue  # two concepts placed through one proxy: the likelier one names it
-                # its own constraint (the next free one) for a room or a confident second object, else the first's
-                own = c in rooms or (c is not objects[0] and c.probability >= pair)
+                # its own constraint (the next free one) for a place or a confident second object, else the first's
+                own = c in places or (c is not objects[0] and c.probability >= pair)
                 k = int((mass[b] > 0).sum()) if own else 0
                 mass[b, k] += c.probability
                 shown[b] |= self.shown[c.word]
@@ -188,6 +196,20 @@ class ConceptMap:
         C = int(required.any(2).any(0).sum())  # constraints fill from the first: drop the ones no image uses
         weight = settings["concept_weight"]
         return required[:, :C], None if weight is None else float(weight) * mass[:, :C], shown
+
+    def places(self, required: torch.Tensor, stoi: dict[str, int]) -> Places:
+        """required (B, C, V) from :meth:`constraints` -> the :class:`Places` rule for its scene words' forms."""
+        V = required.shape[-1]
+
+        def vocabulary_mask(words: list[str] | tuple[str, ...]) -> torch.Tensor:
+            mask = torch.zeros(V, dtype=torch.bool)  # (V,)
+            mask[[stoi[w] for w in words if w in stoi]] = True
+            return mask
+
+        scene_forms = vocabulary_mask([f for w in self.scenes for f in self.forms[w]])  # (V,)
+        return Places(
+            required.any(1) & scene_forms, vocabulary_mask(PLACE_PREPOSITIONS), vocabulary_mask(PLACE_ARTICLES)
+        )
 
 
 def plural(word: str) -> str:

@@ -7,6 +7,7 @@ hypotheses); :meth:`captioner.api.Captioner.decode` calls it for images with con
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -14,6 +15,25 @@ import torch
 from .decoder import AttentionDecoder
 from .live_rows import LiveRows
 from .search import Beams, Hypothesis, mask_logprobs
+
+
+@dataclass(frozen=True)
+class Places:
+    """Constraint words that say where (kitchen, table): placed only as the noun of a place phrase, right after
+    an article that follows a preposition ("in a kitchen", "at the table"), never "eating a table"."""
+
+    words: torch.Tensor  # (B, V) bool: each image's constraint words that are places
+    prepositions: torch.Tensor  # (V,) bool
+    articles: torch.Tensor  # (V,) bool
+
+    def allowed(self, ids: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """ids (R, T) histories, prev (R,) last words -> (R,) bool: may the next word be a place."""
+        if ids.shape[1] < 2:
+            return torch.zeros_like(prev, dtype=torch.bool)  # (R,)
+        return self.prepositions[ids[:, -2]] & self.articles[prev]  # (R,)
+
+    def to(self, device: torch.device) -> Places:
+        return Places(self.words.to(device), self.prepositions.to(device), self.articles.to(device))
 
 
 @torch.inference_mode()
@@ -33,6 +53,7 @@ def constrained_beam_search(
     allowance: torch.Tensor | None = None,
     apart: bool = False,
     margin: float | None = None,
+    places: Places | None = None,
 ) -> list[list[Hypothesis]]:
     """Beam search in which a caption may satisfy each of an image's constraints, each exactly once.
 
@@ -46,7 +67,8 @@ def constrained_beam_search(
     (ties: the higher state); no allowance: the alive state satisfying most. No constraints: :func:`beam_search`'s
     result. ``apart``: no constraint's word right after another's. ``margin``: a constraint's word is placed only
     where its log-probability is within ``margin`` of the step's likeliest word (not "a man is microwave"); a
-    constraint with no such place stays unsatisfied. Runs as one (B*2^C*K) batch.
+    constraint with no such place stays unsatisfied. ``places``: words that say where come only in a place phrase
+    (:class:`Places`). Runs as one (B*2^C*K) batch.
     """
     required, allowance = _as_constraints(required, allowance, annotations.device)  # (B, C, V), (B, C) | None
     K, S = beam_size, 1 << required.shape[1]
@@ -63,6 +85,8 @@ def constrained_beam_search(
     # apart: no constraint's word right after another's ("a kitchen microwave"), so each is a noun of its own
     words = required.any(1).repeat_interleave(S * K, dim=0)  # (B*S*K, V) any constraint's word, per row
     placed = words if apart and S > 2 else None  # (B*S*K, V)
+    places = None if places is None else places.to(device)
+    where = None if places is None else places.words.repeat_interleave(S * K, dim=0)  # (B*S*K, V)
 
     scores = torch.full((B, S, K), float("-inf"), device=device)
     scores[:, 0, 0] = 0.0  # one live beam, with nothing satisfied, at t = 0
@@ -77,6 +101,8 @@ def constrained_beam_search(
         V = logp.shape[-1]
         if placed is not None:  # (B*S*K, 1) & (B*S*K, V): after a constraint's word, none of theirs
             logp.masked_fill_(placed.gather(1, beams.prev.unsqueeze(1)) & placed, float("-inf"))
+        if where is not None:  # (B*S*K, V) & (B*S*K, 1): a place word only right after "in a", "at the"
+            logp.masked_fill_(where & ~places.allowed(beams.ids, beams.prev).unsqueeze(1), float("-inf"))
         if margin is not None:  # (B*S*K, V): a constraint's word only where the model finds it plausible
             logp.masked_fill_(words & (logp < logp.max(dim=1, keepdim=True).values - margin), float("-inf"))
         scores, flat = _subset_topk(scores, logp.view(B, S, K, V), dest)  # (B, S, K), (B, S*K)

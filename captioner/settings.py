@@ -20,7 +20,8 @@ DEFAULT_MODEL_NAME = "flickr8k-lite2"
 MAX_BEAM_SIZE = 10
 MAX_LENGTH_LIMIT = 60
 #: ``guidance`` values: ``concepts`` places one of the ``concept_top`` most likely visual objects and, with
-#: ``concept_scene``, the room word in the caption (constrained beam search; a concept counts when its
+#: ``concept_scene``, the place word (kitchen, table) in the caption, with ``concept_places`` only as "in a kitchen",
+#: "at the table" (constrained beam search; a concept counts when its
 #: probability p reaches ``concept_threshold`` and ``concept_lift`` times its words' class share, and each is
 #: kept when it costs at most ``concept_weight`` x p, at a step where the model finds its word plausible,
 #: ``concept_margin``; defaults chosen on dev data); ``none`` is the plain model.

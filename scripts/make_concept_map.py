@@ -17,8 +17,9 @@ such as "native" or "chest"), and ``OVERRIDES`` replaces the result for classes 
 The vocabulary decides what can be named: a model with another vocabulary keeps only its own
 words at load time (captioner.concepts.ConceptMap).
 
-A class whose object places a photo in a room (a refrigerator, a bathtub) also names the ``SCENES``
-word (kitchen, bathroom) as its ``scene``, a concept of its own kind (captioner.concepts.ConceptMap).
+A class whose object places a photo in a room or setting (a refrigerator, a bathtub, a plate of food) also names
+the ``SCENES`` word (kitchen, bathroom, table) as its ``scene``, a concept of its own kind
+(captioner.concepts.ConceptMap).
 
 Everyday objects that the vocabulary lacks (zebra, sink, microwave, ...) are listed by hand in
 ``NOVEL`` (class -> its ``novel`` words, which replace the hypernym walk's words for that class),
@@ -393,8 +394,9 @@ PROXIES: dict[str, str] = {
     "traffic light": "light",
 }
 
-# Reviewed by hand: scene word -> the classes whose object places a photo in that room (kitchen appliances
-# and utensils, bathroom fittings). A class's scene is an extra concept word next to its own words.
+# Reviewed by hand: scene word -> the classes whose object places a photo in that room or setting (kitchen
+# appliances and utensils, bathroom fittings, a table's meal). A class's scene is an extra concept word next to
+# its own words; the caption names it only in a place phrase ("at a table", captioner.concepts.PLACE_PREPOSITIONS).
 SCENES: dict[str, list[str]] = {
     "kitchen": [
         "refrigerator",
@@ -425,6 +427,30 @@ SCENES: dict[str, list[str]] = {
         "soap dispenser",
         "plunger",
         "toilet paper",
+    ],
+    # a meal's setting: the dining table itself, a restaurant, what is served on a table and what it is served on
+    # (not food eaten in the hand outdoors: hot dog, ice cream, popsicle; not drinks bars serve: beer, goblet)
+    "table": [
+        "dining table",
+        "restaurant",
+        "menu",
+        "tray",
+        "plate",
+        "soup bowl",
+        "tea cup",
+        "espresso",
+        "red wine",
+        "consomme",
+        "hot pot",
+        "trifle",
+        "meatloaf",
+        "pizza",
+        "pot pie",
+        "burrito",
+        "cheeseburger",
+        "mashed potatoes",
+        "carbonara",
+        "guacamole",
     ],
 }
 
@@ -525,8 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "about": "ImageNet-1k class -> caption words; written by scripts/make_concept_map.py (WordNet 3.0 "
         "hypernyms, restricted to the flickr8k-lite2 vocabulary, reviewed by hand); novel: words outside "
-        "the vocabulary, placed through their in-vocabulary proxies; scene: the room a class's object "
-        "places a photo in",
+        "the vocabulary, placed through their in-vocabulary proxies; scene: the room or setting "
+        "(table) a class's object places a photo in",
         "proxies": PROXIES,
         "classes": classes,
     }

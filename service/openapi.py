@@ -57,9 +57,9 @@ def _caption_parameters(settings: Settings) -> list[dict[str, Any]]:
         q(
             "guidance",
             {"type": "string", "enum": list(GUIDANCE), "default": "concepts"},
-            "`concepts`: the caption names one of the two most likely objects and the room (kitchen, bathroom) the "
-            "classifier sees, each once (constrained beam search), unless that costs the model too much; `none`: the "
-            "plain model's caption.",
+            "`concepts`: the caption names one of the two most likely objects and the place (kitchen, bathroom, "
+            "table) the classifier sees, each once (constrained beam search), unless that costs the model too much; "
+            "`none`: the plain model's caption.",
         ),
     ]
 

@@ -12,7 +12,7 @@ import torch
 
 from captioner.api import Captioner
 from captioner.concepts import MAPPING_FILE, Concept, ConceptEncoder, ConceptMap, ImageNetHead
-from captioner.constrained import constrained_beam_search
+from captioner.constrained import Places, constrained_beam_search
 from captioner.decoder import AttentionDecoder, DecoderConfig
 from captioner.encoder import Encoder, EncoderConfig
 from captioner.perf import fast_encoder
@@ -297,17 +297,45 @@ def test_margin_places_a_word_only_where_the_model_finds_it_plausible() -> None:
         assert narrow[b][0].ids == plain[b][0].ids  # and the plain caption stays
 
 
+def test_a_place_word_comes_only_after_a_preposition_and_an_article() -> None:
+    decoder = tiny_decoder(seed=4)
+    with torch.no_grad():
+        decoder.out.bias[[4, 6]] += 2.0  # a preposition and an article the model likes to write
+    annotations = torch.randn(3, 6, 16)
+    required = torch.zeros(3, 2, 12, dtype=torch.bool)  # (B, C, V): an object (3) and a place (11)
+    required[:, 0, 3] = required[:, 1, 11] = True
+    prepositions, articles = torch.zeros(12, dtype=torch.bool), torch.zeros(12, dtype=torch.bool)
+    prepositions[[4, 5]] = articles[6] = True
+    places = Places(required[:, 1], prepositions, articles)
+    loose = constrained_beam_search(decoder, annotations, required, beam_size=3, max_length=15, **IDS)
+    assert any(11 in h[0].ids and h[0].ids[max(0, h[0].ids.index(11) - 2) :][:2] != [4, 6] for h in loose)
+    ruled = constrained_beam_search(decoder, annotations, required, beam_size=3, max_length=15, places=places, **IDS)
+    for hyps in ruled:
+        ids = hyps[0].ids
+        assert ids.count(3) == 1 and ids.count(11) == 1, ids  # the untrained decoder still places both ...
+        at = ids.index(11)
+        assert at >= 2 and ids[at - 2] in (4, 5) and ids[at - 1] == 6, ids  # ... the place only as "in a <place>"
+    assert constrained_beam_search(  # a place rule for no word changes nothing
+        decoder, annotations, required, beam_size=3, max_length=15,
+        places=Places(torch.zeros(3, 12, dtype=torch.bool), prepositions, articles), **IDS,
+    )[0][0].ids == loose[0][0].ids  # fmt: skip
+
+
 def test_scene_words_come_from_their_classes_and_are_a_constraint_of_their_own(
     tiny_cap: Captioner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     shipped = ConceptMap.load(json.loads(SHIPPED_VOCAB.read_text())["itos"])
-    assert shipped.scenes == {"kitchen", "bathroom"}
+    assert shipped.scenes == {"kitchen", "bathroom", "table"}
     data = json.loads(resources.files("captioner.resources").joinpath(MAPPING_FILE).read_text())
-    fridge = next(c["index"] for c in data["classes"] if c["name"] == "refrigerator")
+    index = {c["name"]: c["index"] for c in data["classes"]}
     probs = torch.zeros(1, 1000)
-    probs[0, fridge] = 0.7
+    probs[0, index["refrigerator"]] = 0.7
     words = {c.word: c.probability for c in shipped.concepts(probs)[0]}
     assert words == pytest.approx({"refrigerator": 0.7, "kitchen": 0.7})
+    probs = torch.zeros(1, 1000)  # a meal's setting sums what is served and the table itself
+    probs[0, [index["pizza"], index["plate"], index["dining table"]]] = torch.tensor([0.3, 0.2, 0.1])
+    words = {c.word: c.probability for c in shipped.concepts(probs)[0]}
+    assert words == pytest.approx({"table": 0.6, "pizza": 0.3, "plate": 0.2})
 
     from conftest import make_image
 
@@ -316,6 +344,7 @@ def test_scene_words_come_from_their_classes_and_are_a_constraint_of_their_own(
         cap, "concept_map", ConceptMap([["cat"], ["ball"], ["grass"]] + [[]] * 997, cap.vocab.itos, None, {"grass"})
     )
     monkeypatch.setitem(cap.defaults, "concept_weight", None)  # place whatever it costs the untrained decoder
+    monkeypatch.setitem(cap.defaults, "concept_places", False)  # anywhere, not only after "in a" (tested below)
     annotations = cap.see(torch.stack([cap.preprocess(make_image(i))[0] for i in range(3)]))[0]
     seen = [[Concept("grass", 0.8), Concept("cat", 0.6), Concept("ball", 0.5)]] * 3
     monkeypatch.setitem(cap.defaults, "concept_scene", True)

@@ -75,9 +75,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--guidance",
         choices=GUIDANCE,
-        help="concepts: the caption names one of the two most likely objects and the room (kitchen, bathroom) the "
-        "classifier sees, each once, unless that costs the model too much; none: the plain model (default: the "
-        "checkpoint's, concepts)",
+        help="concepts: the caption names one of the two most likely objects and the place (kitchen, bathroom, "
+        "table) the classifier sees, each once, unless that costs the model too much; none: the plain model "
+        "(default: the checkpoint's, concepts)",
     )
     c.add_argument(
         "--batch-size",
