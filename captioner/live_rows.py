@@ -27,9 +27,11 @@ class LiveRows:
     def __init__(self, decoder: AttentionDecoder, memory: Memory, image: torch.Tensor, pad_id: int, mask: Mask) -> None:
         self.decoder, self.images, self.image = decoder, memory, image  # image: (R,) the image of each row
         self.pad_id, self.mask = pad_id, mask  # mask: the search's banned words (log-probs, prev, step) -> log-probs
-        self.rows = torch.arange(len(image), device=image.device)  # (n,) the rows the decoder runs on
-        self.running = torch.ones(len(image), dtype=torch.bool, device=image.device)  # (R,) the same as a mask
-        self.memory = memory.index_select(image)  # (n, L, .) their memory
+        # no row runs before the first step, whose live rows (one beam per image) are gathered then: copying every
+        # row's memory up front would be wasted work the size of the whole (R, L, .) grid
+        self.rows = image.new_empty(0)  # (n,) the rows the decoder runs on
+        self.running = torch.zeros(len(image), dtype=torch.bool, device=image.device)  # (R,) the same as a mask
+        self.memory = memory  # (n, L, .) their memory, gathered at the first step
         self.idle: torch.Tensor | None = None  # (V,) an idle row's next-word log-probs, once V is known
 
     def step(
