@@ -15,7 +15,8 @@ from __future__ import annotations
 import glob
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, TextIO
 
@@ -23,7 +24,7 @@ import numpy as np
 
 from .images import DEFAULT_MAX_PIXELS, ImageError, is_image_path, load_image, preprocess
 from .outputs import path_key
-from .settings import CAPTION_BATCH
+from .settings import CAPTION_BATCH, OVERLAP_RUNTIMES
 
 if TYPE_CHECKING:
     import torch
@@ -167,6 +168,25 @@ class Result:
     code: str | None = None
 
 
+def encoded_ahead(cap: Captioner, batches: Iterable[Batch]) -> Iterator[tuple[Batch, Future]]:
+    """Each batch with its encoder outputs to come (``Captioner.see`` on one ONNX Runtime thread): the next batch
+    is already encoding while the caller decodes this one, on the other core. ONNX Runtime's outputs do not depend
+    on its thread count, so neither do the captions."""
+    with ThreadPoolExecutor(1, thread_name_prefix="encoder") as pool:
+        waiting: tuple[Batch, Future] | None = None
+        for batch in batches:
+            ready, waiting = waiting, (batch, pool.submit(see_batch, cap, batch))
+            if ready is not None:
+                yield ready
+        if waiting is not None:
+            yield waiting
+
+
+def see_batch(cap: Captioner, batch: Batch) -> tuple[torch.Tensor, list | None] | None:
+    """The encoder outputs of a batch's decoded images on one thread (None: no image decoded)."""
+    return None if batch.images is None else cap.see(batch.images, threads=1)
+
+
 def iter_captions(
     cap: Captioner,
     paths: list[str],
@@ -182,6 +202,8 @@ def iter_captions(
     """Caption ``paths`` in order: decoding in ``workers`` processes overlaps batched encode + beam search."""
     from torch.utils.data import DataLoader
 
+    from .perf import intra_op_threads
+
     if not paths:
         return
     if len(paths) <= batch_size:  # one batch: a decoding process would have nothing to overlap, only its start
@@ -196,15 +218,23 @@ def iter_captions(
         prefetch_factor=2 if workers else None,
     )
 
-    def run_model(images: torch.Tensor) -> list[Caption]:
-        annotations, concepts = cap.see(images)  # (b, L, D), b concept lists
+    def decode(seen: tuple[torch.Tensor, list | None]) -> list[Caption]:
+        annotations, concepts = seen  # (b, L, D), b concept lists
         return cap.decode(annotations, beam_size, max_length, n_best, length_alpha, concepts, guidance)
 
-    for batch in loader:
+    def run_model(images: torch.Tensor) -> list[Caption]:
+        return decode(cap.see(images))
+
+    ahead = cap.device.type == "cpu" and cap.runtime in OVERLAP_RUNTIMES
+    for batch, seen in encoded_ahead(cap, loader) if ahead else ((b, None) for b in loader):
         captions: dict[int, Caption] = {}
         if batch.images is not None:
             try:
-                captions = dict(zip(batch.ok, run_model(batch.images), strict=True))
+                if seen is None:
+                    captions = dict(zip(batch.ok, run_model(batch.images), strict=True))
+                else:  # encoded on one thread while the last batch decoded: decode on the other core
+                    with intra_op_threads(1):
+                        captions = dict(zip(batch.ok, decode(seen.result()), strict=True))
             except (RuntimeError, MemoryError):  # e.g. out of GPU memory: retry one image at a time
                 for row, k in enumerate(batch.ok):
                     try:

@@ -27,7 +27,7 @@ MAX_LENGTH_LIMIT = 60
 #: ``concept_margin``; defaults chosen on dev data); ``none`` is the plain model.
 GUIDANCE = ("concepts", "none")
 #: What runs the encoder on the CPU fast path (``Captioner.load(runtime=...)``, ``CAPTIONER_RUNTIME``):
-#: ``auto`` (ONNX Runtime when installed and the model has a matching ``encoder.onnx``), ``torch`` or ``onnx``.
+#: ``auto`` (ONNX Runtime when installed and the model has a matching exported encoder), ``torch`` or ``onnx``.
 RUNTIMES = ("auto", "torch", "onnx")
 #: Precisions of the exported ONNX encoder (``captioner export --onnx --precision``) and the calibration
 #: methods of the int8 one (``captioner.onnx_export``). ONNX Runtime's Entropy method, at its default 128
@@ -67,6 +67,11 @@ def default_model_path() -> Path:
 #: cores 32 ran 2-9% faster than 16 in each of 5 alternated pairs over 500 Flickr8k test photos, and 64 no faster
 #: (BENCHMARKS.md, issue 19, session 10); captions do not depend on it (batch invariance).
 CAPTION_BATCH = 32
+#: Encoder runtimes that batch captioning runs one batch ahead, on one thread, while the decoder works on the other
+#: core (``captioner.batch.encoded_ahead``). With the int8 encoder the two take about as long, and 320 Flickr8k test
+#: photos went 12-16% faster; the fp32 encoder on one thread outlasts the decoder, and the overlap was 8% slower
+#: (BENCHMARKS.md, issue 19, session 11).
+OVERLAP_RUNTIMES = ("onnxruntime-int8",)
 
 
 def requested_runtime(runtime: str | None = None) -> str:

@@ -114,6 +114,35 @@ def test_int8_encoder_is_batch_invariant_and_close_to_torch(exported: Path) -> N
         np.testing.assert_allclose(alone.attention, captions[i].attention, atol=1e-5)
 
 
+def test_batches_encode_ahead_on_one_thread_with_the_same_captions(
+    exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the int8 encoder, batch captioning encodes the next batch on one ONNX Runtime thread while the decoder
+    works; the results, a batch of unreadable files among them, are those of the one-batch-at-a-time loop."""
+    from captioner import batch
+
+    cap = Captioner.load(exported, device="cpu", runtime="onnx")
+    paths = []
+    for i in range(7):
+        paths.append(str(tmp_path / f"{i}.png"))
+        make_image(i).save(paths[-1])
+    paths[2:4] = [str(tmp_path / "missing.png"), str(tmp_path / "broken.png")]  # batch 2 of size 2: no image at all
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    seen_threads: list[int | None] = []
+    see = cap.see
+    monkeypatch.setattr(cap, "see", lambda images, threads=None: seen_threads.append(threads) or see(images, threads))
+
+    def run() -> list[tuple[str, str | None, str | None]]:
+        return [(r.path, r.caption.text if r.caption else None, r.code) for r in batch.iter_captions(cap, paths, 2)]
+
+    ahead = run()
+    assert seen_threads == [1, 1, 1]  # batches 1, 3 and 4 (its last photo alone) on one thread; batch 2 has no image
+    monkeypatch.setattr(batch, "OVERLAP_RUNTIMES", ())
+    seen_threads.clear()
+    assert run() == ahead and seen_threads == [None, None, None]
+    assert [code for _, _, code in ahead] == [None, None, "not_found", "undecodable", None, None, None]
+
+
 def test_int8_runtime_named_in_summary_line_and_readyz(exported: Path, tmp_path: Path, capsys) -> None:
     from test_service import close, make_app, response_schema, validate
 
