@@ -52,14 +52,15 @@ docker-smoke: install
 	tools/container_smoke.sh . $(SMOKE_JPEG)
 
 # (Re)builds the shipped model's exported encoder for ONNX Runtime from its checkpoint, recipe in its
-# config.json (captioner/onnx_export.py); any other folder: make onnx MODEL_DIR=models/NAME. The int8
-# encoder is calibrated on Flickr8k train photos: make onnx ONNX_PRECISION=int8 CALIBRATION_DATA=DIR.
+# config.json (captioner/onnx_export.py); any other folder: make onnx MODEL_DIR=models/NAME. The shipped
+# encoder is int8, calibrated on the first 64 Flickr8k train photos of CALIBRATION_DATA (the same bytes on
+# rebuild); the fp32 one needs no data: make onnx ONNX_PRECISION=fp32.
 MODEL_DIR ?= models/flickr8k-lite2
-ONNX_PRECISION ?= fp32
-CALIBRATION_DATA ?=
+ONNX_PRECISION ?= int8
+CALIBRATION_DATA ?= ../shared/data/flickr8k
 onnx: install
 	$(BIN)/python -m captioner.onnx_export $(MODEL_DIR) --precision $(ONNX_PRECISION) \
-		$(if $(CALIBRATION_DATA),--calibration-data $(CALIBRATION_DATA))
+		$(if $(filter int8,$(ONNX_PRECISION)),--calibration-data $(CALIBRATION_DATA))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -137,7 +137,8 @@ class Captioner:
         exactly as trained (e.g. to save or fine-tune its weights).
 
         ``runtime`` (default ``$CAPTIONER_RUNTIME``, else ``auto``): on the fast CPU path ``auto`` runs the
-        encoder with ONNX Runtime when it is installed and the folder has a fresh ``encoder.onnx``
+        encoder with ONNX Runtime when it is installed and the folder has a fresh exported encoder
+        (``encoder.onnx``, or ``encoder-int8.onnx`` as shipped)
         (:mod:`captioner.runtime`), else torch; ``torch`` always torch; ``onnx`` raises if it cannot.
         :attr:`runtime` names what runs.
         """

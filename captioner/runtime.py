@@ -1,6 +1,7 @@
 """Encoder runtimes: the checkpoint's encoder exported to ONNX and run by ONNX Runtime, torch as the fallback.
 
-    python -m captioner.onnx_export models/flickr8k-lite2   # writes encoder.onnx + its recipe in config.json
+    python -m captioner.onnx_export models/flickr8k-lite2 [--precision int8 --calibration-data DIR]
+                                                 # writes encoder[-int8].onnx + its recipe in config.json
     Captioner.load("models/flickr8k-lite2")      # runs it when onnxruntime is installed and the file is fresh
 
 The exported graph is exactly the encoder ``Captioner`` runs on the CPU: the trunk, the caption

@@ -27,7 +27,7 @@ from conftest import REPO, clean_env
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
 MODEL = "flickr8k-lite2"
-MODEL_FILES = {"model.safetensors", "config.json", "vocab.json", "MODEL_CARD.md", "encoder.onnx"}
+MODEL_FILES = {"model.safetensors", "config.json", "vocab.json", "MODEL_CARD.md", "encoder-int8.onnx"}
 EXTRAS_ONLY = ("nltk", "matplotlib", "pycocoevalcap")  # the [train] extra: never needed to caption or serve
 
 

@@ -66,32 +66,28 @@ def test_onnx_encoder_matches_torch(exported: Path) -> None:
 
 
 @needs_ort
-def test_shipped_model_onnx_captions_match_torch() -> None:
+def test_shipped_model_onnx_encoder_agrees_with_torch() -> None:
+    """The shipped int8 encoder is a rounding of the torch one: grids close, the same concepts, and each guided caption
+    places the same ones (exact captions for the fp32 graph: test_onnx_encoder_matches_torch)."""
     from skimage import data
 
     folder = default_model_path()
-    if not (folder / runtime.ONNX_FILE).is_file():
-        pytest.skip(f"{folder} has no {runtime.ONNX_FILE} (make onnx)")
+    recipe = json.loads((folder / checkpoint.CONFIG).read_text())[runtime.RECIPE_KEY]
+    if not (folder / recipe["file"]).is_file():
+        pytest.skip(f"{folder} has no {recipe['file']} (make onnx)")
     onnx = Captioner.load(folder, device="cpu", runtime="onnx")
     torch_cap = Captioner.load(folder, device="cpu", runtime="torch")
-    photos = [
-        Image.fromarray(data.astronaut()),
-        Image.fromarray(data.chelsea()),
-        Image.fromarray(data.coffee()),
-        Image.fromarray(data.rocket()),
-    ]
-    plain_o, plain_t = onnx.caption(photos, guidance="none"), torch_cap.caption(photos, guidance="none")
-    assert [c.text for c in plain_o] == [c.text for c in plain_t]
-    for a, b in zip(plain_o, plain_t):
-        np.testing.assert_allclose(a.attention, b.attention, atol=1e-3)
-    # the guided search keeps 3 beams in each of 4 constraint states, and the int8 decoder rounds its activations, so
-    # a 3e-5 change in the grid can flip which of two near-equal beams survives (coffee: "a person is sitting on a
-    # table in front of a cup" against "a small child is ... in front of coffee"); the concepts, and which of them
-    # each caption places, must agree
-    guided_o, guided_t = onnx.caption(photos), torch_cap.caption(photos)
-    for a, b in zip(guided_o, guided_t):
+    assert onnx.runtime == f"onnxruntime-{recipe['precision']}" == "onnxruntime-int8"
+    photos = [Image.fromarray(getattr(data, name)()) for name in ("astronaut", "chelsea", "coffee", "rocket")]
+    pixels = torch.stack([onnx.preprocess(p)[0] for p in photos])  # (4, 3, S, S)
+    grid_o, grid_t = onnx.encode(pixels), torch_cap.encode(pixels)  # (4, L, D)
+    assert (grid_o - grid_t).abs().mean() < 0.2 * grid_t.abs().mean()  # int8 rounding (13%), not another network
+    # int8 rounding, and the int8 decoder's, can flip which of two near-equal beams survives ("a man in a red and
+    # white helmet" against "a man with a helmet on the ice"): the concepts, and which of them each caption
+    # places, must agree
+    for a, b in zip(onnx.caption(photos), torch_cap.caption(photos)):
         assert [c.word for c in a.concepts] == [c.word for c in b.concepts]
-        np.testing.assert_allclose([c.probability for c in a.concepts], [c.probability for c in b.concepts], atol=1e-4)
+        np.testing.assert_allclose([c.probability for c in a.concepts], [c.probability for c in b.concepts], atol=0.05)
         required, _, _ = onnx.concept_map.constraints([a.concepts], onnx.vocab.stoi, len(onnx.vocab), onnx.defaults)
         satisfied = [
             [
