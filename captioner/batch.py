@@ -226,15 +226,15 @@ def iter_captions(
         return decode(cap.see(images))
 
     ahead = cap.device.type == "cpu" and cap.runtime in OVERLAP_RUNTIMES
-    for batch, seen in encoded_ahead(cap, loader) if ahead else ((b, None) for b in loader):
+    for batch, encoding in encoded_ahead(cap, loader) if ahead else ((b, None) for b in loader):
         captions: dict[int, Caption] = {}
         if batch.images is not None:
             try:
-                if seen is None:
+                if encoding is None:
                     captions = dict(zip(batch.ok, run_model(batch.images), strict=True))
                 else:  # encoded on one thread while the last batch decoded: decode on the other core
                     with intra_op_threads(1):
-                        captions = dict(zip(batch.ok, decode(seen.result()), strict=True))
+                        captions = dict(zip(batch.ok, decode(encoding.result()), strict=True))
             except (RuntimeError, MemoryError):  # e.g. out of GPU memory: retry one image at a time
                 for row, k in enumerate(batch.ok):
                     try:
