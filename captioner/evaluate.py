@@ -3,7 +3,8 @@
 :func:`generate` and :func:`evaluate_split` decode annotation grids from a feature cache (training
 validates with them each epoch); :func:`checkpoint_annotations` gives the grids a saved checkpoint
 sees for a list of records (from the feature cache, through its own fine-tuned blocks where it has
-them), and :func:`evaluate_checkpoint` scores a loaded checkpoint as ``captioner evaluate`` does.
+them), and :func:`evaluate_checkpoint` scores a loaded checkpoint as ``captioner evaluate`` does: with an
+exported encoder (ONNX Runtime) through that encoder, as ``captioner caption`` runs it (:func:`encoded_records`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint
+from . import runtime as runtimes
 from .datasets import CaptionRecord
 from .datasets.features import cached_features, records_from_trunk
 from .decoder import AttentionDecoder
@@ -138,6 +140,22 @@ def checkpoint_annotations(cap: Captioner, folder: Path, records: list[CaptionRe
     return Annotations(feats, rows)
 
 
+@torch.inference_mode()
+def encoded_records(cap: Captioner, records: list[CaptionRecord], batch: int = 32) -> tuple[Annotations, list | None]:
+    """``records``' grids and concepts from ``cap``'s own encoder (``Captioner.see`` on the one preprocessing path), as
+    ``captioner caption`` computes them: the exported encoder's, where it runs (a feature cache holds torch's)."""
+    feats: list[torch.Tensor] = []
+    concepts: list | None = None if cap.concept_map is None else []
+    for i in tqdm(range(0, len(records), batch), desc="encoding", disable=bar_disabled(True), unit="batch"):
+        images = torch.stack([cap.preprocess(r.path)[0] for r in records[i : i + batch]])  # (b, 3, S, S)
+        annotations, seen = cap.see(images)  # (b, L, D), b concept lists or None
+        feats.append(annotations.float().cpu())
+        if concepts is not None and seen is not None:
+            concepts += seen
+    rows = {os.path.abspath(r.path): i for i, r in enumerate(records)}
+    return Annotations(torch.cat(feats), rows), concepts  # (N, L, D)
+
+
 def record_concepts(cap: Captioner, records: list[CaptionRecord], annotations: Annotations) -> list[list[Concept]]:
     """Each record's visual concepts, as ``captioner caption`` finds them (the ImageNet head on the trunk)."""
     if annotations.trunk is None or annotations.trunk_rows is None:
@@ -163,12 +181,16 @@ def evaluate_checkpoint(
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Caption ``records`` with the checkpoint in ``folder`` (loaded as ``cap``) and score them.
 
-    With ``guidance="concepts"`` and a concept head the captions are decoded as ``captioner caption``
-    decodes them; otherwise plainly. Returns (metrics, image id -> caption).
+    The grids are the exported encoder's when ``cap`` runs one (:func:`encoded_records`), else the feature cache's
+    (:func:`checkpoint_annotations`). With ``guidance="concepts"`` and a concept head the captions are decoded as
+    ``captioner caption`` decodes them; otherwise plainly. Returns (metrics, image id -> caption).
     """
-    annotations = checkpoint_annotations(cap, folder, records, cache_dir)
+    exported = cap.runtime != runtimes.TORCH
+    annotations, seen = (
+        encoded_records(cap, records) if exported else (checkpoint_annotations(cap, folder, records, cache_dir), None)
+    )
     if guidance == "concepts" and cap.concept_map is not None:
-        concepts = record_concepts(cap, records, annotations)
+        concepts = seen if seen is not None else record_concepts(cap, records, annotations)
         index = torch.tensor([annotations.rows[os.path.abspath(r.path)] for r in records])
         feats = annotations.feats[index]  # (N, L, D) in record order
         texts = [

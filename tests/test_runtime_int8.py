@@ -143,6 +143,27 @@ def test_batches_encode_ahead_on_one_thread_with_the_same_captions(
     assert [code for _, _, code in ahead] == [None, None, "not_found", "undecodable", None, None, None]
 
 
+def test_evaluate_scores_the_exported_encoder_that_captions_run(
+    exported: Path, flickr: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``captioner evaluate`` scores what ships: the int8 encoder's captions, named in its output; torch on request."""
+    import json
+
+    def evaluate(name: str) -> dict:
+        out = tmp_path / f"{name}.json"
+        args = ["evaluate", "--dataset", "flickr8k", "--data-dir", str(flickr), "--split", "dev"]
+        assert cli_main([*args, "--checkpoint", str(exported), "--no-meteor", "--output", str(out)]) == 0
+        return json.loads(out.read_text())
+
+    scored = evaluate("int8")
+    cap = Captioner.load(exported, device="cpu")
+    dev = [flickr / "images" / name for name in (flickr / "Flickr_8k.devImages.txt").read_text().split()]
+    assert scored["runtime"] == cap.runtime == "onnxruntime-int8"
+    assert scored["captions"] == {p.name: c.text for p, c in zip(dev, cap.caption([str(p) for p in dev]))}
+    monkeypatch.setenv("CAPTIONER_RUNTIME", "torch")
+    assert evaluate("torch")["runtime"] == "torch"
+
+
 def test_int8_runtime_named_in_summary_line_and_readyz(exported: Path, tmp_path: Path, capsys) -> None:
     from test_service import close, make_app, response_schema, validate
 

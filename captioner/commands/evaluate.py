@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--exact",
         action="store_true",
-        help="score the fp32 model exactly as trained, without the CPU speed-ups (int8 decoder, ...)",
+        help="score the fp32 model exactly as trained, without the CPU speed-ups (int8 encoder and decoder, ...)",
     )
     e.set_defaults(func=run)
 
@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from ..settings import default_cache_dir, default_model_path
 
     ckpt = checkpoint.resolve(args.checkpoint or default_model_path())
-    cap = Captioner.load(ckpt, device=args.device, fast=False if args.exact else None, runtime="torch")  # torch heads
+    # the encoder runtime as for captioner caption ($CAPTIONER_RUNTIME, else auto): what ships is what is scored
+    cap = Captioner.load(ckpt, device=args.device, fast=False if args.exact else None)
     records = load_records(args.dataset, args.data_dir, args.split, args.limit, args.annotations)
     if not records:
         raise DatasetError(f"no images with captions in split {args.split!r} of {args.data_dir}")
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         "guidance": guidance,
         "checkpoint": str(ckpt),
         "model": cap.name,
+        "runtime": cap.runtime,
         "optimizations": cap.optimizations,
     }
     print(json.dumps(result))
