@@ -1,12 +1,15 @@
 """The int8 encoder against fp32 and the exact model: dev-split quality, concepts on coco_mini, encoder speed.
 
-    python -m captioner.onnx_export /tmp/m8 --precision int8 --calibration-data ../shared/data/flickr8k
+    cp -r models/flickr8k-lite2 /tmp/m-fp32 && python -m captioner.onnx_export /tmp/m-fp32   # the fp32 reference
+    cp -r models/flickr8k-lite2 /tmp/m8 && python -m captioner.onnx_export /tmp/m8 --precision int8 \
+        --calibration-data ../shared/data/flickr8k                                           # or any other export
     .venv/bin/python bench/bench_int8.py --data ../shared/data/flickr8k --model int8=/tmp/m8 --dev 0 > dev.json
     .venv/bin/python bench/bench_int8.py --model int8=/tmp/m8 --coco ../shared/data/coco_mini > coco.json
     .venv/bin/python bench/bench_int8.py --data ../shared/data/flickr8k --model int8=/tmp/m8 --speed 32 > speed.json
 
-Systems: ``exact`` (the shipped folder's weights, ``fast=False``: torch, fp32 decoder), ``fp32`` (the
-shipped folder on the fast path: its encoder.onnx + the int8 decoder) and each ``--model NAME=FOLDER``
+Add ``--checkpoint /tmp/m-fp32`` to each command (the shipped folder's export is int8 since session 11).
+Systems: ``exact`` (the ``--checkpoint`` folder's weights, ``fast=False``: torch, fp32 decoder), ``fp32`` (that
+folder on the fast path: its fp32 encoder.onnx + the int8 decoder) and each ``--model NAME=FOLDER``
 (a copy of the model whose recipe is another export, e.g. int8; fast path). All in this one process.
 
 - ``--dev N``: the first N Flickr8k dev photos (0: the whole split), beam 3 and the checkpoint's defaults,
@@ -30,9 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import machine
+from bench.common import fp32_export, machine
 from captioner.api import Captioner
-from captioner.settings import default_model_path
 
 
 def log(msg: dict) -> None:
@@ -40,7 +42,7 @@ def log(msg: dict) -> None:
 
 
 def systems(args: argparse.Namespace, speed: bool = False) -> dict[str, Captioner]:
-    base = Path(args.checkpoint) if args.checkpoint else default_model_path()
+    base = fp32_export(args.checkpoint)
     caps = {"exact": Captioner.load(base, device="cpu", fast=False)} if not speed else {}
     if speed:
         caps["torch"] = Captioner.load(base, device="cpu", runtime="torch")
@@ -136,7 +138,7 @@ def speed(args: argparse.Namespace, caps: dict[str, Captioner]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", help="the Flickr8k folder (dev and speed)")
-    ap.add_argument("--checkpoint", help="the shipped model folder with its fp32 encoder.onnx (default: shipped)")
+    ap.add_argument("--checkpoint", help="a model folder with an fp32 encoder.onnx (default: shipped, if it has one)")
     ap.add_argument("--model", action="append", default=[], metavar="NAME=FOLDER", help="another export to compare")
     ap.add_argument("--dev", type=int, default=-1, help="dev photos to score (0: the whole split; -1: skip)")
     ap.add_argument("--coco", help="coco_mini's folder: concept agreement")

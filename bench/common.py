@@ -33,6 +33,25 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
+def fp32_export(folder: str | None) -> Path:
+    """A model folder whose exported encoder is the fp32 graph (the int8 benchmarks' reference); exits with the
+    command that makes one when it is not (the shipped folder's is int8 since session 11)."""
+    import json
+    import sys
+
+    from captioner.settings import default_model_path
+
+    path = Path(folder) if folder else default_model_path()
+    recipe = json.loads((path / "config.json").read_text()).get("encoder_onnx") or {}
+    if recipe.get("precision") != "fp32":
+        sys.exit(
+            f"{path} has no fp32 encoder.onnx (its export is {recipe.get('precision')!r}); make a copy with one,\n"
+            f"  cp -r {path} /tmp/m-fp32 && python -m captioner.onnx_export /tmp/m-fp32\n"
+            "and pass --checkpoint /tmp/m-fp32"
+        )
+    return path
+
+
 def _skimage_photos() -> list[Image.Image]:
     from skimage import data
 

@@ -1,6 +1,8 @@
-"""Which int8 settings keep the encoder's grid close to fp32: quantise the shipped encoder.onnx several ways.
+"""Which int8 settings keep the encoder's grid close to fp32: quantise an fp32 encoder.onnx several ways.
 
-    .venv/bin/python bench/int8_variants.py --data ../shared/data/flickr8k --variants base,u8u8,reduce,no_dw > out.json
+    cp -r models/flickr8k-lite2 /tmp/m-fp32 && python -m captioner.onnx_export /tmp/m-fp32   # the shipped one is int8
+    .venv/bin/python bench/int8_variants.py --data ../shared/data/flickr8k --checkpoint /tmp/m-fp32 \
+        --variants base,u8u8,reduce,no_dw > out.json
 
 Each variant is one ``quantize_static`` call over the same pre-processed fp32 graph and the same 64
 calibration photos as ``captioner export --precision int8`` (the first train photos). It is then run on
@@ -27,12 +29,12 @@ import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import fp32_export
 from captioner.batch import ImageFiles
 from captioner.checkpoint import read_config
 from captioner.datasets import load_records
 from captioner.encoder import EncoderConfig
 from captioner.onnx_export import Reader
-from captioner.settings import default_model_path
 
 
 def photos(data: Path, split: str, n: int) -> list[Path]:
@@ -114,13 +116,13 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True)
-    ap.add_argument("--checkpoint", help="model folder with encoder.onnx (default: shipped)")
+    ap.add_argument("--checkpoint", help="model folder with an fp32 encoder.onnx (default: shipped, if it has one)")
     ap.add_argument("--variants", default="base,u8u8,reduce,no_dw")
     ap.add_argument("--calib", type=int, default=64)
     ap.add_argument("--eval", type=int, default=32)
     ap.add_argument("--keep", help="folder to keep the quantised files in")
     args = ap.parse_args()
-    folder = Path(args.checkpoint) if args.checkpoint else default_model_path()
+    folder = fp32_export(args.checkpoint)
     data = Path(args.data)
     calib = pixels(photos(data, "train", args.calib), folder)
     x = pixels(photos(data, "dev", args.eval), folder)
