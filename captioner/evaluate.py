@@ -4,7 +4,7 @@
 validates with them each epoch); :func:`checkpoint_annotations` gives the grids a saved checkpoint
 sees for a list of records (from the feature cache, through its own fine-tuned blocks where it has
 them), and :func:`evaluate_checkpoint` scores a loaded checkpoint as ``captioner evaluate`` does: with an
-exported encoder (ONNX Runtime) through that encoder, as ``captioner caption`` runs it (:func:`encoded_records`).
+exported encoder (ONNX Runtime) by captioning as ``captioner caption`` does (:func:`batch_captions`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from . import checkpoint
 from . import runtime as runtimes
-from .datasets import CaptionRecord
+from .datasets import CaptionRecord, DatasetError
 from .datasets.features import cached_features, records_from_trunk
 from .decoder import AttentionDecoder
 from .encoder import Encoder
@@ -140,20 +140,24 @@ def checkpoint_annotations(cap: Captioner, folder: Path, records: list[CaptionRe
     return Annotations(feats, rows)
 
 
-@torch.inference_mode()
-def encoded_records(cap: Captioner, records: list[CaptionRecord], batch: int = 32) -> tuple[Annotations, list | None]:
-    """``records``' grids and concepts from ``cap``'s own encoder (``Captioner.see`` on the one preprocessing path), as
-    ``captioner caption`` computes them: the exported encoder's, where it runs (a feature cache holds torch's)."""
-    feats: list[torch.Tensor] = []
-    concepts: list | None = None if cap.concept_map is None else []
-    for i in tqdm(range(0, len(records), batch), desc="encoding", disable=bar_disabled(True), unit="batch"):
-        images = torch.stack([cap.preprocess(r.path)[0] for r in records[i : i + batch]])  # (b, 3, S, S)
-        annotations, seen = cap.see(images)  # (b, L, D), b concept lists or None
-        feats.append(annotations.float().cpu())
-        if concepts is not None and seen is not None:
-            concepts += seen
-    rows = {os.path.abspath(r.path): i for i, r in enumerate(records)}
-    return Annotations(torch.cat(feats), rows), concepts  # (N, L, D)
+def batch_captions(
+    cap: Captioner, records: list[CaptionRecord], beam_size: int, max_length: int, length_alpha: float, guidance: str
+) -> list[str]:
+    """Each record's caption from :func:`captioner.batch.iter_captions`, the ``captioner caption`` path (its encoder
+    runtime, batching and guidance): what an exported encoder gives, which no feature cache holds."""
+    from .batch import iter_captions
+    from .settings import default_workers
+
+    texts = []
+    results = iter_captions(
+        cap, [r.path for r in records], workers=default_workers(), beam_size=beam_size, max_length=max_length,
+        length_alpha=length_alpha, guidance=guidance,
+    )  # fmt: skip
+    for result in tqdm(results, total=len(records), desc="captioning", disable=bar_disabled(True), unit="img"):
+        if result.caption is None:
+            raise DatasetError(f"{result.path}: {result.error}")
+        texts.append(result.caption.text)
+    return texts
 
 
 def record_concepts(cap: Captioner, records: list[CaptionRecord], annotations: Annotations) -> list[list[Concept]]:
@@ -181,16 +185,15 @@ def evaluate_checkpoint(
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Caption ``records`` with the checkpoint in ``folder`` (loaded as ``cap``) and score them.
 
-    The grids are the exported encoder's when ``cap`` runs one (:func:`encoded_records`), else the feature cache's
-    (:func:`checkpoint_annotations`). With ``guidance="concepts"`` and a concept head the captions are decoded as
-    ``captioner caption`` decodes them; otherwise plainly. Returns (metrics, image id -> caption).
+    With an exported encoder the captions are ``captioner caption``'s (:func:`batch_captions`); otherwise the grids
+    come from the feature cache (:func:`checkpoint_annotations`). With ``guidance="concepts"`` and a concept head the
+    captions are decoded as ``captioner caption`` decodes them; otherwise plainly. Returns (metrics, id -> caption).
     """
-    exported = cap.runtime != runtimes.TORCH
-    annotations, seen = (
-        encoded_records(cap, records) if exported else (checkpoint_annotations(cap, folder, records, cache_dir), None)
-    )
+    if cap.runtime != runtimes.TORCH:
+        return score_texts(batch_captions(cap, records, beam_size, max_length, length_alpha, guidance), records, meteor)
+    annotations = checkpoint_annotations(cap, folder, records, cache_dir)
     if guidance == "concepts" and cap.concept_map is not None:
-        concepts = seen if seen is not None else record_concepts(cap, records, annotations)
+        concepts = record_concepts(cap, records, annotations)
         index = torch.tensor([annotations.rows[os.path.abspath(r.path)] for r in records])
         feats = annotations.feats[index]  # (N, L, D) in record order
         texts = [
