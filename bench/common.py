@@ -36,13 +36,14 @@ def repo_root() -> Path:
 def fp32_export(folder: str | None) -> Path:
     """A model folder whose exported encoder is the fp32 graph (the int8 benchmarks' reference); exits with the
     command that makes one when it is not (the shipped folder's is int8 since session 11)."""
-    import json
     import sys
 
+    from captioner.checkpoint import read_config
+    from captioner.ort_session import RECIPE_KEY
     from captioner.settings import default_model_path
 
     path = Path(folder) if folder else default_model_path()
-    recipe = json.loads((path / "config.json").read_text()).get("encoder_onnx") or {}
+    recipe = read_config(path).get(RECIPE_KEY) or {}
     if recipe.get("precision") != "fp32":
         sys.exit(
             f"{path} has no fp32 encoder.onnx (its export is {recipe.get('precision')!r}); make a copy with one,\n"
